@@ -1,0 +1,167 @@
+//! The peer's command line: every option, its default and its environment variable.
+//!
+//! The command line is a contract (the lab, the containers and users rely on it), so it lives
+//! in one place and is parsed by clap; semantic checks that clap cannot express are in
+//! [`Config::check`].
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser};
+
+use crate::dialbook::Schedule;
+use crate::frame::MAX_NAME;
+use crate::store::Retention;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "peer",
+    version,
+    about = "A full-mesh peer-to-peer chat peer: client and server at once.",
+    long_about = "A full-mesh peer-to-peer chat peer: client and server at once.\n\n\
+        Give it the address of any member and it connects to every live member. Each line typed \
+        on stdin is shown once by every other peer. Commands: /peers, /help, /quit."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Members to join through, as host:port (a name, an IPv4 address or [v6]:port).
+    #[arg(value_name = "BOOTSTRAP", value_parser = parse_addr)]
+    pub bootstrap: Vec<String>,
+
+    /// Port to listen on; 0 picks a free one.
+    #[arg(short, long, env = "PORT", default_value_t = 4000)]
+    pub port: u16,
+
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind: IpAddr,
+
+    /// Name shown to others [default: the host name].
+    #[arg(long, env = "PEER_NAME", value_parser = parse_name)]
+    pub name: Option<String>,
+
+    /// Address others should dial to reach this peer, when the one they observe is not it.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_addr)]
+    pub advertise: Option<String>,
+
+    /// Write one JSON event per line on stdout instead of the chat view.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Interval between heartbeats on an idle connection.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub heartbeat: Duration,
+
+    /// A neighbour silent for this long is dropped.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+
+    /// A connection that has not completed its handshake after this long is closed.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Time allowed for one outgoing TCP connect.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Longest wait between redials of a lost peer (backoff cap).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub redial_max: Duration,
+
+    /// A lost peer that cannot be reached for this long is forgotten.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub give_up: Duration,
+
+    /// Interval between anti-entropy rounds (digest exchange with neighbours).
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub sync_interval: Duration,
+
+    /// Most open connections, incoming and outgoing together.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_conns: u32,
+
+    /// Lines kept for catch-up.
+    #[arg(long, default_value_t = 10_000)]
+    pub history_lines: usize,
+
+    /// Bytes of lines kept for catch-up.
+    #[arg(long, default_value_t = 8 * 1024 * 1024)]
+    pub history_bytes: usize,
+
+    /// How long lines are kept for catch-up.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub history_age: Duration,
+
+    /// Enable the lab's fault-injection commands on stdin (/lab cut, /lab heal). Lab use only.
+    #[arg(long)]
+    pub lab: bool,
+
+    /// Start with traffic to and from peer NAME cut: NAME, NAME:in or NAME:out. Needs --lab.
+    #[arg(long, value_name = "NAME[:in|:out]", requires = "lab")]
+    pub lab_cut: Vec<String>,
+}
+
+impl Config {
+    /// Checks that the options make sense together.
+    pub fn check(&self) -> Result<(), String> {
+        if self.timeout <= self.heartbeat {
+            return Err(format!(
+                "--timeout ({}) must be longer than --heartbeat ({})",
+                humantime::format_duration(self.timeout),
+                humantime::format_duration(self.heartbeat)
+            ));
+        }
+        let positive = [
+            ("--heartbeat", self.heartbeat),
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--connect-timeout", self.connect_timeout),
+            ("--redial-max", self.redial_max),
+            ("--sync-interval", self.sync_interval),
+        ];
+        if let Some((flag, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
+            return Err(format!("{flag} must be greater than zero"));
+        }
+        if self.history_lines == 0 {
+            return Err("--history-lines must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn retention(&self) -> Retention {
+        Retention { lines: self.history_lines, bytes: self.history_bytes, age: self.history_age }
+    }
+
+    pub fn schedule(&self) -> Schedule {
+        let base = Duration::from_millis(100).min(self.redial_max);
+        Schedule { base, cap: self.redial_max, polite: Duration::from_millis(500), give_up: self.give_up }
+    }
+
+    /// The name to use: --name, PEER_NAME, the host name, or "peer".
+    pub fn name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .and_then(|h| parse_name(h.trim()).ok())
+                .unwrap_or_else(|| "peer".into())
+        })
+    }
+}
+
+fn parse_addr(s: &str) -> Result<String, String> {
+    crate::addr::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > MAX_NAME {
+        return Err(format!("a name must be 1 to {MAX_NAME} bytes"));
+    }
+    if s.chars().any(char::is_control) {
+        return Err("a name cannot contain control characters".into());
+    }
+    Ok(s.to_owned())
+}

@@ -1,0 +1,348 @@
+//! One TCP connection to another peer, from handshake to close.
+//!
+//! A connection task runs the handshake (preamble, hello, version negotiation) under a deadline,
+//! hands the result to the mesh, then runs a reader and a writer. The writer sends what the mesh
+//! queues plus a heartbeat on every tick; the reader passes valid messages to the mesh and drops
+//! the connection on silence, on a malformed frame or on a protocol violation, with one log
+//! line saying why. Nothing a remote sends can make this task panic or allocate more than one
+//! frame. When the mesh drops its queue sender, the writer flushes what is queued and the
+//! connection closes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+use crate::frame::{self, Hello, Message, PROTOCOL_MAX, PROTOCOL_MIN, Preamble, Security};
+use crate::id::random_u64;
+use crate::neighbours::{ConnId, Drops};
+
+/// Frames queued towards one neighbour before it counts as lagging.
+pub const QUEUE: usize = 4096;
+
+/// Who opened the connection.
+#[derive(Debug, Clone)]
+pub enum Role {
+    /// We dialled this address.
+    Dialer {
+        target: String,
+    },
+    Acceptor,
+}
+
+/// A connection whose handshake completed.
+#[derive(Debug)]
+pub struct Ready {
+    pub conn: ConnId,
+    pub role: Role,
+    pub hello: Hello,
+    pub version: u32,
+    /// The nonce we sent in our hello.
+    pub our_nonce: u64,
+    pub observed: SocketAddr,
+    pub tx: mpsc::Sender<Bytes>,
+    pub drops: Arc<Drops>,
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The remote closed it or it was reset.
+    Closed,
+    /// Nothing arrived for the liveness timeout.
+    Timeout,
+    /// The remote broke the protocol.
+    Violation,
+    /// The mesh closed it.
+    Local,
+}
+
+/// What connection tasks tell the mesh.
+#[derive(Debug)]
+pub enum ConnEvent {
+    /// The handshake needs the hello to send (the mesh knows the peer list and sequence).
+    HelloWanted(oneshot::Sender<Hello>),
+    Ready(Box<Ready>),
+    Received {
+        conn: ConnId,
+        msg: Message,
+    },
+    Closed {
+        conn: ConnId,
+        reason: CloseReason,
+    },
+    /// A dial ended before its handshake completed.
+    DialFailed {
+        target: String,
+        unresolved: bool,
+        error: String,
+    },
+}
+
+/// What every connection task shares.
+pub struct Context {
+    pub events: mpsc::Sender<ConnEvent>,
+    pub security: Security,
+    pub heartbeat: Duration,
+    pub timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+type Reader = FramedRead<OwnedReadHalf, LengthDelimitedCodec>;
+type Writer = FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>;
+
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("connection closed during the handshake")]
+    Eof,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad preamble: {0}")]
+    Preamble(String),
+    #[error("bad hello: {0}")]
+    Hello(String),
+    #[error("refused by the other side: {0}")]
+    RefusedByRemote(String),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("no handshake within {0:?}")]
+    Timeout(Duration),
+    #[error("the peer is shutting down")]
+    ShuttingDown,
+}
+
+/// Dials `target` and runs the connection; reports a failed dial to the mesh.
+pub async fn dial(target: String, conn: ConnId, ctx: Arc<Context>) {
+    let connect = async {
+        let addrs: Vec<SocketAddr> =
+            tokio::net::lookup_host(&target).await.map_err(|e| (true, e.to_string()))?.collect();
+        let mut last = String::from("no address");
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err((false, last))
+    };
+    let result = match timeout(ctx.connect_timeout, connect).await {
+        Ok(r) => r,
+        Err(_) => Err((false, format!("connect timed out after {:?}", ctx.connect_timeout))),
+    };
+    match result {
+        Ok(stream) => run(stream, Role::Dialer { target }, conn, ctx).await,
+        Err((unresolved, error)) => {
+            let _ = ctx.events.send(ConnEvent::DialFailed { target, unresolved, error }).await;
+        }
+    }
+}
+
+/// Runs an established TCP connection until it closes.
+pub async fn run(stream: TcpStream, role: Role, conn: ConnId, ctx: Arc<Context>) {
+    let observed = match stream.peer_addr() {
+        Ok(a) => a,
+        Err(_) => return, // already gone
+    };
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let mut reader = FramedRead::new(rd, frame::codec());
+    let mut writer = FramedWrite::new(wr, frame::codec());
+
+    let shaken = timeout(ctx.handshake_timeout, handshake(&mut reader, &mut writer, &ctx))
+        .await
+        .unwrap_or(Err(HandshakeError::Timeout(ctx.handshake_timeout)));
+    let (hello, version, our_nonce) = match shaken {
+        Ok(done) => done,
+        Err(e) => return handshake_failed(e, role, observed, &ctx).await,
+    };
+    let peer = format!("{}@{}", crate::output::clean(&hello.name), observed);
+    tracing::debug!(%peer, version, "handshake complete");
+
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let drops = Arc::new(Drops::default());
+    let ready = Ready { conn, role, hello, version, our_nonce, observed, tx, drops: drops.clone() };
+    if ctx.events.send(ConnEvent::Ready(Box::new(ready))).await.is_err() {
+        return;
+    }
+    let mut writing = tokio::spawn(write_loop(writer, rx, ctx.heartbeat, drops.clone()));
+    let reason = tokio::select! {
+        reason = read_loop(&mut reader, conn, &ctx, &drops, &peer) => reason,
+        written = &mut writing => match written {
+            Ok(Ok(())) => CloseReason::Local,
+            _ => CloseReason::Closed,
+        },
+    };
+    writing.abort();
+    let _ = ctx.events.send(ConnEvent::Closed { conn, reason }).await;
+}
+
+async fn handshake_failed(e: HandshakeError, role: Role, observed: SocketAddr, ctx: &Context) {
+    match (&e, &role) {
+        (HandshakeError::ShuttingDown, _) => {}
+        (HandshakeError::Eof, Role::Acceptor) => tracing::debug!("connection from {observed} closed before its hello"),
+        _ => tracing::warn!("closing connection {} {observed}: {e}", direction(&role)),
+    }
+    if let Role::Dialer { target } = role {
+        let error = e.to_string();
+        let _ = ctx.events.send(ConnEvent::DialFailed { target, unresolved: false, error }).await;
+    }
+}
+
+fn direction(role: &Role) -> &'static str {
+    match role {
+        Role::Dialer { .. } => "to",
+        Role::Acceptor => "from",
+    }
+}
+
+async fn handshake(
+    reader: &mut Reader,
+    writer: &mut Writer,
+    ctx: &Context,
+) -> Result<(Hello, u32, u64), HandshakeError> {
+    writer.send(frame::encode_preamble(ctx.security)).await?;
+    let first = reader.next().await.ok_or(HandshakeError::Eof)??;
+    let preamble: Preamble = match serde_json::from_slice(&first) {
+        Ok(p) => p,
+        Err(_) => return Err(refusal_or(&first, HandshakeError::Preamble("not a meshlab preamble".into()))),
+    };
+    if preamble.protocol != frame::PROTOCOL_NAME {
+        return Err(HandshakeError::Preamble(format!("unknown protocol {:?}", preamble.protocol)));
+    }
+    if preamble.security != ctx.security {
+        let reason = match ctx.security {
+            Security::Open => "this peer runs an open mesh (no key) but the other side uses a mesh key",
+            Security::NoisePsk => "this peer's mesh requires a key but the other side has none",
+        };
+        refuse(writer, reason).await;
+        return Err(HandshakeError::Refused(reason.into()));
+    }
+
+    let (want, got) = oneshot::channel();
+    ctx.events.send(ConnEvent::HelloWanted(want)).await.map_err(|_| HandshakeError::ShuttingDown)?;
+    let mut ours = got.await.map_err(|_| HandshakeError::ShuttingDown)?;
+    ours.nonce = random_u64();
+    writer.send(Message::Hello(ours.clone()).encode()).await?;
+
+    let payload = reader.next().await.ok_or(HandshakeError::Eof)??;
+    let theirs = match Message::decode(&payload) {
+        Ok(Message::Hello(h)) => h,
+        Ok(Message::Refuse { reason }) => return Err(HandshakeError::RefusedByRemote(reason)),
+        Ok(other) => return Err(HandshakeError::Hello(format!("expected hello, got {}", kind(&other)))),
+        Err(e) => return Err(HandshakeError::Hello(e.to_string())),
+    };
+    let Some(version) = frame::negotiate((PROTOCOL_MIN, PROTOCOL_MAX), (theirs.min_version, theirs.max_version)) else {
+        let reason = format!(
+            "no common protocol version: this peer speaks {PROTOCOL_MIN}..={PROTOCOL_MAX}, the other side {}..={}",
+            theirs.min_version, theirs.max_version
+        );
+        refuse(writer, &reason).await;
+        return Err(HandshakeError::Refused(reason));
+    };
+    Ok((theirs, version, ours.nonce))
+}
+
+/// A frame that is not a preamble may be the other side's refusal: report that instead.
+fn refusal_or(payload: &[u8], otherwise: HandshakeError) -> HandshakeError {
+    match Message::decode(payload) {
+        Ok(Message::Refuse { reason }) => HandshakeError::RefusedByRemote(reason),
+        _ => otherwise,
+    }
+}
+
+async fn refuse(writer: &mut Writer, reason: &str) {
+    let _ = writer.send(Message::Refuse { reason: reason.into() }.encode()).await;
+}
+
+fn kind(msg: &Message) -> String {
+    let json = serde_json::to_value(msg).unwrap_or_default();
+    json.get("type").and_then(|t| t.as_str()).unwrap_or("?").to_string()
+}
+
+async fn read_loop(reader: &mut Reader, conn: ConnId, ctx: &Context, drops: &Drops, peer: &str) -> CloseReason {
+    let mut deadline = Instant::now() + ctx.timeout;
+    loop {
+        let next = tokio::select! {
+            next = reader.next() => next,
+            _ = sleep_until(deadline) => return CloseReason::Timeout,
+        };
+        let payload = match next {
+            None => return CloseReason::Closed,
+            Some(Ok(p)) => p,
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                tracing::warn!("closing connection to {peer}: bad frame: {e}");
+                return CloseReason::Violation;
+            }
+            Some(Err(e)) => {
+                tracing::debug!("connection to {peer} failed: {e}");
+                return CloseReason::Closed;
+            }
+        };
+        if drops.inbound.load(Ordering::Relaxed) {
+            continue;
+        }
+        deadline = Instant::now() + ctx.timeout;
+        match Message::decode(&payload) {
+            Ok(Message::Ping) => {}
+            Ok(msg @ (Message::Hello(_) | Message::Refuse { .. })) => {
+                tracing::warn!("closing connection to {peer}: unexpected {} after the handshake", kind(&msg));
+                return CloseReason::Violation;
+            }
+            Ok(msg) => {
+                if ctx.events.send(ConnEvent::Received { conn, msg }).await.is_err() {
+                    return CloseReason::Local;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("closing connection to {peer}: {e}");
+                return CloseReason::Violation;
+            }
+        }
+    }
+}
+
+/// Most frames written before a flush.
+const BATCH: usize = 64;
+
+async fn write_loop(
+    mut writer: Writer,
+    mut rx: mpsc::Receiver<Bytes>,
+    heartbeat: Duration,
+    drops: Arc<Drops>,
+) -> std::io::Result<()> {
+    let ping = Message::Ping.encode();
+    let mut tick = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let dropped = || drops.outbound.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            biased;
+            next = rx.recv() => {
+                let Some(payload) = next else { return SinkExt::<Bytes>::flush(&mut writer).await };
+                let mut batch = vec![payload];
+                while batch.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(p) => batch.push(p),
+                        Err(_) => break,
+                    }
+                }
+                if !dropped() {
+                    for p in batch {
+                        writer.feed(p).await?;
+                    }
+                    SinkExt::<Bytes>::flush(&mut writer).await?;
+                }
+            }
+            _ = tick.tick() => if !dropped() { writer.send(ping.clone()).await? },
+        }
+    }
+}

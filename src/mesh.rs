@@ -1,0 +1,517 @@
+//! The mesh: the one task that owns the peer's state and decides everything.
+//!
+//! Connection tasks, stdin, the listener, timers and signals all feed this task; it alone
+//! touches the peer table, the dial book and the store, so there are no locks and every
+//! decision (admit or drop a connection, show a line, redial) sees a consistent state. It never
+//! waits on a single neighbour: frames are queued with `try_send`, and a neighbour whose queue
+//! is full is repaired by the next anti-entropy round instead.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::{Instant, sleep_until};
+use tokio_util::task::TaskTracker;
+
+use crate::addr;
+use crate::config::Config;
+use crate::connection::{self, CloseReason, ConnEvent, Context, QUEUE, Ready, Role};
+use crate::console::{self, Input};
+use crate::dialbook::DialBook;
+use crate::frame::{Hello, MAX_GOSSIP, Message, PROTOCOL_MAX, PROTOCOL_MIN, PeerInfo, Security};
+use crate::hook::{self, Hook};
+use crate::id::{PeerId, random_u64};
+use crate::neighbours::{Admission, ConnId, Link, Neighbour, Table};
+use crate::output::{DownReason, Event, HELP, Output, msg_id};
+use crate::shutdown;
+use crate::store::{Delivery, Received, Store};
+
+/// Most dials in progress at once.
+const MAX_DIALS: usize = 16;
+/// How long a peer whose connection was closed as a duplicate counts as up without one.
+const SWAP_GRACE: Duration = Duration::from_secs(2);
+/// Events handled before stdout is flushed and timers are checked.
+const EVENT_BATCH: usize = 256;
+/// Catch-up stops filling a neighbour's queue below this much room (live lines keep flowing).
+const CATCH_UP_RESERVE: usize = QUEUE / 4;
+/// How long leaving waits for goodbyes to be flushed.
+const LEAVE_FLUSH: Duration = Duration::from_millis(500);
+
+/// Runs a peer until it is told to leave.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let bind = SocketAddr::new(cfg.bind, cfg.port);
+    let listener = TcpListener::bind(bind).await.with_context(|| format!("cannot listen on {bind}"))?;
+    Mesh::new(cfg, listener)?.run().await;
+    Ok(())
+}
+
+struct Mesh {
+    me: PeerId,
+    name: String,
+    incarnation: u64,
+    local: SocketAddr,
+    listener: TcpListener,
+    ctx: Arc<Context>,
+    events: mpsc::Receiver<ConnEvent>,
+    table: Table,
+    book: DialBook,
+    store: Store,
+    out: Output,
+    hook: Option<Hook>,
+    permits: Arc<Semaphore>,
+    tasks: TaskTracker,
+    next_conn: ConnId,
+    last_refusal_warning: Option<Instant>,
+    cfg: Config,
+}
+
+impl Mesh {
+    fn new(cfg: Config, listener: TcpListener) -> anyhow::Result<Mesh> {
+        let now = Instant::now();
+        let me = PeerId::random();
+        let name = cfg.name();
+        let (events_tx, events) = mpsc::channel(1024);
+        let ctx = Arc::new(Context {
+            events: events_tx,
+            security: Security::Open,
+            heartbeat: cfg.heartbeat,
+            timeout: cfg.timeout,
+            handshake_timeout: cfg.handshake_timeout,
+            connect_timeout: cfg.connect_timeout,
+        });
+        let mut book = DialBook::new(cfg.schedule());
+        for b in &cfg.bootstrap {
+            book.add_bootstrap(b, now);
+        }
+        let hook = if cfg.lab {
+            let mut hook = Hook::default();
+            for spec in &cfg.lab_cut {
+                hook.apply(hook::parse_spec(spec).map_err(anyhow::Error::msg)?);
+            }
+            Some(hook)
+        } else {
+            None
+        };
+        Ok(Mesh {
+            store: Store::new(me.clone(), 0, cfg.retention(), now),
+            me,
+            name,
+            incarnation: random_u64(),
+            local: listener.local_addr()?,
+            listener,
+            ctx,
+            events,
+            table: Table::default(),
+            book,
+            out: Output::new(cfg.json),
+            hook,
+            permits: Arc::new(Semaphore::new(cfg.max_conns as usize)),
+            tasks: TaskTracker::new(),
+            next_conn: 0,
+            last_refusal_warning: None,
+            cfg,
+        })
+    }
+
+    async fn run(mut self) {
+        self.out.emit(&Event::Listening {
+            id: &self.me,
+            name: &self.name,
+            addr: self.local.to_string(),
+            advertise: self.cfg.advertise.as_deref(),
+            protocol: PROTOCOL_MAX,
+            events: crate::output::EVENTS_VERSION,
+        });
+        self.out.flush();
+        let (stdin_tx, mut stdin) = mpsc::channel(64);
+        tokio::spawn(console::read_stdin(stdin_tx, self.cfg.lab));
+        let mut stdin_open = true;
+        let mut sync = tokio::time::interval(self.cfg.sync_interval);
+        let leave = shutdown::signalled();
+        tokio::pin!(leave);
+        loop {
+            self.dial_due();
+            let wake = self.book.next_due().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                Some(event) = self.events.recv() => {
+                    self.on_conn_event(event);
+                    for _ in 0..EVENT_BATCH {
+                        match self.events.try_recv() {
+                            Ok(event) => self.on_conn_event(event),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                input = stdin.recv(), if stdin_open => match input {
+                    Some(Input::Quit) => break,
+                    Some(input) => self.on_input(input),
+                    None => stdin_open = false,
+                },
+                accepted = self.listener.accept() => self.on_accept(accepted).await,
+                _ = sync.tick() => self.on_tick(),
+                _ = sleep_until(wake) => {}
+                _ = &mut leave => break,
+            }
+            self.out.flush();
+        }
+        self.leave().await;
+    }
+
+    fn on_conn_event(&mut self, event: ConnEvent) {
+        match event {
+            ConnEvent::HelloWanted(reply) => {
+                let _ = reply.send(self.hello());
+            }
+            ConnEvent::Ready(ready) => self.on_ready(*ready),
+            ConnEvent::Received { conn, msg } => self.on_message(conn, msg),
+            ConnEvent::Closed { conn, reason } => self.on_closed(conn, reason),
+            ConnEvent::DialFailed { target, unresolved, error } => {
+                if self.book.failed(&target, unresolved, Instant::now()) {
+                    tracing::warn!("cannot resolve {target} ({error}); retrying in the background");
+                } else {
+                    tracing::debug!("dial to {target} failed: {error}");
+                }
+            }
+        }
+    }
+
+    fn hello(&self) -> Hello {
+        Hello {
+            min_version: PROTOCOL_MIN,
+            max_version: PROTOCOL_MAX,
+            id: self.me.clone(),
+            incarnation: self.incarnation,
+            nonce: 0,
+            name: self.name.clone(),
+            port: self.local.port(),
+            advertise: self.cfg.advertise.clone(),
+            seq: self.store.my_seq(),
+            peers: self.table.iter().take(MAX_GOSSIP).map(|n| n.info.clone()).collect(),
+        }
+    }
+
+    fn is_cut(&self, name: &str) -> bool {
+        self.hook.as_ref().is_some_and(|h| h.cut(name).is_some())
+    }
+
+    fn on_ready(&mut self, r: Ready) {
+        let now = Instant::now();
+        let h = r.hello;
+        let target = match r.role {
+            Role::Dialer { target } => Some(target),
+            Role::Acceptor => None,
+        };
+        if h.id == self.me {
+            if let Some(t) = &target {
+                tracing::info!("{t} is this peer's own address: not dialling it again");
+                self.book.is_self(t);
+            }
+            return;
+        }
+        if self.is_cut(&h.name) {
+            if let Some(t) = &target {
+                self.book.failed(t, false, now);
+            }
+            return;
+        }
+        if let Some(t) = &target {
+            self.book.connected(t, &h.id);
+        }
+        let info = PeerInfo {
+            id: h.id.clone(),
+            name: h.name.clone(),
+            addr: h.advertise.clone().unwrap_or_else(|| addr::dialable(r.observed.ip(), h.port)),
+        };
+        let link = match target {
+            Some(_) => Link { dialer: self.me.clone(), nonce: r.our_nonce },
+            None => Link { dialer: h.id.clone(), nonce: h.nonce },
+        };
+        let neighbour = Neighbour {
+            info: info.clone(),
+            conn: r.conn,
+            tx: r.tx,
+            drops: r.drops,
+            incarnation: h.incarnation,
+            link,
+            superseded: false,
+            leaving: false,
+            digest_sent: None,
+            lagging: false,
+        };
+        let announce = match self.table.admit(neighbour) {
+            Admission::Rejected(loser) => return close_as_duplicate(loser),
+            Admission::Replaced(loser) => {
+                close_as_duplicate(loser);
+                false
+            }
+            Admission::Restarted(old) => {
+                self.out.emit(&Event::PeerDown { peer: &old.info, reason: DownReason::Closed });
+                true
+            }
+            Admission::Resumed => false,
+            Admission::New => true,
+        };
+        self.store.meet(&info, h.seq, now);
+        if announce {
+            self.out.emit(&Event::PeerUp { peer: &info, seq: h.seq, protocol: r.version });
+            self.gossip(&info);
+        }
+        self.send_digest(&h.id);
+        for p in &h.peers {
+            self.consider(p, now);
+        }
+    }
+
+    /// Tells every other neighbour about a newly met peer.
+    fn gossip(&mut self, info: &PeerInfo) {
+        let frame = Message::Peers { peers: vec![info.clone()] }.encode();
+        for n in self.table.iter_mut().filter(|n| n.info.id != info.id) {
+            n.send(frame.clone());
+        }
+    }
+
+    /// A member told us of `p`: dial it unless already connected.
+    fn consider(&mut self, p: &PeerInfo, now: Instant) {
+        if p.id == self.me || self.table.is_up(&p.id) || self.is_cut(&p.name) {
+            return;
+        }
+        self.book.learn(&p.addr, &p.id, self.me < p.id, now);
+    }
+
+    fn on_message(&mut self, conn: ConnId, msg: Message) {
+        let now = Instant::now();
+        let Some(n) = self.table.by_conn_mut(conn) else { return };
+        let from = n.info.id.clone();
+        match msg {
+            Message::Dup => n.superseded = true,
+            Message::Goodbye => n.leaving = true,
+            Message::Peers { peers } => {
+                for p in &peers {
+                    self.consider(p, now);
+                }
+            }
+            Message::Chat(chat) => {
+                if let Received::Delivered(lines) = self.store.receive(chat, from, now) {
+                    self.show(lines);
+                }
+            }
+            Message::Digest { have } => self.answer_digest(&from, &have),
+            Message::Gap { origin, upto } => {
+                if let Some((missed, lines)) = self.store.skip(&origin, upto, now) {
+                    if missed > 0 {
+                        let from = self.store.info(&origin);
+                        self.out.emit(&Event::Gap { from: &from, missed });
+                    }
+                    self.show(lines);
+                }
+            }
+            Message::Hello(_) | Message::Refuse { .. } | Message::Ping => {}
+        }
+    }
+
+    fn show(&mut self, lines: Vec<Delivery>) {
+        for d in lines {
+            let from = self.store.info(&d.line.origin);
+            self.out.emit(&Event::Message {
+                msg_id: msg_id(&d.line.origin, d.line.seq),
+                seq: d.line.seq,
+                from: &from,
+                via: &d.via,
+                text: &d.line.text,
+                sent_at_ms: d.line.sent_at_ms,
+                caught_up: d.caught_up,
+            });
+        }
+    }
+
+    /// Sends a neighbour what its digest says it lacks, and our digest if it has more.
+    fn answer_digest(&mut self, from: &PeerId, have: &std::collections::BTreeMap<PeerId, u64>) {
+        let catch_up = self.store.catch_up_for(have);
+        let Some(n) = self.table.get_mut(from) else { return };
+        for m in catch_up.messages {
+            if n.room() <= CATCH_UP_RESERVE {
+                n.lagging = true;
+                break;
+            }
+            n.send(m.encode());
+        }
+        if catch_up.they_are_ahead {
+            self.send_digest(from);
+        }
+    }
+
+    fn send_digest(&mut self, to: &PeerId) {
+        let version = self.store.version();
+        let digests = self.store.digests(Instant::now());
+        if let Some(n) = self.table.get_mut(to) {
+            for d in &digests {
+                n.send(d.encode());
+            }
+            n.digest_sent = Some(version);
+        }
+    }
+
+    fn on_closed(&mut self, conn: ConnId, reason: CloseReason) {
+        let now = Instant::now();
+        let Some(n) = self.table.remove_conn(conn) else { return };
+        let id = n.info.id.clone();
+        if n.leaving {
+            self.out.emit(&Event::PeerDown { peer: &n.info, reason: DownReason::Goodbye });
+            self.book.left(&id);
+        } else if n.superseded {
+            self.table.hold_for_swap(n, now + SWAP_GRACE);
+            return;
+        } else {
+            let reason = match reason {
+                CloseReason::Timeout if self.is_cut(&n.info.name) => DownReason::Cut,
+                CloseReason::Timeout => DownReason::Timeout,
+                CloseReason::Closed | CloseReason::Violation | CloseReason::Local => DownReason::Closed,
+            };
+            self.out.emit(&Event::PeerDown { peer: &n.info, reason });
+            self.book.lost(&id, &n.info.addr, self.me < id, now);
+        }
+        if self.table.is_empty() {
+            self.book.isolated(now);
+        }
+    }
+
+    fn on_input(&mut self, input: Input) {
+        match input {
+            Input::Say(text) => self.say(text),
+            Input::Peers => self.out.emit(&Event::Peers { peers: &self.table.infos() }),
+            Input::Help => self.out.emit(&Event::Help { text: HELP }),
+            Input::Lab(cmd) => self.apply_lab(cmd),
+            Input::Rejected(message) => self.out.emit(&Event::Error { message }),
+            Input::Quit => {}
+        }
+    }
+
+    fn say(&mut self, text: String) {
+        let line = self.store.say(&self.name, text, unix_ms(), Instant::now());
+        self.out.emit(&Event::Sent {
+            msg_id: msg_id(&self.me, line.seq),
+            seq: line.seq,
+            text: &line.text,
+            queued: self.table.is_empty(),
+        });
+        let frame = line.to_message(false).encode();
+        for n in self.table.iter_mut() {
+            n.send(frame.clone());
+        }
+    }
+
+    fn apply_lab(&mut self, cmd: hook::LabCommand) {
+        let Some(hook) = self.hook.as_mut() else { return };
+        hook.apply(cmd);
+        for n in self.table.iter() {
+            let (inbound, outbound) = hook.cut(&n.info.name).map_or((false, false), |d| d.drops());
+            n.drops.set(inbound, outbound);
+        }
+        self.out.emit(&Event::Hook { cuts: hook.table() });
+    }
+
+    async fn on_accept(&mut self, accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>) {
+        let (stream, from) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: pause briefly rather than spin.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return;
+            }
+        };
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            let now = Instant::now();
+            if self.last_refusal_warning.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
+                tracing::warn!(
+                    "refusing connection from {from}: {} connections open (--max-conns)",
+                    self.cfg.max_conns
+                );
+                self.last_refusal_warning = Some(now);
+            }
+            return;
+        };
+        let conn = self.next_conn();
+        let ctx = self.ctx.clone();
+        self.tasks.spawn(async move {
+            connection::run(stream, Role::Acceptor, conn, ctx).await;
+            drop(permit);
+        });
+    }
+
+    fn dial_due(&mut self) {
+        let room = MAX_DIALS.saturating_sub(self.book.in_flight());
+        if room == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let table = &self.table;
+        for target in self.book.due(now, room, |id| table.is_up(id)) {
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                self.book.failed(&target, false, now);
+                continue;
+            };
+            let conn = self.next_conn();
+            let ctx = self.ctx.clone();
+            self.tasks.spawn(async move {
+                connection::dial(target, conn, ctx).await;
+                drop(permit);
+            });
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        self.store.expire(now);
+        self.book.expire(now);
+        for info in self.table.expired_swaps(now) {
+            self.out.emit(&Event::PeerDown { peer: &info, reason: DownReason::Closed });
+            self.book.lost(&info.id, &info.addr, self.me < info.id, now);
+        }
+        if self.table.is_empty() {
+            self.book.isolated(now);
+        }
+        let version = self.store.version();
+        let stale: Vec<PeerId> = self
+            .table
+            .iter()
+            .filter(|n| n.lagging || n.digest_sent != Some(version))
+            .map(|n| n.info.id.clone())
+            .collect();
+        for id in stale {
+            if let Some(n) = self.table.get_mut(&id) {
+                n.lagging = false;
+            }
+            self.send_digest(&id);
+        }
+    }
+
+    fn next_conn(&mut self) -> ConnId {
+        self.next_conn += 1;
+        self.next_conn
+    }
+
+    /// Says goodbye to every neighbour and waits (briefly) for the goodbyes to go out.
+    async fn leave(mut self) {
+        let bye = Message::Goodbye.encode();
+        for mut n in self.table.drain() {
+            n.send(bye.clone());
+        }
+        self.out.flush();
+        self.events.close();
+        self.tasks.close();
+        let _ = tokio::time::timeout(LEAVE_FLUSH, self.tasks.wait()).await;
+    }
+}
+
+/// Closes the losing connection of a pair, telling the other side why.
+fn close_as_duplicate(mut loser: Neighbour) {
+    loser.send(Message::Dup.encode());
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
