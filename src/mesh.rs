@@ -206,7 +206,7 @@ impl Mesh {
         };
         if h.id == self.me {
             if let Some(t) = &target {
-                tracing::info!("{t} is this peer's own address: not dialling it again");
+                tracing::warn!("ignoring {t}: it is this peer's own address");
                 self.book.is_self(t);
             }
             return;
@@ -303,7 +303,7 @@ impl Mesh {
                 if let Some((missed, lines)) = self.store.skip(&origin, upto, now) {
                     if missed > 0 {
                         let from = self.store.info(&origin);
-                        self.out.emit(&Event::Gap { from: &from, missed });
+                        self.out.emit(&Event::Gap { from: &from, missed, upto });
                     }
                     self.show(lines);
                 }

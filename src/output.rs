@@ -72,6 +72,8 @@ pub enum Event<'a> {
     Gap {
         from: &'a PeerInfo,
         missed: u64,
+        /// The last sequence number skipped.
+        upto: u64,
     },
     Peers {
         peers: &'a [PeerInfo],
@@ -178,7 +180,7 @@ fn chat_view(event: &Event) -> View {
             View::Stdout("* no peer connected: your line will be delivered when the mesh re-forms".into())
         }
         Event::Sent { .. } | Event::Hook { .. } => View::Nothing,
-        Event::Gap { from, missed } => {
+        Event::Gap { from, missed, .. } => {
             View::Stdout(format!("* {missed} earlier lines from {} are lost (older than the history kept)", who(from)))
         }
         Event::Peers { peers: [] } => View::Stdout("* no peer connected".into()),

@@ -1,1 +1,13 @@
-pub fn placeholder() {}
+//! meshlab's lab: scripted multi-peer experiments with convergence and delivery checks.
+//!
+//! A [`Lab`] drives peers through a [`Backend`](backend::Backend) with plain verbs (start,
+//! stop, kill, restart, partition, cut, heal, say) and checks the [`World`](world::World) it
+//! builds from the peers' `--json` events (await mesh, await delivery). Scenario files
+//! ([`scenario`]) are read into steps and run by [`runner`], which also writes the report.
+
+pub mod backend;
+pub mod event;
+pub mod lab;
+pub mod world;
+
+pub use lab::{Lab, LabError};

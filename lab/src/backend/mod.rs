@@ -1,0 +1,93 @@
+//! Where peers run. A backend starts, signals and feeds peer processes and applies cuts; it
+//! reports everything a peer prints as [`Observed`] values. Scenarios never see which backend
+//! runs them: the process backend (local processes, the peer's lab hook for cuts) and the docker
+//! backend (containers, packet filtering for cuts) run the same files.
+
+pub mod process;
+
+use std::time::Duration;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::world::Observed;
+
+/// How to start one peer.
+#[derive(Debug, Clone)]
+pub struct PeerSpec {
+    pub name: String,
+    /// Addresses to bootstrap from.
+    pub bootstrap: Vec<String>,
+    /// Extra command-line flags for the peer.
+    pub flags: Vec<String>,
+    /// Cuts in force when it starts: (other peer's name, drop inbound, drop outbound).
+    pub cuts: Vec<(String, bool, bool)>,
+}
+
+/// How to stop a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM: the peer says goodbye.
+    Graceful,
+    /// SIGKILL: the peer vanishes.
+    Kill,
+}
+
+/// Timing flags the lab gives every peer unless a scenario sets them: fast heartbeats so that
+/// cuts show within a second, and short redial backoff so that heals re-form quickly.
+pub const LAB_TIMING: &[(&str, &str)] = &[
+    ("--heartbeat", "100ms"),
+    ("--timeout", "1s"),
+    ("--redial-max", "500ms"),
+    ("--sync-interval", "200ms"),
+    ("--handshake-timeout", "2s"),
+];
+
+/// The lab's timing flags merged under the scenario's own.
+pub fn with_lab_timing(flags: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (flag, value) in LAB_TIMING {
+        if !flags.iter().any(|f| f == flag || f.starts_with(&format!("{flag}="))) {
+            out.push(flag.to_string());
+            out.push(value.to_string());
+        }
+    }
+    out.extend(flags.iter().cloned());
+    out
+}
+
+#[allow(async_fn_in_trait)]
+pub trait Backend {
+    /// Short name for progress lines and reports.
+    fn name(&self) -> &'static str;
+
+    /// Scenario deadlines are multiplied by this (containers start slower than processes).
+    fn time_scale(&self) -> f64;
+
+    /// Whether cuts are applied through the peer's hook, acknowledged by `hook` events.
+    fn cuts_acknowledged_by_events(&self) -> bool;
+
+    /// Starts a peer; what it prints goes to `events`, tagged with `instance`.
+    async fn start(&mut self, spec: PeerSpec, instance: u32, events: UnboundedSender<Observed>) -> anyhow::Result<()>;
+
+    /// The address other peers dial to reach `name`, given what it printed when listening.
+    fn address_of(&self, name: &str, listen: &str) -> String;
+
+    /// Told once a started peer has printed its listening address.
+    fn listened(&mut self, _name: &str, _listen: &str) {}
+
+    /// Writes one line on the peer's stdin.
+    async fn say(&mut self, name: &str, line: &str) -> anyhow::Result<()>;
+
+    /// Stops a peer and returns once it has exited.
+    async fn stop(&mut self, name: &str, how: Stop, grace: Duration) -> anyhow::Result<()>;
+
+    /// Told that `name` exited on its own (after `/quit`), so it is no longer running.
+    fn exited(&mut self, _name: &str) {}
+
+    /// Makes `name` treat each listed peer as cut: (other, drop inbound, drop outbound);
+    /// peers not listed are not cut.
+    async fn set_cuts(&mut self, name: &str, cuts: &[(String, bool, bool)]) -> anyhow::Result<()>;
+
+    /// Removes everything the backend created. Safe to call more than once.
+    async fn shutdown(&mut self);
+}

@@ -1,0 +1,254 @@
+//! The process backend: each peer is a local `peer` process on 127.0.0.1, needing no privilege.
+//!
+//! Ports are picked by the peer (`--port 0`) and learnt from its `listening` event; a restarted
+//! peer asks for its old port again, like a real restart would. Cuts go through the peer's lab
+//! hook (`--lab`), so traffic is dropped inside the peers. Every child is killed when its handle
+//! is dropped and, through PR_SET_PDEATHSIG, when the lab process itself dies, so no peer
+//! outlives the lab.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::watch;
+
+use super::{Backend, PeerSpec, Stop, with_lab_timing};
+use crate::event::PeerEvent;
+use crate::world::{Observation, Observed};
+
+pub struct ProcessBackend {
+    peer_bin: PathBuf,
+    procs: HashMap<String, Proc>,
+    /// Last port each name listened on, reused on restart.
+    ports: HashMap<String, u16>,
+}
+
+struct Proc {
+    pid: u32,
+    stdin: ChildStdin,
+    exited: watch::Receiver<bool>,
+    /// Cuts last sent through the hook.
+    cuts: Vec<(String, bool, bool)>,
+}
+
+impl ProcessBackend {
+    pub fn new(peer_bin: impl Into<PathBuf>) -> ProcessBackend {
+        ProcessBackend { peer_bin: peer_bin.into(), procs: HashMap::new(), ports: HashMap::new() }
+    }
+
+    fn command(&self, spec: &PeerSpec, port: u16) -> Command {
+        let mut cmd = Command::new(&self.peer_bin);
+        cmd.args(["--json", "--lab", "--bind", "127.0.0.1", "--port", &port.to_string(), "--name", &spec.name]);
+        for (other, inbound, outbound) in &spec.cuts {
+            cmd.arg("--lab-cut").arg(hook_spec(other, *inbound, *outbound));
+        }
+        cmd.args(with_lab_timing(&spec.flags));
+        cmd.args(&spec.bootstrap);
+        cmd.env_remove("PORT").env_remove("PEER_NAME");
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe and touches nothing but the calling (child) process.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    /// The process id of a running peer.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.procs.get(name).map(|p| p.pid)
+    }
+
+    fn proc(&mut self, name: &str) -> anyhow::Result<&mut Proc> {
+        self.procs.get_mut(name).with_context(|| format!("{name} is not running"))
+    }
+}
+
+fn hook_spec(other: &str, inbound: bool, outbound: bool) -> String {
+    match (inbound, outbound) {
+        (true, false) => format!("{other}:in"),
+        (false, true) => format!("{other}:out"),
+        _ => other.to_owned(),
+    }
+}
+
+impl Backend for ProcessBackend {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    fn time_scale(&self) -> f64 {
+        1.0
+    }
+
+    fn cuts_acknowledged_by_events(&self) -> bool {
+        true
+    }
+
+    async fn start(&mut self, spec: PeerSpec, instance: u32, events: UnboundedSender<Observed>) -> anyhow::Result<()> {
+        if self.procs.contains_key(&spec.name) {
+            bail!("{} is already running", spec.name);
+        }
+        // A restarted peer asks for its old port, unless something else took it meanwhile.
+        let port = self.ports.get(&spec.name).copied().filter(|p| port_is_free(*p)).unwrap_or(0);
+        let child = self
+            .command(&spec, port)
+            .spawn()
+            .with_context(|| format!("cannot start {} ({})", spec.name, self.peer_bin.display()))?;
+        let proc = watch_child(child, &spec.name, instance, events, spec.cuts.clone())?;
+        self.procs.insert(spec.name, proc);
+        Ok(())
+    }
+
+    fn address_of(&self, _name: &str, listen: &str) -> String {
+        listen.to_owned()
+    }
+
+    fn exited(&mut self, name: &str) {
+        self.procs.remove(name);
+    }
+
+    fn listened(&mut self, name: &str, listen: &str) {
+        if let Some(port) = listen.rsplit_once(':').and_then(|(_, p)| p.parse().ok()) {
+            self.ports.insert(name.to_owned(), port);
+        }
+    }
+
+    async fn say(&mut self, name: &str, line: &str) -> anyhow::Result<()> {
+        let proc = self.proc(name)?;
+        let mut buf = line.as_bytes().to_vec();
+        buf.push(b'\n');
+        proc.stdin.write_all(&buf).await.with_context(|| format!("cannot write to {name}'s stdin"))
+    }
+
+    async fn stop(&mut self, name: &str, how: Stop, grace: Duration) -> anyhow::Result<()> {
+        let mut proc = self.procs.remove(name).with_context(|| format!("{name} is not running"))?;
+        let signal = match how {
+            Stop::Graceful => libc::SIGTERM,
+            Stop::Kill => libc::SIGKILL,
+        };
+        proc.signal(signal);
+        let exited = proc.exited.wait_for(|e| *e);
+        if tokio::time::timeout(grace, exited).await.is_err() {
+            proc.signal(libc::SIGKILL);
+            let _ = proc.exited.wait_for(|e| *e).await;
+            bail!("{name} did not exit within {grace:?} of SIGTERM and was killed");
+        }
+        Ok(())
+    }
+
+    async fn set_cuts(&mut self, name: &str, cuts: &[(String, bool, bool)]) -> anyhow::Result<()> {
+        let proc = self.proc(name)?;
+        if proc.cuts == cuts {
+            return Ok(());
+        }
+        let mut lines = String::new();
+        for (other, _, _) in proc.cuts.iter().filter(|c| !cuts.iter().any(|n| n.0 == c.0)) {
+            lines.push_str(&format!("/lab heal {other}\n"));
+        }
+        for (other, inbound, outbound) in cuts {
+            let dir = match (inbound, outbound) {
+                (true, false) => "in",
+                (false, true) => "out",
+                _ => "both",
+            };
+            lines.push_str(&format!("/lab cut {other} {dir}\n"));
+        }
+        proc.cuts = cuts.to_vec();
+        proc.stdin.write_all(lines.as_bytes()).await.with_context(|| format!("cannot write to {name}'s stdin"))
+    }
+
+    async fn shutdown(&mut self) {
+        for (_, mut proc) in self.procs.drain() {
+            proc.signal(libc::SIGKILL);
+            let _ = proc.exited.wait_for(|e| *e).await;
+        }
+    }
+}
+
+impl Drop for ProcessBackend {
+    fn drop(&mut self) {
+        for proc in self.procs.values() {
+            proc.signal(libc::SIGKILL);
+        }
+    }
+}
+
+impl Proc {
+    /// Signals the process unless it already exited (its pid may then belong to another).
+    fn signal(&self, signal: i32) {
+        if !*self.exited.borrow() {
+            send_signal(self.pid, signal);
+        }
+    }
+}
+
+fn port_is_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+fn send_signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's, which is
+    // not reaped until its watcher sees it exit, so it cannot name another process.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+/// Spawns the readers of a child's stdout and stderr and the watcher of its exit.
+fn watch_child(
+    mut child: Child,
+    name: &str,
+    instance: u32,
+    events: UnboundedSender<Observed>,
+    cuts: Vec<(String, bool, bool)>,
+) -> anyhow::Result<Proc> {
+    let pid = child.id().context("child has no pid")?;
+    let stdin = child.stdin.take().context("no stdin")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let observe = {
+        let name = name.to_owned();
+        move |what: Observation| Observed { peer: name.clone(), instance, at: Instant::now(), what }
+    };
+    let tx = events.clone();
+    let obs = observe.clone();
+    let out = tokio::spawn(async move {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let what = match PeerEvent::parse(&line) {
+                Ok(e) => Observation::Event(e),
+                Err(breach) => Observation::Breach(breach),
+            };
+            let _ = tx.send(obs(what));
+        }
+    });
+    let tx = events.clone();
+    let obs = observe.clone();
+    let err = tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.send(obs(Observation::Stderr(line)));
+        }
+    });
+    let (exited_tx, exited) = watch::channel(false);
+    tokio::spawn(async move {
+        let status = child.wait().await;
+        let _ = out.await;
+        let _ = err.await;
+        let status = match status {
+            Ok(s) => s.to_string(),
+            Err(e) => format!("unknown ({e})"),
+        };
+        let _ = events.send(observe(Observation::Exited(status)));
+        let _ = exited_tx.send(true);
+    });
+    Ok(Proc { pid, stdin, exited, cuts })
+}

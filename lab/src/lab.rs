@@ -1,0 +1,438 @@
+//! The lab's Rust API: plain verbs over a backend, and awaits that check the world model.
+//!
+//! `start`, `stop`, `kill`, `restart`, `partition`, `cut`, `heal`, `say`, `await_mesh`,
+//! `await_delivery`, `sleep`: each does what it says, waits for the peers to confirm it through
+//! their events (a started peer has listened, a stopped one has exited, a cut is acknowledged),
+//! and fails with what was expected and what was seen. Scenario files are run through these
+//! same verbs, and tests call them directly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+
+use crate::backend::{Backend, PeerSpec, Stop};
+use crate::world::{Cuts, Delivery, Observed, World};
+
+/// How long a peer may take to start listening or to exit, before scaling.
+const PROCESS_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a peer has to leave gracefully before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    /// A check did not hold by its deadline.
+    #[error("expected {expected}\n  seen: {seen}")]
+    Check { expected: String, seen: String },
+    /// A rule was broken: duplicate or out-of-order line, broken event contract.
+    #[error("{peer}: {what}")]
+    Violation { peer: String, what: String },
+    /// The step could not be carried out.
+    #[error("{0:#}")]
+    Backend(#[from] anyhow::Error),
+}
+
+/// How a peer is (re)started.
+#[derive(Debug, Clone, Default)]
+struct PeerConfig {
+    via: Vec<String>,
+    flags: Vec<String>,
+}
+
+pub struct Lab<B: Backend> {
+    backend: B,
+    world: World,
+    events_tx: UnboundedSender<Observed>,
+    events: UnboundedReceiver<Observed>,
+    cuts: Cuts,
+    configs: BTreeMap<String, PeerConfig>,
+    instances: u32,
+    /// Lines written to each running peer's stdin since it started.
+    written: HashMap<String, u64>,
+    violations_reported: usize,
+    last_event_at: Instant,
+    /// Extra flags for every peer (a scenario's `flags`).
+    pub common_flags: Vec<String>,
+}
+
+impl<B: Backend> Lab<B> {
+    pub fn new(backend: B) -> Lab<B> {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let now = Instant::now();
+        Lab {
+            backend,
+            world: World::new(now),
+            events_tx,
+            events,
+            cuts: Cuts::default(),
+            configs: BTreeMap::new(),
+            instances: 0,
+            written: HashMap::new(),
+            violations_reported: 0,
+            last_event_at: now,
+            common_flags: Vec::new(),
+        }
+    }
+
+    pub fn world(&self) -> &World {
+        &self.world
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn cuts(&self) -> &Cuts {
+        &self.cuts
+    }
+
+    /// Deadlines are scaled by the backend's factor.
+    pub fn scaled(&self, d: Duration) -> Duration {
+        d.mul_f64(self.backend.time_scale())
+    }
+
+    /// Starts peers (all at once), each bootstrapping from the named peers, and waits until
+    /// every one of them listens.
+    pub async fn start(&mut self, names: &[&str], via: &[&str], flags: &[String]) -> Result<(), LabError> {
+        for name in names {
+            if self.world.peer(name).is_some_and(|p| p.running) {
+                return Err(anyhow::anyhow!("{name} is already running").into());
+            }
+            let config = PeerConfig { via: via.iter().map(|v| v.to_string()).collect(), flags: flags.to_vec() };
+            self.configs.insert(name.to_string(), config);
+        }
+        self.launch(names).await
+    }
+
+    /// Stops a peer gracefully (SIGTERM: it says goodbye) and waits for it to exit.
+    pub async fn stop(&mut self, name: &str) -> Result<(), LabError> {
+        self.halt(name, Stop::Graceful).await
+    }
+
+    /// Kills a peer (SIGKILL) and waits for it to exit.
+    pub async fn kill(&mut self, name: &str) -> Result<(), LabError> {
+        self.halt(name, Stop::Kill).await
+    }
+
+    /// Starts a peer again under the same name, bootstrap and flags (stopping it first if it
+    /// runs). Cuts in force apply to the new process too.
+    pub async fn restart(&mut self, name: &str) -> Result<(), LabError> {
+        if !self.configs.contains_key(name) {
+            return Err(anyhow::anyhow!("{name} was never started").into());
+        }
+        if self.world.peer(name).is_some_and(|p| p.running) {
+            self.halt(name, Stop::Graceful).await?;
+        }
+        self.launch(&[name]).await
+    }
+
+    /// Cuts every pair of peers in different groups, both ways.
+    pub async fn partition(&mut self, groups: &[Vec<String>]) -> Result<(), LabError> {
+        for (i, a_group) in groups.iter().enumerate() {
+            for b_group in &groups[i + 1..] {
+                for a in a_group {
+                    for b in b_group {
+                        self.cuts.cut_both(a, b);
+                    }
+                }
+            }
+        }
+        self.world.mark("*", "partition", format!("{groups:?}"));
+        self.apply_cuts().await
+    }
+
+    /// Cuts the link between two peers; with `one_way`, only traffic from `a` to `b`.
+    pub async fn cut(&mut self, a: &str, b: &str, one_way: bool) -> Result<(), LabError> {
+        if one_way {
+            self.cuts.cut(a, b);
+        } else {
+            self.cuts.cut_both(a, b);
+        }
+        let arrow = if one_way { "->" } else { "<->" };
+        self.world.mark("*", "cut", format!("{a} {arrow} {b}"));
+        self.apply_cuts().await
+    }
+
+    /// Heals every cut, or just the one between a pair.
+    pub async fn heal(&mut self, pair: Option<(&str, &str)>) -> Result<(), LabError> {
+        match pair {
+            Some((a, b)) => self.cuts.heal_pair(a, b),
+            None => self.cuts.heal_all(),
+        }
+        self.world.mark("*", "heal", pair.map_or("all".into(), |(a, b)| format!("{a} <-> {b}")));
+        self.apply_cuts().await
+    }
+
+    /// Types a line into a peer. It counts as said once the peer confirms it (`sent`).
+    pub async fn say(&mut self, name: &str, text: &str) -> Result<(), LabError> {
+        let line = if text.starts_with('/') { format!("/{text}") } else { text.to_owned() };
+        self.backend.say(name, &line).await?;
+        *self.written.entry(name.to_owned()).or_default() += 1;
+        Ok(())
+    }
+
+    /// Types a command (a line starting with `/`, such as `/quit`) into a peer.
+    pub async fn command(&mut self, name: &str, command: &str) -> Result<(), LabError> {
+        Ok(self.backend.say(name, command).await?)
+    }
+
+    /// Asks a peer for its neighbours (`/peers`) and returns their names, sorted.
+    pub async fn peers_of(&mut self, name: &str) -> Result<Vec<String>, LabError> {
+        let before = self.world.peer(name).map_or(0, |p| p.answers);
+        self.command(name, "/peers").await?;
+        let deadline = Instant::now() + self.scaled(PROCESS_DEADLINE);
+        self.wait_until(deadline, format!("{name} to answer /peers"), |w| {
+            w.peer(name).filter(|p| p.answers == before).map(|_| "no answer yet".into())
+        })
+        .await?;
+        Ok(self.world.peer(name).map(|p| p.listed.clone()).unwrap_or_default())
+    }
+
+    /// Waits until a peer's process has exited (after `/quit`, say).
+    pub async fn await_exit(&mut self, name: &str, within: Duration) -> Result<(), LabError> {
+        let deadline = Instant::now() + self.scaled(within);
+        self.wait_until(deadline, format!("{name} to exit"), |w| {
+            w.peer(name).filter(|p| p.running).map(|_| format!("{name} still runs"))
+        })
+        .await?;
+        self.backend.exited(name);
+        Ok(())
+    }
+
+    /// Waits until a peer has written a log line containing `needle` on stderr.
+    pub async fn await_log(&mut self, name: &str, needle: &str, within: Duration) -> Result<(), LabError> {
+        let deadline = Instant::now() + self.scaled(within);
+        self.wait_until(deadline, format!("{name} to log {needle:?}"), |w| {
+            let found = w.peer(name).is_some_and(|p| p.stderr.iter().any(|l| l.contains(needle)));
+            (!found).then(|| format!("{name} has not logged it"))
+        })
+        .await
+    }
+
+    /// Waits until the mesh among `members` (all running peers when None) is what the cuts
+    /// allow: every uncut pair connected both ways, every cut pair apart. With all peers, a
+    /// neighbour that is not a live member also counts against it. Returns the time taken.
+    pub async fn await_mesh(&mut self, members: Option<&[String]>, within: Duration) -> Result<Duration, LabError> {
+        let started = Instant::now();
+        let exact = members.is_none();
+        let members = members.map_or_else(|| self.world.running(), |m| m.to_vec());
+        let cuts = self.cuts.clone();
+        let expected = if cuts.is_empty() {
+            format!("a full mesh of {}", members.join(", "))
+        } else {
+            format!("a mesh of {} as the cuts allow", members.join(", "))
+        };
+        let deadline = started + self.scaled(within);
+        self.wait_until(deadline, expected, |w| summarise(w.mesh_problems(&members, &cuts, exact))).await?;
+        Ok(self.last_event_at.saturating_duration_since(started))
+    }
+
+    /// Waits until every line said so far has been shown exactly once, in order, by every
+    /// running peer owed it. Returns the time taken and the delivery figures.
+    pub async fn await_delivery(&mut self, within: Duration) -> Result<(Duration, Delivery), LabError> {
+        let started = Instant::now();
+        let deadline = started + self.scaled(within);
+        let cuts = self.cuts.clone();
+        let written = self.written.clone();
+        let expected = "every line shown once by every peer owed it";
+        self.wait_until(deadline, expected, |w| {
+            let unconfirmed: Vec<String> = written
+                .iter()
+                .filter_map(|(name, n)| {
+                    let p = w.peer(name)?;
+                    (p.running && p.sent < *n).then(|| format!("{name} has confirmed {} of {n} lines", p.sent))
+                })
+                .collect();
+            if !unconfirmed.is_empty() {
+                return summarise(unconfirmed);
+            }
+            let d = w.delivery(&cuts);
+            if d.complete() { None } else { summarise(d.lost) }
+        })
+        .await?;
+        Ok((self.last_event_at.saturating_duration_since(started), self.world.delivery(&self.cuts)))
+    }
+
+    /// Lets time pass while recording what the peers print.
+    pub async fn sleep(&mut self, d: Duration) -> Result<(), LabError> {
+        let deadline = Instant::now() + d;
+        match self.wait_until(deadline, "", |_| Some(String::new())).await {
+            Err(LabError::Check { .. }) | Ok(()) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes every peer the backend started.
+    pub async fn shutdown(&mut self) {
+        self.backend.shutdown().await;
+        self.pump();
+    }
+
+    async fn launch(&mut self, names: &[&str]) -> Result<(), LabError> {
+        for name in names {
+            let config = self.configs[*name].clone();
+            let bootstrap = config.via.iter().map(|v| self.address(v)).collect::<Result<Vec<_>, _>>()?;
+            let cuts = self.cuts_of(name);
+            let mut flags = self.common_flags.clone();
+            flags.extend(config.flags);
+            self.instances += 1;
+            self.world.started(name, self.instances);
+            self.written.remove(*name);
+            let via = if config.via.is_empty() { String::new() } else { format!("via {}", config.via.join(", ")) };
+            self.world.mark(name, "start", via);
+            let spec = PeerSpec { name: name.to_string(), bootstrap, flags, cuts };
+            self.backend.start(spec, self.instances, self.events_tx.clone()).await?;
+        }
+        let deadline = Instant::now() + self.scaled(PROCESS_DEADLINE);
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let waiting = names.clone();
+        self.wait_until(deadline, format!("{} to start", names.join(", ")), |w| {
+            for n in &waiting {
+                let p = w.peer(n)?;
+                if !p.running {
+                    let tail: Vec<&str> = p.stderr.iter().rev().take(5).rev().map(String::as_str).collect();
+                    return Some(format!(
+                        "{n} exited ({}) before listening: {}",
+                        p.exit.clone().unwrap_or_default(),
+                        tail.join(" | ")
+                    ));
+                }
+                if !p.listening {
+                    return Some(format!("{n} has not printed its listening event"));
+                }
+            }
+            None
+        })
+        .await?;
+        for n in &names {
+            let listen = self.world.peer(n).and_then(|p| p.listen.clone()).expect("waited for it");
+            self.backend.listened(n, &listen);
+        }
+        Ok(())
+    }
+
+    async fn halt(&mut self, name: &str, how: Stop) -> Result<(), LabError> {
+        let kind = if how == Stop::Kill { "kill" } else { "stop" };
+        self.world.mark(name, kind, String::new());
+        self.backend.stop(name, how, STOP_GRACE).await?;
+        self.await_exit(name, PROCESS_DEADLINE).await?;
+        self.written.remove(name);
+        Ok(())
+    }
+
+    /// The address to bootstrap from to reach `name` (its last one, if it is down).
+    fn address(&self, name: &str) -> Result<String, LabError> {
+        let listen = self.world.peer(name).and_then(|p| p.listen.clone());
+        let listen = listen.ok_or_else(|| anyhow::anyhow!("{name} has no address yet: start it first"))?;
+        Ok(self.backend.address_of(name, &listen))
+    }
+
+    /// The cuts `name` must apply: (other, drop inbound, drop outbound).
+    fn cuts_of(&self, name: &str) -> Vec<(String, bool, bool)> {
+        self.cuts
+            .involving(name)
+            .into_iter()
+            .map(|other| {
+                let (inbound, outbound) = self.cuts.view(name, &other);
+                (other, inbound, outbound)
+            })
+            .collect()
+    }
+
+    async fn apply_cuts(&mut self) -> Result<(), LabError> {
+        let running = self.world.running();
+        for name in &running {
+            let cuts = self.cuts_of(name);
+            self.backend.set_cuts(name, &cuts).await?;
+        }
+        if !self.backend.cuts_acknowledged_by_events() {
+            return Ok(());
+        }
+        let expected: Vec<(String, BTreeMap<String, String>)> = running
+            .iter()
+            .map(|n| {
+                let table = self.cuts_of(n).into_iter().map(|(o, i, out)| (o, direction(i, out).to_string())).collect();
+                (n.clone(), table)
+            })
+            .collect();
+        let deadline = Instant::now() + self.scaled(PROCESS_DEADLINE);
+        self.wait_until(deadline, "every peer to apply its cuts", |w| {
+            expected.iter().find_map(|(n, table)| {
+                let p = w.peer(n)?;
+                (p.running && p.hook != *table).then(|| format!("{n} has not applied its cuts"))
+            })
+        })
+        .await
+    }
+
+    /// Records every observation available now.
+    fn pump(&mut self) {
+        while let Ok(o) = self.events.try_recv() {
+            self.record(o);
+        }
+    }
+
+    fn record(&mut self, o: Observed) {
+        let at = o.at;
+        if self.world.observe(o) {
+            self.last_event_at = self.last_event_at.max(at);
+        }
+    }
+
+    fn check_violations(&mut self) -> Result<(), LabError> {
+        let all = self.world.violations();
+        if let Some(v) = all.get(self.violations_reported) {
+            self.violations_reported = all.len();
+            return Err(LabError::Violation { peer: v.peer.clone(), what: v.what.clone() });
+        }
+        Ok(())
+    }
+
+    /// Waits until `pending` returns None (the condition holds), recording observations as
+    /// they arrive. Past the deadline, fails with `expected` and the last reason `pending`
+    /// gave. A broken rule ends the wait at once.
+    async fn wait_until(
+        &mut self,
+        deadline: Instant,
+        expected: impl Into<String>,
+        mut pending: impl FnMut(&World) -> Option<String>,
+    ) -> Result<(), LabError> {
+        loop {
+            self.pump();
+            self.check_violations()?;
+            let reason = match pending(&self.world) {
+                None => return Ok(()),
+                Some(reason) => reason,
+            };
+            match tokio::time::timeout_at(deadline.into(), self.events.recv()).await {
+                Ok(Some(o)) => self.record(o),
+                Ok(None) | Err(_) => {
+                    self.pump();
+                    self.check_violations()?;
+                    return match pending(&self.world) {
+                        None => Ok(()),
+                        Some(_) => Err(LabError::Check { expected: expected.into(), seen: reason }),
+                    };
+                }
+            }
+        }
+    }
+}
+
+fn direction(inbound: bool, outbound: bool) -> &'static str {
+    match (inbound, outbound) {
+        (true, false) => "in",
+        (false, true) => "out",
+        _ => "both",
+    }
+}
+
+/// None when there is nothing to report; otherwise the first few items and a count.
+fn summarise(items: Vec<String>) -> Option<String> {
+    const SHOWN: usize = 6;
+    match items.len() {
+        0 => None,
+        n if n <= SHOWN => Some(items.join("; ")),
+        n => Some(format!("{}; and {} more", items[..SHOWN].join("; "), n - SHOWN)),
+    }
+}

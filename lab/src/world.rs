@@ -1,0 +1,587 @@
+//! The lab's model of an experiment, built only from what the peers print.
+//!
+//! Every observation (an event line, a process exit) updates the world: who runs, who is
+//! connected to whom (from `peer_up`/`peer_down`), which lines were said (`sent`) and who showed
+//! them (`message`). Checks are pure questions about this model: is the mesh what the current
+//! cuts allow, has every owed line been shown exactly once and in order. A line is owed to a
+//! receiver when it knew the sender before the line was said (its first `peer_up` for the
+//! sender carried a lower `seq`) and some peer holding the line is reachable from it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::event::PeerEvent;
+
+/// What one peer process printed or did, as the lab saw it.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub peer: String,
+    pub instance: u32,
+    pub at: Instant,
+    pub what: Observation,
+}
+
+#[derive(Debug, Clone)]
+pub enum Observation {
+    Event(PeerEvent),
+    /// A stdout line that is not a valid event: a breach of the event contract.
+    Breach(String),
+    Stderr(String),
+    Exited(String),
+}
+
+/// Directed cuts between peer names: (from, to) means traffic from → to is dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cuts {
+    directed: BTreeSet<(String, String)>,
+}
+
+impl Cuts {
+    pub fn cut(&mut self, from: &str, to: &str) {
+        self.directed.insert((from.to_owned(), to.to_owned()));
+    }
+
+    pub fn cut_both(&mut self, a: &str, b: &str) {
+        self.cut(a, b);
+        self.cut(b, a);
+    }
+
+    pub fn heal_pair(&mut self, a: &str, b: &str) {
+        self.directed.remove(&(a.to_owned(), b.to_owned()));
+        self.directed.remove(&(b.to_owned(), a.to_owned()));
+    }
+
+    pub fn heal_all(&mut self) {
+        self.directed.clear();
+    }
+
+    /// The pair cannot keep a connection (TCP needs both directions).
+    pub fn severed(&self, a: &str, b: &str) -> bool {
+        self.directed.contains(&(a.to_owned(), b.to_owned())) || self.directed.contains(&(b.to_owned(), a.to_owned()))
+    }
+
+    /// How `peer` must treat `other`: (drop what it receives from other, drop what it sends).
+    pub fn view(&self, peer: &str, other: &str) -> (bool, bool) {
+        let inbound = self.directed.contains(&(other.to_owned(), peer.to_owned()));
+        let outbound = self.directed.contains(&(peer.to_owned(), other.to_owned()));
+        (inbound, outbound)
+    }
+
+    /// Every name `peer` has a cut with.
+    pub fn involving(&self, peer: &str) -> BTreeSet<String> {
+        self.directed
+            .iter()
+            .filter_map(|(a, b)| {
+                if a == peer {
+                    Some(b.clone())
+                } else if b == peer {
+                    Some(a.clone())
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.directed.is_empty()
+    }
+
+    pub fn pairs(&self) -> impl Iterator<Item = &(String, String)> {
+        self.directed.iter()
+    }
+}
+
+/// The lab's view of one named peer (its current process).
+#[derive(Debug, Clone, Default)]
+pub struct PeerState {
+    pub instance: u32,
+    pub id: Option<String>,
+    /// The address the peer last listened on, as it printed it (kept across restarts).
+    pub listen: Option<String>,
+    /// The current process has printed its listening event.
+    pub listening: bool,
+    pub running: bool,
+    /// Lines the current process accepted from stdin (`sent` events).
+    pub sent: u64,
+    /// Names in the peer's last answer to `/peers`, and how many answers it gave.
+    pub listed: Vec<String>,
+    pub answers: u64,
+    /// The lab hook's cut table, as the peer last reported it.
+    pub hook: BTreeMap<String, String>,
+    /// Ids of its neighbours.
+    pub neighbours: BTreeSet<String>,
+    /// Lines (msg ids) this process showed or said.
+    holds: HashSet<String>,
+    /// What the current process logged on stderr (the last lines, bounded).
+    pub stderr: VecDeque<String>,
+    pub exit: Option<String>,
+}
+
+/// A line said by some peer.
+#[derive(Debug, Clone)]
+pub struct Said {
+    pub msg_id: String,
+    pub origin: String,
+    pub origin_name: String,
+    pub seq: u64,
+    pub text: String,
+    pub at: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Receipt {
+    count: u32,
+    first_at: Instant,
+    caught_up: bool,
+    /// When the connection it came over last came up (for catch-up latency).
+    link_up_at: Option<Instant>,
+}
+
+/// One thing worth drawing on the report's timeline.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Mark {
+    pub at_ms: u64,
+    pub peer: String,
+    pub kind: String,
+    pub detail: String,
+}
+
+/// A rule broken, whatever the timing: these fail a run at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub peer: String,
+    pub what: String,
+}
+
+/// Delivery status of every owed line.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Delivery {
+    pub said: usize,
+    pub owed: usize,
+    pub shown: usize,
+    pub lost: Vec<String>,
+    pub duplicated: usize,
+    pub out_of_order: usize,
+    pub gapped: usize,
+}
+
+impl Delivery {
+    pub fn complete(&self) -> bool {
+        self.lost.is_empty() && self.duplicated == 0 && self.out_of_order == 0
+    }
+}
+
+pub struct World {
+    pub started: Instant,
+    peers: BTreeMap<String, PeerState>,
+    names: HashMap<String, String>,
+    said: Vec<Said>,
+    by_msg_id: HashMap<String, usize>,
+    /// (receiver id, msg id) → how it was shown. Keyed by msg id, not by the `sent` event,
+    /// because the lab may read a receiver's `message` before the sender's `sent`.
+    receipts: HashMap<(String, String), Receipt>,
+    baselines: HashMap<(String, String), u64>,
+    last_shown: HashMap<(String, String), u64>,
+    gapped_upto: HashMap<(String, String), u64>,
+    link_up: HashMap<(String, String), Instant>,
+    violations: Vec<Violation>,
+    duplicated: usize,
+    out_of_order: usize,
+    pub timeline: Vec<Mark>,
+}
+
+const STDERR_KEPT: usize = 10_000;
+
+impl World {
+    pub fn new(started: Instant) -> World {
+        World {
+            started,
+            peers: BTreeMap::new(),
+            names: HashMap::new(),
+            said: Vec::new(),
+            by_msg_id: HashMap::new(),
+            receipts: HashMap::new(),
+            baselines: HashMap::new(),
+            last_shown: HashMap::new(),
+            gapped_upto: HashMap::new(),
+            link_up: HashMap::new(),
+            violations: Vec::new(),
+            duplicated: 0,
+            out_of_order: 0,
+            timeline: Vec::new(),
+        }
+    }
+
+    /// A new process was started under `name`.
+    pub fn started(&mut self, name: &str, instance: u32) {
+        let p = self.peers.entry(name.to_owned()).or_default();
+        p.instance = instance;
+        p.id = None;
+        p.listening = false;
+        p.sent = 0;
+        p.hook.clear();
+        p.running = true;
+        p.neighbours.clear();
+        p.holds.clear();
+        p.exit = None;
+        p.stderr.clear();
+    }
+
+    pub fn mark(&mut self, peer: &str, kind: &str, detail: String) {
+        let at_ms = self.started.elapsed().as_millis() as u64;
+        self.timeline.push(Mark { at_ms, peer: peer.to_owned(), kind: kind.to_owned(), detail });
+    }
+
+    /// Records an observation. Returns false when it came from a process already replaced.
+    pub fn observe(&mut self, o: Observed) -> bool {
+        let Some(p) = self.peers.get_mut(&o.peer) else { return false };
+        if p.instance != o.instance {
+            return false;
+        }
+        match o.what {
+            Observation::Event(e) => self.on_event(&o.peer, o.at, e),
+            Observation::Breach(line) => {
+                self.violations.push(Violation { peer: o.peer, what: format!("event contract broken: {line}") })
+            }
+            Observation::Stderr(line) => {
+                if p.stderr.len() == STDERR_KEPT {
+                    p.stderr.pop_front();
+                }
+                p.stderr.push_back(line);
+            }
+            Observation::Exited(status) => {
+                p.running = false;
+                p.neighbours.clear();
+                p.exit = Some(status.clone());
+                self.mark(&o.peer, "exit", status);
+            }
+        }
+        true
+    }
+
+    fn on_event(&mut self, name: &str, at: Instant, e: PeerEvent) {
+        let p = self.peers.get_mut(name).expect("checked by observe");
+        match e {
+            PeerEvent::Listening { id, addr, .. } => {
+                self.names.insert(id.clone(), name.to_owned());
+                p.id = Some(id);
+                p.listen = Some(addr);
+                p.listening = true;
+            }
+            PeerEvent::PeerUp { peer, seq } => {
+                let me = p.id.clone().unwrap_or_default();
+                p.neighbours.insert(peer.id.clone());
+                self.names.insert(peer.id.clone(), peer.name.clone());
+                self.baselines.entry((me.clone(), peer.id.clone())).or_insert(seq);
+                self.link_up.insert((me, peer.id), at);
+                self.mark(name, "up", peer.name);
+            }
+            PeerEvent::PeerDown { peer, reason } => {
+                p.neighbours.remove(&peer.id);
+                self.mark(name, "down", format!("{} ({reason})", peer.name));
+            }
+            PeerEvent::Sent { msg_id, seq, text } => {
+                let origin = p.id.clone().unwrap_or_default();
+                p.sent += 1;
+                p.holds.insert(msg_id.clone());
+                self.by_msg_id.insert(msg_id.clone(), self.said.len());
+                self.said.push(Said { msg_id, origin, origin_name: name.to_owned(), seq, text, at });
+            }
+            PeerEvent::Message { msg_id, seq, from, via, caught_up, .. } => {
+                self.on_message(name, at, &msg_id, seq, &from.id, &via, caught_up)
+            }
+            PeerEvent::Gap { from, upto, .. } => {
+                let me = p.id.clone().unwrap_or_default();
+                self.gapped_upto.insert((me, from.id), upto);
+                self.mark(name, "gap", from.name);
+            }
+            PeerEvent::Error { message } => self.mark(name, "error", message),
+            PeerEvent::Hook { cuts } => p.hook = cuts,
+            PeerEvent::Peers { peers } => {
+                p.listed = peers.into_iter().map(|r| r.name).collect();
+                p.answers += 1;
+            }
+            PeerEvent::Other => {}
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_message(&mut self, name: &str, at: Instant, msg_id: &str, seq: u64, from: &str, via: &str, caught_up: bool) {
+        let p = self.peers.get_mut(name).expect("checked by observe");
+        let me = p.id.clone().unwrap_or_default();
+        if from == me {
+            self.violations.push(Violation { peer: name.into(), what: format!("showed its own line {msg_id}") });
+            return;
+        }
+        let order_key = (me.clone(), from.to_owned());
+        let last = self.last_shown.get(&order_key).copied().unwrap_or(0);
+        if seq <= last {
+            let what = if self.receipts.contains_key(&(me.clone(), msg_id.to_owned())) {
+                self.duplicated += 1;
+                format!("showed {msg_id} twice")
+            } else {
+                self.out_of_order += 1;
+                format!("showed {msg_id} (seq {seq}) after seq {last} of the same sender")
+            };
+            self.violations.push(Violation { peer: name.into(), what });
+        }
+        self.last_shown.insert(order_key, seq.max(last));
+        p.holds.insert(msg_id.to_owned());
+        let link_up_at = self.link_up.get(&(me.clone(), via.to_owned())).copied();
+        self.receipts.entry((me, msg_id.to_owned())).and_modify(|r| r.count += 1).or_insert(Receipt {
+            count: 1,
+            first_at: at,
+            caught_up,
+            link_up_at,
+        });
+    }
+
+    pub fn peer(&self, name: &str) -> Option<&PeerState> {
+        self.peers.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.peers.keys()
+    }
+
+    pub fn running(&self) -> Vec<String> {
+        self.peers.iter().filter(|(_, p)| p.running).map(|(n, _)| n.clone()).collect()
+    }
+
+    /// The name behind an id, if the lab has seen it.
+    pub fn name_of(&self, id: &str) -> String {
+        self.names.get(id).cloned().unwrap_or_else(|| format!("{}…", &id[..id.len().min(8)]))
+    }
+
+    pub fn violations(&self) -> &[Violation] {
+        &self.violations
+    }
+
+    pub fn said(&self) -> &[Said] {
+        &self.said
+    }
+
+    /// How the mesh differs from what the cuts allow among `members` (empty: converged).
+    /// With `exact`, a member connected to anyone outside the expected set also counts.
+    pub fn mesh_problems(&self, members: &[String], cuts: &Cuts, exact: bool) -> Vec<String> {
+        let mut problems = Vec::new();
+        for a in members {
+            let Some(pa) = self.peers.get(a) else {
+                problems.push(format!("{a} was never started"));
+                continue;
+            };
+            if !pa.running || pa.id.is_none() {
+                problems.push(format!("{a} is not running"));
+                continue;
+            }
+            let mut expected = BTreeSet::new();
+            for b in members.iter().filter(|b| *b != a) {
+                let Some(b_id) = self.peers.get(b).filter(|p| p.running).and_then(|p| p.id.as_ref()) else { continue };
+                let linked = pa.neighbours.contains(b_id);
+                if cuts.severed(a, b) {
+                    if linked {
+                        problems.push(format!("{a} is still connected to {b} across a cut"));
+                    }
+                } else {
+                    expected.insert(b_id.clone());
+                    if !linked {
+                        problems.push(format!("{a} is not connected to {b}"));
+                    }
+                }
+            }
+            if exact {
+                for extra in pa.neighbours.difference(&expected) {
+                    let other = self.name_of(extra);
+                    if !cuts.severed(a, &other) {
+                        problems.push(format!(
+                            "{a} lists {other} ({}) which is not a live member",
+                            &extra[..8.min(extra.len())]
+                        ));
+                    }
+                }
+            }
+        }
+        problems
+    }
+
+    /// Checks every line said so far against every running receiver.
+    pub fn delivery(&self, cuts: &Cuts) -> Delivery {
+        let running: Vec<(&String, &PeerState)> =
+            self.peers.iter().filter(|(_, p)| p.running && p.id.is_some()).collect();
+        let names: Vec<&str> = running.iter().map(|(n, _)| n.as_str()).collect();
+        let component = components(&names, cuts);
+        let mut d = Delivery {
+            said: self.said.len(),
+            duplicated: self.duplicated,
+            out_of_order: self.out_of_order,
+            ..Delivery::default()
+        };
+        for line in &self.said {
+            let msg_id = &line.msg_id;
+            // Holders: processes that showed the line, and its sender if still running under
+            // the same identity (a peer with a state directory keeps its own lines).
+            let reachable: HashSet<usize> = running
+                .iter()
+                .filter(|(_, p)| p.holds.contains(msg_id) || p.id.as_ref() == Some(&line.origin))
+                .map(|(n, _)| component[n.as_str()])
+                .collect();
+            for (name, p) in &running {
+                let me = p.id.as_ref().expect("filtered");
+                if *me == line.origin || !reachable.contains(&component[name.as_str()]) {
+                    continue;
+                }
+                match self.baselines.get(&(me.clone(), line.origin.clone())) {
+                    Some(&base) if line.seq > base => {}
+                    _ => continue,
+                }
+                d.owed += 1;
+                if self.receipts.contains_key(&(me.clone(), msg_id.clone())) {
+                    d.shown += 1;
+                } else if self.gapped_upto.get(&(me.clone(), line.origin.clone())).is_some_and(|&u| line.seq <= u) {
+                    d.gapped += 1;
+                } else {
+                    d.lost
+                        .push(format!("{name} has not shown {}'s line {} {:?}", line.origin_name, line.seq, line.text));
+                }
+            }
+        }
+        d
+    }
+
+    /// Latencies of first showings, split into direct and caught-up lines.
+    pub fn latencies(&self) -> (Vec<Duration>, Vec<Duration>) {
+        let mut direct = Vec::new();
+        let mut catch_up = Vec::new();
+        for ((_, msg_id), r) in &self.receipts {
+            let Some(&index) = self.by_msg_id.get(msg_id) else { continue };
+            let said = self.said[index].at;
+            if r.caught_up {
+                let from = r.link_up_at.map_or(said, |t| t.max(said));
+                catch_up.push(r.first_at.saturating_duration_since(from));
+            } else {
+                direct.push(r.first_at.saturating_duration_since(said));
+            }
+        }
+        direct.sort();
+        catch_up.sort();
+        (direct, catch_up)
+    }
+}
+
+/// Groups of peers that can reach each other over the links the cuts leave.
+fn components<'a>(names: &[&'a str], cuts: &Cuts) -> HashMap<&'a str, usize> {
+    let mut component: HashMap<&str, usize> = HashMap::new();
+    for (c, start) in names.iter().enumerate() {
+        if component.contains_key(start) {
+            continue;
+        }
+        let mut queue = VecDeque::from([*start]);
+        component.insert(start, c);
+        while let Some(x) = queue.pop_front() {
+            for y in names {
+                if !component.contains_key(y) && !cuts.severed(x, y) {
+                    component.insert(y, c);
+                    queue.push_back(y);
+                }
+            }
+        }
+    }
+    component
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::PeerRef;
+
+    fn ev(w: &mut World, peer: &str, e: PeerEvent) {
+        let instance = w.peers.get(peer).map_or(0, |p| p.instance);
+        w.observe(Observed { peer: peer.into(), instance, at: Instant::now(), what: Observation::Event(e) });
+    }
+
+    fn r(name: &str) -> PeerRef {
+        PeerRef { id: format!("id-{name}"), name: name.into(), addr: "x:1".into() }
+    }
+
+    fn world(names: &[&str]) -> World {
+        let mut w = World::new(Instant::now());
+        for n in names {
+            w.started(n, 1);
+            ev(&mut w, n, PeerEvent::Listening { id: format!("id-{n}"), name: n.to_string(), addr: "x:1".into() });
+        }
+        w
+    }
+
+    fn link(w: &mut World, a: &str, b: &str) {
+        ev(w, a, PeerEvent::PeerUp { peer: r(b), seq: 0 });
+        ev(w, b, PeerEvent::PeerUp { peer: r(a), seq: 0 });
+    }
+
+    fn say(w: &mut World, who: &str, seq: u64) {
+        let msg_id = format!("id-{who}-{seq}");
+        ev(w, who, PeerEvent::Sent { msg_id, seq, text: "t".into() });
+    }
+
+    fn show(w: &mut World, who: &str, from: &str, seq: u64) {
+        let msg_id = format!("id-{from}-{seq}");
+        let via = format!("id-{from}");
+        ev(w, who, PeerEvent::Message { msg_id, seq, from: r(from), via, text: "t".into(), caught_up: false });
+    }
+
+    #[test]
+    fn mesh_respects_cuts() {
+        let mut w = world(&["a", "b", "c"]);
+        let all: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        link(&mut w, "a", "b");
+        link(&mut w, "b", "c");
+        assert_eq!(w.mesh_problems(&all, &Cuts::default(), true).len(), 2, "a-c missing on both sides");
+        let mut cuts = Cuts::default();
+        cuts.cut_both("a", "c");
+        assert!(w.mesh_problems(&all, &cuts, true).is_empty());
+        link(&mut w, "a", "c");
+        assert!(!w.mesh_problems(&all, &cuts, true).is_empty(), "a connection across a cut is a problem");
+    }
+
+    #[test]
+    fn delivery_tracks_owed_lost_and_duplicates() {
+        let mut w = world(&["a", "b", "c"]);
+        link(&mut w, "a", "b");
+        link(&mut w, "a", "c");
+        say(&mut w, "a", 1);
+        show(&mut w, "b", "a", 1);
+        let d = w.delivery(&Cuts::default());
+        assert_eq!((d.owed, d.shown, d.lost.len()), (2, 1, 1));
+        show(&mut w, "c", "a", 1);
+        assert!(w.delivery(&Cuts::default()).complete());
+        show(&mut w, "c", "a", 1);
+        assert_eq!(w.delivery(&Cuts::default()).duplicated, 1);
+        assert_eq!(w.violations().len(), 1);
+    }
+
+    #[test]
+    fn lines_are_not_owed_across_an_unhealed_cut_or_before_meeting() {
+        let mut w = world(&["a", "b", "c"]);
+        link(&mut w, "a", "b");
+        say(&mut w, "a", 1); // c never met a: not owed to c
+        let mut cuts = Cuts::default();
+        cuts.cut_both("a", "b");
+        assert_eq!(w.delivery(&cuts).owed, 1, "b still reaches a through c");
+        cuts.cut_both("b", "c");
+        let d = w.delivery(&cuts);
+        assert_eq!(d.owed, 0, "b cannot reach any holder");
+        cuts.heal_all();
+        assert_eq!(w.delivery(&cuts).owed, 1);
+    }
+
+    #[test]
+    fn out_of_order_is_a_violation() {
+        let mut w = world(&["a", "b"]);
+        link(&mut w, "a", "b");
+        say(&mut w, "a", 1);
+        say(&mut w, "a", 2);
+        show(&mut w, "b", "a", 2);
+        show(&mut w, "b", "a", 1);
+        assert_eq!(w.delivery(&Cuts::default()).out_of_order, 1);
+    }
+}
