@@ -42,17 +42,24 @@ pub const LAB_TIMING: &[(&str, &str)] = &[
     ("--handshake-timeout", "2s"),
 ];
 
-/// The lab's timing flags merged under the scenario's own.
-pub fn with_lab_timing(flags: &[String]) -> Vec<String> {
+/// `defaults` (flag, value) pairs merged under `flags`: a default is dropped when `flags`
+/// sets the same option (clap refuses an option given twice).
+pub fn merge_flags(defaults: &[(&str, String)], flags: &[String]) -> Vec<String> {
     let mut out = Vec::new();
-    for (flag, value) in LAB_TIMING {
+    for (flag, value) in defaults {
         if !flags.iter().any(|f| f == flag || f.starts_with(&format!("{flag}="))) {
             out.push(flag.to_string());
-            out.push(value.to_string());
+            out.push(value.clone());
         }
     }
     out.extend(flags.iter().cloned());
     out
+}
+
+/// The lab's timing flags merged under the scenario's own.
+pub fn with_lab_timing(flags: &[String]) -> Vec<String> {
+    let defaults: Vec<(&str, String)> = LAB_TIMING.iter().map(|(f, v)| (*f, v.to_string())).collect();
+    merge_flags(&defaults, flags)
 }
 
 #[allow(async_fn_in_trait)]

@@ -17,7 +17,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
-use super::{Backend, PeerSpec, Stop, with_lab_timing};
+use super::{Backend, PeerSpec, Stop, merge_flags, with_lab_timing};
 use crate::event::PeerEvent;
 use crate::world::{Observation, Observed};
 
@@ -43,11 +43,12 @@ impl ProcessBackend {
 
     fn command(&self, spec: &PeerSpec, port: u16) -> Command {
         let mut cmd = Command::new(&self.peer_bin);
-        cmd.args(["--json", "--lab", "--bind", "127.0.0.1", "--port", &port.to_string(), "--name", &spec.name]);
+        cmd.args(["--json", "--lab", "--name", &spec.name]);
         for (other, inbound, outbound) in &spec.cuts {
             cmd.arg("--lab-cut").arg(hook_spec(other, *inbound, *outbound));
         }
-        cmd.args(with_lab_timing(&spec.flags));
+        let place = [("--bind", "127.0.0.1".to_string()), ("--port", port.to_string())];
+        cmd.args(merge_flags(&place, &with_lab_timing(&spec.flags)));
         cmd.args(&spec.bootstrap);
         cmd.env_remove("PORT").env_remove("PEER_NAME");
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);

@@ -1,0 +1,224 @@
+//! The peer's command line and `--json` event stream, as a user or a program sees them.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdout, Command, Stdio};
+
+use assert_cmd::prelude::*;
+use predicates::prelude::*;
+use serde_json::Value;
+
+fn peer() -> Command {
+    let mut cmd = Command::cargo_bin("peer").unwrap();
+    cmd.env_remove("PORT").env_remove("PEER_NAME").env_remove("RUST_LOG");
+    cmd
+}
+
+/// A peer on a free loopback port with its stdout as a stream of JSON events.
+struct Running {
+    child: Child,
+    events: BufReader<ChildStdout>,
+}
+
+impl Running {
+    fn start(args: &[&str], stdin: Stdio) -> Running {
+        let mut child = peer()
+            .args(["--json", "--bind", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let events = BufReader::new(child.stdout.take().unwrap());
+        Running { child, events }
+    }
+
+    /// The next event, parsed; the stream's end fails the test.
+    fn next(&mut self) -> Value {
+        let mut line = String::new();
+        assert!(self.events.read_line(&mut line).unwrap() > 0, "the peer's stdout ended");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    }
+
+    fn next_of(&mut self, kind: &str) -> Value {
+        loop {
+            let e = self.next();
+            if e["event"] == kind {
+                return e;
+            }
+        }
+    }
+
+    fn say(&mut self, line: &str) {
+        writeln!(self.child.stdin.as_mut().unwrap(), "{line}").unwrap();
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child, which has not been reaped yet.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn help_lists_the_options_and_commands() {
+    peer()
+        .arg("--help")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("[BOOTSTRAP]..."))
+        .stdout(predicate::str::contains("--port").and(predicate::str::contains("[env: PORT=]")))
+        .stdout(predicate::str::contains("--advertise"))
+        .stdout(predicate::str::contains("--json"))
+        .stdout(predicate::str::contains("/peers"));
+}
+
+#[test]
+fn bad_arguments_exit_2_with_a_clear_message() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--port", "abc"], "invalid value 'abc' for '--port"),
+        (&["no-port-here"], "expected host:port"),
+        (&["host:0"], "bad port"),
+        (&["--heartbeat", "2s", "--timeout", "1s"], "--timeout (1s) must be longer than --heartbeat (2s)"),
+        (&["--lab-cut", "x"], "--lab"),
+        (&["--frobnicate"], "unexpected argument"),
+    ];
+    for (args, message) in cases {
+        peer().args(*args).assert().code(2).stderr(predicate::str::contains(*message));
+    }
+}
+
+#[test]
+fn a_port_in_use_is_one_clear_line_and_a_failure() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = peer().args(["--bind", "127.0.0.1", "--port", &port.to_string()]).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with(&format!("error: cannot listen on 127.0.0.1:{port}: ")), "{stderr}");
+}
+
+#[test]
+fn the_port_comes_from_the_environment_like_the_prototype() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = peer()
+        .args(["--json", "--bind", "127.0.0.1"])
+        .env("PORT", free.to_string())
+        .env("PEER_NAME", "from-env")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let e: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(e["addr"], format!("127.0.0.1:{free}"));
+    assert_eq!(e["name"], "from-env");
+}
+
+#[test]
+fn json_events_follow_the_contract() {
+    let mut a = Running::start(&["--name", "a"], Stdio::piped());
+    let listening = a.next();
+    assert_eq!(listening["event"], "listening");
+    let id = listening["id"].as_str().unwrap();
+    assert_eq!(id.len(), 32);
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+    let addr = listening["addr"].as_str().unwrap();
+    assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"), "the real port: {addr}");
+
+    let mut b = Running::start(&["--name", "b", addr], Stdio::piped());
+    let b_id = b.next()["id"].as_str().unwrap().to_owned();
+    let up = a.next_of("peer_up");
+    assert_eq!(up["peer"]["id"], b_id.as_str());
+    assert_eq!(up["peer"]["name"], "b");
+    assert!(up["peer"]["addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+    b.next_of("peer_up");
+
+    b.say("hello there");
+    let sent = b.next_of("sent");
+    assert_eq!(sent["seq"], 1);
+    assert_eq!(sent["text"], "hello there");
+    let msg = a.next_of("message");
+    assert_eq!(msg["msg_id"], sent["msg_id"]);
+    assert_eq!(msg["seq"], 1);
+    assert_eq!(msg["text"], "hello there");
+    assert_eq!(msg["from"]["id"], b_id.as_str());
+    assert_eq!(msg["from"]["name"], "b");
+    assert_eq!(msg["via"], b_id.as_str());
+    assert!(msg["sent_at_ms"].as_u64().unwrap() > 1_600_000_000_000);
+
+    a.say("/peers");
+    let peers = a.next_of("peers");
+    assert_eq!(peers["peers"][0]["name"], "b");
+    a.say("/frobnicate");
+    assert!(a.next_of("error")["message"].as_str().unwrap().contains("unknown command /frobnicate"));
+
+    b.say("/quit");
+    let down = a.next_of("peer_down");
+    assert_eq!(down["reason"], "goodbye");
+    assert!(b.child.wait().unwrap().success());
+    assert!(a.terminate().success());
+}
+
+#[test]
+fn the_chat_view_shows_name_at_addr_and_notices_only() {
+    let mut a = Running::start(&["--name", "a"], Stdio::piped());
+    let addr = a.next()["addr"].as_str().unwrap().to_owned();
+    let mut b = peer()
+        .args(["--bind", "127.0.0.1", "--port", "0", "--name", "b", &addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut view = BufReader::new(b.stdout.take().unwrap());
+    let mut line = String::new();
+    view.read_line(&mut line).unwrap();
+    assert!(line.starts_with("* a@127.0.0.1:") && line.ends_with(" joined\n"), "{line:?}");
+    a.next_of("peer_up");
+    a.say("hi \x1b[31mthere");
+    line.clear();
+    view.read_line(&mut line).unwrap();
+    assert_eq!(line, format!("[a@{}] hi \u{fffd}[31mthere\n", addr));
+    a.say("/quit");
+    line.clear();
+    view.read_line(&mut line).unwrap();
+    assert!(line.starts_with("* a@") && line.ends_with(" left\n"), "{line:?}");
+    let _ = b.kill();
+    let _ = b.wait();
+}
+
+#[test]
+fn end_of_stdin_does_not_stop_the_peer() {
+    let mut a = Running::start(&["--name", "a"], Stdio::null());
+    let addr = a.next()["addr"].as_str().unwrap().to_owned();
+    // Still serving after its stdin ended: a newcomer meets it.
+    let mut b = Running::start(&["--name", "b", &addr], Stdio::piped());
+    b.next();
+    assert_eq!(a.next_of("peer_up")["peer"]["name"], "b");
+    assert!(a.terminate().success(), "SIGTERM is a graceful exit");
+    assert_eq!(b.next_of("peer_down")["reason"], "goodbye");
+}
+
+#[test]
+fn overlong_and_non_utf8_lines_are_rejected_and_the_peer_carries_on() {
+    let mut a = Running::start(&["--name", "a"], Stdio::piped());
+    a.next();
+    let stdin = a.child.stdin.as_mut().unwrap();
+    stdin.write_all(&vec![b'x'; 20_000]).unwrap();
+    stdin.write_all(b"\n\xff\xfe\nfine\n").unwrap();
+    assert!(a.next_of("error")["message"].as_str().unwrap().contains("longer than 8192 bytes"));
+    assert!(a.next_of("error")["message"].as_str().unwrap().contains("UTF-8"));
+    assert_eq!(a.next_of("sent")["text"], "fine");
+}

@@ -1,0 +1,220 @@
+//! Bad input from the network: each case closes the offending connection with a log line, and
+//! the peer and its mesh carry on (a neighbour keeps chatting with it afterwards).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use meshlab::frame::{self, Hello, Message, Security};
+use meshlab::id::PeerId;
+use meshlab_lab::Lab;
+use meshlab_lab::backend::process::ProcessBackend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+const WITHIN: Duration = Duration::from_secs(10);
+
+/// A mesh of `a` and `b`, `a` started with `flags`; returns the lab and a's address.
+async fn pair(flags: &[&str]) -> (Lab<ProcessBackend>, String) {
+    let mut lab = Lab::new(ProcessBackend::new(env!("CARGO_BIN_EXE_peer")));
+    let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+    lab.start(&["a"], &[], &flags).await.unwrap();
+    lab.start(&["b"], &["a"], &[]).await.unwrap();
+    lab.await_mesh(None, WITHIN).await.unwrap();
+    let addr = lab.world().peer("a").unwrap().listen.clone().unwrap();
+    (lab, addr)
+}
+
+/// The peer under attack is still alive and still chats with its neighbour, both ways.
+async fn still_fine(lab: &mut Lab<ProcessBackend>) {
+    lab.say("a", "still here").await.unwrap();
+    lab.say("b", "me too").await.unwrap();
+    lab.await_delivery(WITHIN).await.unwrap();
+    lab.await_mesh(None, WITHIN).await.unwrap();
+    lab.shutdown().await;
+}
+
+/// Reads until the peer closes the connection; fails if it stays open.
+async fn closed_by_peer(mut s: TcpStream) {
+    let mut buf = [0u8; 4096];
+    let read_all = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(WITHIN, read_all).await.expect("the peer left the connection open");
+}
+
+fn hello(min: u32, max: u32) -> Message {
+    Message::Hello(Hello {
+        min_version: min,
+        max_version: max,
+        id: PeerId::random(),
+        incarnation: 1,
+        nonce: 1,
+        name: "mallory".into(),
+        port: 9,
+        advertise: None,
+        seq: 0,
+        peers: vec![],
+    })
+}
+
+/// Connects and completes the open handshake as a well-behaved peer would.
+async fn handshaken(addr: &str, ours: Message) -> Framed<TcpStream, LengthDelimitedCodec> {
+    let mut f = Framed::new(TcpStream::connect(addr).await.unwrap(), frame::codec());
+    f.send(frame::encode_preamble(Security::Open)).await.unwrap();
+    f.next().await.unwrap().unwrap(); // their preamble
+    f.send(ours.encode()).await.unwrap();
+    f
+}
+
+async fn raw_bytes(addr: &str, bytes: &[u8], then_close: bool) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    if then_close {
+        s.shutdown().await.unwrap();
+    }
+    closed_by_peer(s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_bytes() {
+    let (mut lab, addr) = pair(&[]).await;
+    raw_bytes(&addr, b"\x00\x00\x00\x05abcde", false).await;
+    lab.await_log("a", "not a meshlab preamble", WITHIN).await.unwrap();
+    raw_bytes(&addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", false).await;
+    lab.await_log("a", "frame size too big", WITHIN).await.unwrap();
+    still_fine(&mut lab).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_frame() {
+    let (mut lab, addr) = pair(&[]).await;
+    let mut bytes = vec![0, 0, 0, 100];
+    bytes.extend_from_slice(&[b'{'; 10]);
+    raw_bytes(&addr, &bytes, true).await;
+    lab.await_log("a", "closing connection from", WITHIN).await.unwrap();
+    still_fine(&mut lab).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_length() {
+    let (mut lab, addr) = pair(&[]).await;
+    raw_bytes(&addr, &[0xff, 0xff, 0xff, 0xff, 1, 2, 3], false).await;
+    lab.await_log("a", "frame size too big", WITHIN).await.unwrap();
+    still_fine(&mut lab).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_json_after_the_handshake() {
+    let (mut lab, addr) = pair(&[]).await;
+    let mut f = handshaken(&addr, hello(1, 1)).await;
+    f.send(Bytes::from_static(b"{\"type\":\"chat\", oops")).await.unwrap();
+    closed_by_peer(f.into_inner()).await;
+    lab.await_log("a", "not a valid message", WITHIN).await.unwrap();
+    still_fine(&mut lab).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_message_type() {
+    let (mut lab, addr) = pair(&[]).await;
+    let mut f = handshaken(&addr, hello(1, 1)).await;
+    f.send(Bytes::from_static(b"{\"type\":\"launch_missiles\"}")).await.unwrap();
+    closed_by_peer(f.into_inner()).await;
+    lab.await_log("a", "unknown variant `launch_missiles`", WITHIN).await.unwrap();
+    still_fine(&mut lab).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_protocol_version_is_refused_with_a_reason() {
+    let (mut lab, addr) = pair(&[]).await;
+    let mut f = handshaken(&addr, hello(7, 9)).await;
+    let mut refusal = None;
+    while let Some(Ok(payload)) = f.next().await {
+        if let Ok(Message::Refuse { reason }) = Message::decode(&payload) {
+            refusal = Some(reason);
+        }
+    }
+    let reason = refusal.expect("a refuse frame before the close");
+    assert!(reason.contains("no common protocol version: this peer speaks 1..=1, the other side 7..=9"), "{reason}");
+    lab.await_log("a", "no common protocol version", WITHIN).await.unwrap();
+    still_fine(&mut lab).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_says_hello_is_timed_out() {
+    let (mut lab, addr) = pair(&["--handshake-timeout", "300ms"]).await;
+    let silent = TcpStream::connect(&addr).await.unwrap();
+    closed_by_peer(silent).await;
+    lab.await_log("a", "no handshake within 300ms", WITHIN).await.unwrap();
+    still_fine(&mut lab).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_connections_hits_the_cap_not_the_mesh() {
+    let (mut lab, addr) = pair(&["--max-conns", "16", "--handshake-timeout", "1s"]).await;
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        if let Ok(s) = TcpStream::connect(&addr).await {
+            flood.push(s);
+        }
+    }
+    lab.await_log("a", "connections open (--max-conns)", WITHIN).await.unwrap();
+    // The existing neighbour is unaffected while the flood lasts...
+    lab.say("b", "during the flood").await.unwrap();
+    lab.await_delivery(WITHIN).await.unwrap();
+    // ...and once it ends, newcomers get in again.
+    drop(flood);
+    lab.start(&["c"], &["a"], &[]).await.unwrap();
+    lab.await_mesh(None, WITHIN).await.unwrap();
+    still_fine(&mut lab).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_given_its_own_address_ignores_it() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let own = format!("127.0.0.1:{port}");
+    let (mut lab, _) = pair(&["--port", &port.to_string(), &own]).await;
+    lab.await_log("a", &format!("ignoring {own}: it is this peer's own address"), WITHIN).await.unwrap();
+    assert_eq!(lab.peers_of("a").await.unwrap(), vec!["b".to_string()], "a does not list itself");
+    still_fine(&mut lab).await;
+}
+
+#[test]
+fn a_bootstrap_name_that_does_not_resolve_warns_once_and_keeps_retrying() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_peer"))
+        .args(["--bind", "127.0.0.1", "--port", "0", "--redial-max", "200ms", "nosuchhost.invalid:4000"])
+        .env("RUST_LOG", "warn,meshlab::mesh=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut warnings = 0;
+    let mut retries = 0;
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.contains("cannot resolve nosuchhost.invalid:4000") {
+            warnings += 1;
+        }
+        if line.contains("dial to nosuchhost.invalid:4000 failed") {
+            retries += 1;
+        }
+        if retries >= 3 {
+            break;
+        }
+    }
+    let still_running = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(warnings, 1, "one clear warning, not one per retry");
+    assert_eq!(retries, 3, "it keeps retrying");
+    assert!(still_running);
+}
