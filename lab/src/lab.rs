@@ -78,6 +78,11 @@ impl<B: Backend> Lab<B> {
         &self.world
     }
 
+    /// When the lab read the latest observation that counted.
+    pub fn last_event_at(&self) -> Instant {
+        self.last_event_at
+    }
+
     pub fn backend(&self) -> &B {
         &self.backend
     }

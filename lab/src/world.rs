@@ -101,6 +101,8 @@ pub struct PeerState {
     pub listen: Option<String>,
     /// The current process has printed its listening event.
     pub listening: bool,
+    /// When the lab read that event.
+    pub listening_at: Option<Instant>,
     pub running: bool,
     /// Lines the current process accepted from stdin (`sent` events).
     pub sent: u64,
@@ -219,6 +221,7 @@ impl World {
         p.instance = instance;
         p.id = None;
         p.listening = false;
+        p.listening_at = None;
         p.sent = 0;
         p.hook.clear();
         p.running = true;
@@ -268,6 +271,7 @@ impl World {
                 p.id = Some(id);
                 p.listen = Some(addr);
                 p.listening = true;
+                p.listening_at = Some(at);
             }
             PeerEvent::PeerUp { peer, seq } => {
                 let me = p.id.clone().unwrap_or_default();
@@ -447,6 +451,22 @@ impl World {
             }
         }
         d
+    }
+
+    /// For each line shown by someone, the time until the last of its receivers showed it.
+    pub fn completion_times(&self) -> Vec<Duration> {
+        let mut last: HashMap<&str, Instant> = HashMap::new();
+        for ((_, msg_id), r) in &self.receipts {
+            let t = last.entry(msg_id).or_insert(r.first_at);
+            *t = (*t).max(r.first_at);
+        }
+        let mut out: Vec<Duration> = self
+            .said
+            .iter()
+            .filter_map(|s| last.get(s.msg_id.as_str()).map(|t| t.saturating_duration_since(s.at)))
+            .collect();
+        out.sort();
+        out
     }
 
     /// Latencies of first showings, split into direct and caught-up lines.

@@ -1,0 +1,148 @@
+//! Figures for the peer's targets, measured on loopback through the lab (release build):
+//! `cargo bench --bench peer`. Times are medians over several runs, read from the peers'
+//! `--json` events as the lab receives them (the driver's own share is included, as in
+//! ../shared/ANCHORS.md). Nothing here asserts a time: it prints the figures.
+
+use std::time::{Duration, Instant};
+
+use meshlab_lab::Lab;
+use meshlab_lab::backend::process::ProcessBackend;
+
+const WITHIN: Duration = Duration::from_secs(30);
+/// The peer's own defaults, so that the lab's faster test timings do not flatter the figures.
+const DEFAULTS: &[&str] = &[
+    "--heartbeat",
+    "1s",
+    "--timeout",
+    "3s",
+    "--redial-max",
+    "5s",
+    "--sync-interval",
+    "500ms",
+    "--handshake-timeout",
+    "5s",
+];
+
+fn new_lab() -> Lab<ProcessBackend> {
+    let mut lab = Lab::new(ProcessBackend::new(env!("CARGO_BIN_EXE_peer")));
+    lab.common_flags = DEFAULTS.iter().map(|s| s.to_string()).collect();
+    lab
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn pct(v: &[Duration], p: f64) -> Duration {
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn demo(lab: &mut Lab<ProcessBackend>) -> Duration {
+    lab.start(&["p1"], &[], &[]).await.unwrap();
+    lab.start(&["p2", "p3"], &["p1"], &[]).await.unwrap();
+    lab.start(&["p4"], &[], &[]).await.unwrap();
+    lab.start(&["p5"], &["p4"], &[]).await.unwrap();
+    let part = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    lab.await_mesh(Some(&part(&["p1", "p2", "p3"])), WITHIN).await.unwrap();
+    lab.await_mesh(Some(&part(&["p4", "p5"])), WITHIN).await.unwrap();
+    lab.start(&["p6"], &["p1", "p4"], &[]).await.unwrap();
+    lab.await_mesh(None, WITHIN).await.unwrap();
+    let listened = lab.world().peer("p6").unwrap().listening_at.unwrap();
+    lab.last_event_at().saturating_duration_since(listened)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let names = ["p1", "p2", "p3", "p4", "p5", "p6"];
+    println!("peer binary: {} bytes", std::fs::metadata(env!("CARGO_BIN_EXE_peer")).unwrap().len());
+
+    // Start to listening, and the six-peer demo's convergence after the last peer listens.
+    let (mut starts, mut meshes, mut kills, mut rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..10 {
+        let mut lab = new_lab();
+        let t0 = Instant::now();
+        lab.start(&["solo"], &[], &[]).await.unwrap();
+        starts.push(lab.world().peer("solo").unwrap().listening_at.unwrap() - t0);
+        lab.kill("solo").await.unwrap();
+        meshes.push(demo(&mut lab).await);
+        for n in names {
+            lab.say(n, &format!("hello from {n}")).await.unwrap();
+        }
+        lab.await_delivery(WITHIN).await.unwrap();
+        rss.extend(names.iter().map(|n| rss_kib(lab.backend().pid(n).unwrap())));
+        let t0 = Instant::now();
+        lab.kill("p3").await.unwrap();
+        lab.await_mesh(None, WITHIN).await.unwrap();
+        kills.push(lab.last_event_at().saturating_duration_since(t0));
+        lab.shutdown().await;
+    }
+    println!("start to listening (median of 10): {}", ms(median(starts)));
+    println!("six-peer demo, full mesh after the last peer listens (median of 10): {}", ms(median(meshes)));
+    println!("SIGKILLed peer reported down by all five others (median of 10): {}", ms(median(kills)));
+    rss.sort();
+    println!(
+        "resident memory per peer, six-peer mesh: median {} KiB, max {} KiB",
+        rss[rss.len() / 2],
+        rss[rss.len() - 1]
+    );
+
+    // 32 peers started together.
+    let mut big = Vec::new();
+    for _ in 0..5 {
+        let mut lab = new_lab();
+        let t0 = Instant::now();
+        lab.start(&["seed"], &[], &[]).await.unwrap();
+        let others: Vec<String> = (1..32).map(|i| format!("n{i:02}")).collect();
+        let refs: Vec<&str> = others.iter().map(String::as_str).collect();
+        lab.start(&refs, &["seed"], &[]).await.unwrap();
+        lab.await_mesh(None, WITHIN).await.unwrap();
+        big.push(lab.last_event_at().saturating_duration_since(t0));
+        lab.shutdown().await;
+    }
+    println!("32 peers started together, full mesh from the first spawn (median of 5): {}", ms(median(big)));
+
+    // One line at a time: latency until shown by each of the five others, and by all five.
+    let mut lab = new_lab();
+    demo(&mut lab).await;
+    for i in 0..300 {
+        lab.say("p1", &format!("ping {i}")).await.unwrap();
+        lab.await_delivery(WITHIN).await.unwrap();
+    }
+    let (each, _) = lab.world().latencies();
+    let all = lab.world().completion_times();
+    println!(
+        "one line at a time (300 lines): shown by each other peer p50 {} p99 {}; by all five p50 {} p99 {}",
+        ms(pct(&each, 0.5)),
+        ms(pct(&each, 0.99)),
+        ms(pct(&all, 0.5)),
+        ms(pct(&all, 0.99))
+    );
+    lab.shutdown().await;
+
+    // 10,000 short lines as fast as stdin takes them, to five others.
+    let mut bursts = Vec::new();
+    for _ in 0..3 {
+        let mut lab = new_lab();
+        demo(&mut lab).await;
+        let t0 = Instant::now();
+        for i in 0..10_000 {
+            lab.say("p1", &format!("burst line {i}")).await.unwrap();
+        }
+        let (_, d) = lab.await_delivery(Duration::from_secs(120)).await.unwrap();
+        assert_eq!((d.said, d.shown, d.duplicated), (10_000, 50_000, 0));
+        bursts.push(lab.last_event_at().saturating_duration_since(t0));
+        lab.shutdown().await;
+    }
+    println!("10,000 lines from one peer, all shown once by five others (median of 3): {}", ms(median(bursts)));
+}
