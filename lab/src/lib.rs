@@ -8,6 +8,9 @@
 pub mod backend;
 pub mod event;
 pub mod lab;
+pub mod report;
+pub mod runner;
+pub mod scenario;
 pub mod world;
 
 pub use lab::{Lab, LabError};

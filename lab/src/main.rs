@@ -1,1 +1,184 @@
-fn main() {}
+//! `lab`: run scenario files against real peers. Exit status: 0 when every check passes, 1 when
+//! one fails, 2 for a bad scenario file or command line, 130 when interrupted.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use meshlab_lab::backend::Backend;
+use meshlab_lab::backend::process::ProcessBackend;
+use meshlab_lab::runner::{self, RunOptions};
+use meshlab_lab::scenario::Scenario;
+use meshlab_lab::{Lab, report};
+
+/// The six-peer demo, built in so that `lab demo` works from anywhere.
+const DEMO: &str = include_str!("../scenarios/six-peer-demo.toml");
+
+#[derive(Parser)]
+#[command(name = "lab", version, about = "Scripted multi-peer experiments for meshlab peers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run scenario files, one after another.
+    Run {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+        /// Seed for every chaos step (replays its fault schedule).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Run the report's six-peer demo: the quickest way to see meshlab work.
+    Demo {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List the scenarios in a directory.
+    List {
+        #[arg(default_value_os_t = default_scenarios())]
+        dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// Where the peers run.
+    #[arg(long, value_enum, default_value_t = BackendKind::Process)]
+    backend: BackendKind,
+    /// Write report.json and report.html here.
+    #[arg(long, value_name = "DIR")]
+    report: Option<PathBuf>,
+    /// The peer binary [default: `peer` next to this program, else on PATH].
+    #[arg(long, env = "MESHLAB_PEER")]
+    peer_bin: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendKind {
+    /// Local processes on 127.0.0.1 (no privileges needed).
+    Process,
+}
+
+fn default_scenarios() -> PathBuf {
+    let here = PathBuf::from("lab/scenarios");
+    if here.is_dir() { here } else { PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scenarios") }
+}
+
+fn peer_bin(given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| {
+        let sibling = std::env::current_exe().ok().and_then(|e| Some(e.parent()?.join("peer")));
+        sibling.filter(|p| p.is_file()).unwrap_or_else(|| PathBuf::from("peer"))
+    })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::List { dir } => list(&dir),
+        Command::Demo { common } => {
+            let scenario =
+                Scenario::parse("six-peer-demo.toml", "six-peer-demo", DEMO).expect("the built-in demo parses");
+            run_all(vec![scenario], common, None).await
+        }
+        Command::Run { files, common, seed } => {
+            let mut scenarios = Vec::new();
+            for f in &files {
+                match Scenario::load(f) {
+                    Ok(s) => scenarios.push(s),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            run_all(scenarios, common, seed).await
+        }
+    }
+}
+
+async fn run_all(scenarios: Vec<Scenario>, common: Common, seed: Option<u64>) -> ExitCode {
+    let options = RunOptions { progress: true, seed };
+    let peer = peer_bin(common.peer_bin);
+    let several = scenarios.len() > 1;
+    let mut failed = 0;
+    for scenario in &scenarios {
+        let report_dir = common.report.as_ref().map(|d| if several { d.join(&scenario.name) } else { d.clone() });
+        let outcome = match common.backend {
+            BackendKind::Process => {
+                run_one(scenario, ProcessBackend::new(&peer), &options, report_dir.as_deref()).await
+            }
+        };
+        match outcome {
+            Ok(true) => {}
+            Ok(false) => failed += 1,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(if e.is::<Interrupted>() { 130 } else { 1 });
+            }
+        }
+        println!();
+    }
+    if several {
+        println!("{} of {} scenarios passed", scenarios.len() - failed, scenarios.len());
+    }
+    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted: every peer was removed")]
+struct Interrupted;
+
+/// Runs one scenario; Ctrl-C removes every peer before exiting.
+async fn run_one<B: Backend>(
+    scenario: &Scenario,
+    backend: B,
+    options: &RunOptions,
+    report_dir: Option<&Path>,
+) -> anyhow::Result<bool> {
+    let mut lab = Lab::new(backend);
+    let report = tokio::select! {
+        report = runner::run(scenario, &mut lab, options) => report,
+        _ = tokio::signal::ctrl_c() => {
+            lab.shutdown().await;
+            return Err(Interrupted.into());
+        }
+    };
+    if let Some(dir) = report_dir {
+        report::write(dir, &report)?;
+        println!("report: {}", dir.join("report.html").display());
+    }
+    Ok(report.passed)
+}
+
+fn list(dir: &Path) -> ExitCode {
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))
+    {
+        Ok(entries) => entries
+            .filter_map(|e| Some(e.ok()?.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect(),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    files.sort();
+    let mut bad = false;
+    for f in files {
+        match Scenario::load(&f) {
+            Ok(s) => println!("{:<22} {:>3} steps  {}", s.name, s.steps.len(), s.description),
+            Err(e) => {
+                println!("{e}");
+                bad = true;
+            }
+        }
+    }
+    if bad { ExitCode::from(2) } else { ExitCode::SUCCESS }
+}

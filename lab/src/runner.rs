@@ -1,0 +1,329 @@
+//! Runs a scenario on a lab: each step through the lab's verbs, a progress line per step, an
+//! overall timeout, and a [`Report`] of everything measured. Every peer is gone when it returns.
+
+use std::io::Write;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::backend::Backend;
+use crate::lab::{Lab, LabError};
+use crate::scenario::{Action, Scenario, Step};
+use crate::world::{Delivery, Mark};
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Print a progress line per step on stdout.
+    pub progress: bool,
+    /// Replaces the seed of every chaos step.
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    pub index: usize,
+    pub line: usize,
+    pub action: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    pub started_ms: f64,
+    pub elapsed_ms: f64,
+    pub ok: bool,
+    /// For awaits: the time until the condition held, from the step's start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub converged_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    pub step: usize,
+    pub line: usize,
+    pub action: String,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    pub count: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    pub fn of(sorted: &[Duration]) -> Percentiles {
+        let at = |p: f64| sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).map_or(0.0, |d| ms(*d));
+        Percentiles { count: sorted.len(), p50_ms: at(0.5), p99_ms: at(0.99), max_ms: at(1.0) }
+    }
+}
+
+/// The mesh as it stood at the end: who ran, who was connected, what was cut.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MeshSnapshot {
+    pub peers: Vec<(String, bool)>,
+    pub links: Vec<(String, String)>,
+    pub cuts: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub description: String,
+    pub backend: String,
+    pub time_scale: f64,
+    pub passed: bool,
+    pub started_unix_ms: u64,
+    pub wall_ms: f64,
+    pub steps: Vec<StepRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    pub delivery: Delivery,
+    pub latency_direct: Percentiles,
+    pub latency_catch_up: Percentiles,
+    pub timeline: Vec<Mark>,
+    pub mesh: MeshSnapshot,
+}
+
+pub fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// Runs every step of `scenario` on `lab`, stopping at the first failure, then removes every
+/// peer and returns the report.
+pub async fn run<B: Backend>(scenario: &Scenario, lab: &mut Lab<B>, options: &RunOptions) -> Report {
+    lab.common_flags = scenario.flags.clone();
+    let started = Instant::now();
+    let started_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    if options.progress {
+        let scale = lab.backend().time_scale();
+        let scaled = if scale == 1.0 { String::new() } else { format!(", deadlines x{scale}") };
+        println!("{} ({} backend{scaled})", scenario.name, lab.backend().name());
+        if !scenario.description.is_empty() {
+            println!("  {}", scenario.description);
+        }
+    }
+    let mut steps = Vec::new();
+    let mut failure = None;
+    let limit = lab.scaled(scenario.timeout);
+    let all = async {
+        for (i, step) in scenario.steps.iter().enumerate() {
+            let record = run_step(lab, i + 1, step, started, options, &mut failure).await;
+            if options.progress {
+                print_step(&record, scenario.steps.len());
+            }
+            let ok = record.ok;
+            steps.push(record);
+            if !ok {
+                break;
+            }
+        }
+    };
+    if tokio::time::timeout(limit, all).await.is_err() {
+        let index = steps.len() + 1;
+        let step = &scenario.steps[index - 1];
+        failure = Some(Failure {
+            step: index,
+            line: step.line,
+            action: step.action.describe(),
+            error: format!("the scenario did not finish within its timeout ({})", humantime::format_duration(limit)),
+        });
+    }
+    let report = finish(scenario, lab, started, started_unix_ms, steps, failure);
+    lab.shutdown().await;
+    if options.progress {
+        print_summary(&report);
+    }
+    report
+}
+
+async fn run_step<B: Backend>(
+    lab: &mut Lab<B>,
+    index: usize,
+    step: &Step,
+    run_started: Instant,
+    options: &RunOptions,
+    failure: &mut Option<Failure>,
+) -> StepRecord {
+    let t0 = Instant::now();
+    let outcome = execute(lab, &step.action, options).await;
+    let mut record = StepRecord {
+        index,
+        line: step.line,
+        action: step.action.describe(),
+        note: step.note.clone(),
+        started_ms: ms(t0 - run_started),
+        elapsed_ms: ms(t0.elapsed()),
+        ok: outcome.is_ok(),
+        converged_ms: None,
+        detail: None,
+    };
+    match outcome {
+        Ok(Outcome { converged, detail }) => {
+            record.converged_ms = converged.map(ms);
+            record.detail = detail;
+        }
+        Err(e) => {
+            record.detail = Some(e.to_string());
+            *failure =
+                Some(Failure { step: index, line: step.line, action: record.action.clone(), error: e.to_string() });
+        }
+    }
+    record
+}
+
+#[derive(Default)]
+struct Outcome {
+    converged: Option<Duration>,
+    detail: Option<String>,
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+async fn execute<B: Backend>(lab: &mut Lab<B>, action: &Action, options: &RunOptions) -> Result<Outcome, LabError> {
+    match action {
+        Action::Start { peers, via, flags } => lab.start(&refs(peers), &refs(via), flags).await?,
+        Action::Stop(peers) => {
+            for p in peers {
+                lab.stop(p).await?;
+            }
+        }
+        Action::Kill(peers) => {
+            for p in peers {
+                lab.kill(p).await?;
+            }
+        }
+        Action::Restart(peers) => {
+            for p in peers {
+                lab.restart(p).await?;
+            }
+        }
+        Action::Partition(groups) => lab.partition(groups).await?,
+        Action::Cut { a, b, one_way } => lab.cut(a, b, *one_way).await?,
+        Action::Heal(pair) => lab.heal(pair.as_ref().map(|(a, b)| (a.as_str(), b.as_str()))).await?,
+        Action::Say { peer, text, count } => {
+            for i in 1..=*count {
+                let line = if *count == 1 { text.clone() } else { format!("{text} #{i}") };
+                lab.say(peer, &line).await?;
+            }
+        }
+        Action::AwaitMesh { peers, within } => {
+            let took = lab.await_mesh(peers.as_deref(), *within).await?;
+            return Ok(Outcome { converged: Some(took), detail: Some(format!("converged in {:.1} ms", ms(took))) });
+        }
+        Action::AwaitDelivery { within } => {
+            let (took, d) = lab.await_delivery(*within).await?;
+            let detail = format!("{} lines, {} of {} owed showings in {:.1} ms", d.said, d.shown, d.owed, ms(took));
+            return Ok(Outcome { converged: Some(took), detail: Some(detail) });
+        }
+        Action::Sleep(d) => lab.sleep(*d).await?,
+        Action::Chaos(spec) => {
+            let _ = (spec, options);
+            return Err(anyhow::anyhow!("the chaos step is not available yet").into());
+        }
+    }
+    Ok(Outcome::default())
+}
+
+fn finish<B: Backend>(
+    scenario: &Scenario,
+    lab: &Lab<B>,
+    started: Instant,
+    started_unix_ms: u64,
+    steps: Vec<StepRecord>,
+    failure: Option<Failure>,
+) -> Report {
+    let world = lab.world();
+    let (direct, catch_up) = world.latencies();
+    let running = world.running();
+    let mut links = Vec::new();
+    for (i, a) in running.iter().enumerate() {
+        for b in &running[i + 1..] {
+            let id = |n: &str| world.peer(n).and_then(|p| p.id.clone()).unwrap_or_default();
+            let lists = |x: &str, y: &str| world.peer(x).is_some_and(|p| p.neighbours.contains(&id(y)));
+            if lists(a, b) && lists(b, a) {
+                links.push((a.clone(), b.clone()));
+            }
+        }
+    }
+    let mesh = MeshSnapshot {
+        peers: world.names().map(|n| (n.clone(), world.peer(n).is_some_and(|p| p.running))).collect(),
+        links,
+        cuts: lab.cuts().pairs().cloned().collect(),
+    };
+    let delivery = world.delivery(lab.cuts());
+    Report {
+        scenario: scenario.name.clone(),
+        description: scenario.description.clone(),
+        backend: lab.backend().name().to_string(),
+        time_scale: lab.backend().time_scale(),
+        passed: failure.is_none(),
+        started_unix_ms,
+        wall_ms: ms(started.elapsed()),
+        steps,
+        failure,
+        delivery,
+        latency_direct: Percentiles::of(&direct),
+        latency_catch_up: Percentiles::of(&catch_up),
+        timeline: world.timeline.clone(),
+        mesh,
+    }
+}
+
+fn print_step(r: &StepRecord, total: usize) {
+    let width = total.to_string().len();
+    let label = match &r.note {
+        Some(note) => format!("{} — {note}", r.action),
+        None => r.action.clone(),
+    };
+    let status = if r.ok { "ok" } else { "FAILED" };
+    let detail = match (&r.detail, r.ok) {
+        (Some(d), true) => format!("  ({d})"),
+        _ => String::new(),
+    };
+    println!("  {:>width$}/{total} {label:.<60} {status} {:>8.1} ms{detail}", r.index, r.elapsed_ms);
+    if !r.ok {
+        if let Some(d) = &r.detail {
+            println!("        line {}: {}", r.line, d.replace('\n', "\n        "));
+        }
+    }
+    let _ = std::io::stdout().flush();
+}
+
+fn print_summary(r: &Report) {
+    let verdict = if r.passed { "PASS" } else { "FAIL" };
+    let d = &r.delivery;
+    println!(
+        "{verdict} {} ({}) in {:.2} s: {} lines said, {} of {} owed showings, {} lost, {} duplicated, {} out of order, {} gapped",
+        r.scenario,
+        r.backend,
+        r.wall_ms / 1000.0,
+        d.said,
+        d.shown,
+        d.owed,
+        d.lost.len(),
+        d.duplicated,
+        d.out_of_order,
+        d.gapped
+    );
+    if r.latency_direct.count > 0 {
+        let l = &r.latency_direct;
+        println!(
+            "  latency, direct: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} showings)",
+            l.p50_ms, l.p99_ms, l.max_ms, l.count
+        );
+    }
+    if r.latency_catch_up.count > 0 {
+        let l = &r.latency_catch_up;
+        println!(
+            "  latency, caught up: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} showings)",
+            l.p50_ms, l.p99_ms, l.max_ms, l.count
+        );
+    }
+    if let Some(f) = &r.failure {
+        println!("  failed at step {} (line {}): {}", f.step, f.line, f.action);
+    }
+}

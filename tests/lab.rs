@@ -1,0 +1,173 @@
+//! The lab: every shipped scenario on the process backend, tests written against the lab's
+//! Rust API, bad scenario files, and checks that must fail.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshlab_lab::Lab;
+use meshlab_lab::backend::process::ProcessBackend;
+use meshlab_lab::runner::{self, Report, RunOptions};
+use meshlab_lab::scenario::Scenario;
+
+const SHIPPED: &[&str] = &["six-peer-demo", "partition-heal", "churn", "thirty-two"];
+
+fn scenarios_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/scenarios")
+}
+
+fn process_lab() -> Lab<ProcessBackend> {
+    Lab::new(ProcessBackend::new(env!("CARGO_BIN_EXE_peer")))
+}
+
+async fn run_text(text: &str) -> Report {
+    let scenario = Scenario::parse("inline.toml", "inline", text).unwrap();
+    runner::run(&scenario, &mut process_lab(), &RunOptions { progress: true, ..Default::default() }).await
+}
+
+async fn run_shipped(name: &str) -> Report {
+    let scenario = Scenario::load(&scenarios_dir().join(format!("{name}.toml"))).unwrap();
+    let report = runner::run(&scenario, &mut process_lab(), &RunOptions { progress: true, ..Default::default() }).await;
+    assert!(report.passed, "{name} failed: {:#?}", report.failure);
+    let d = &report.delivery;
+    assert!(d.owed > 0 && d.shown == d.owed, "{d:?}");
+    assert_eq!((d.duplicated, d.out_of_order, d.gapped), (0, 0, 0));
+    report
+}
+
+#[test]
+fn every_scenario_file_is_run_by_a_test() {
+    let mut files: Vec<String> = std::fs::read_dir(scenarios_dir())
+        .unwrap()
+        .filter_map(|e| Some(e.ok()?.path().file_stem()?.to_string_lossy().into_owned()))
+        .collect();
+    files.sort();
+    let mut covered: Vec<String> = SHIPPED.iter().map(|s| s.to_string()).collect();
+    covered.sort();
+    assert_eq!(files, covered, "add a test for each scenario file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_peer_demo() {
+    let report = run_shipped("six-peer-demo").await;
+    // The demo's end: p1 and p2 killed, the four others still fully meshed.
+    assert_eq!(report.mesh.links.len(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_heal() {
+    let report = run_shipped("partition-heal").await;
+    assert_eq!(report.mesh.links.len(), 15);
+    assert!(report.latency_catch_up.count >= 18, "the split's 6 lines crossed to 3 peers each by catch-up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn() {
+    run_shipped("churn").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two() {
+    let report = run_shipped("thirty-two").await;
+    assert_eq!(report.mesh.links.len(), 32 * 31 / 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_api_reads_like_the_experiment() {
+    let mut lab = process_lab();
+    lab.start(&["a"], &[], &[]).await.unwrap();
+    lab.start(&["b", "c", "d"], &["a"], &[]).await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    lab.cut("a", "b", false).await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    assert!(!lab.peers_of("a").await.unwrap().contains(&"b".to_string()));
+    // a and b are cut from each other, but lines between them still arrive through c and d.
+    lab.say("a", "to b, around the cut").await.unwrap();
+    lab.say("b", "to a, around the cut").await.unwrap();
+    let (_, d) = lab.await_delivery(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(d.shown, 6);
+    lab.heal(None).await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    lab.shutdown().await;
+    assert!(lab.world().running().is_empty() || lab.world().running().iter().all(|n| lab.backend().pid(n).is_none()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_way_cut_ends_with_the_pair_apart() {
+    let mut lab = process_lab();
+    lab.start(&["a"], &[], &[]).await.unwrap();
+    lab.start(&["b", "c"], &["a"], &[]).await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    lab.cut("a", "b", true).await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    lab.say("a", "a to b, one way cut").await.unwrap();
+    lab.await_delivery(Duration::from_secs(5)).await.unwrap();
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_check_that_should_fail_does_fail() {
+    // p2 is started with a cut the lab does not know about: it can never mesh with p1.
+    let report = run_text(
+        r#"
+        [[step]]
+        start = "p1"
+
+        [[step]]
+        start = "p2"
+        via = "p1"
+        flags = ["--lab-cut", "p1"]
+
+        [[step]]
+        await = "mesh"
+        within = "500ms"
+
+        [[step]]
+        say = "p1"
+        text = "never reached"
+        "#,
+    )
+    .await;
+    assert!(!report.passed);
+    let failure = report.failure.unwrap();
+    assert_eq!((failure.step, failure.line), (3, 10));
+    assert!(failure.error.contains("p1 is not connected to p2"), "{}", failure.error);
+    assert_eq!(report.steps.len(), 3, "the run stops at the failed step");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_check_that_should_fail_does_fail() {
+    let mut lab = process_lab();
+    lab.start(&["p1"], &[], &[]).await.unwrap();
+    lab.start(&["p2", "p3"], &["p1"], &[]).await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    // Behind the lab's back, p3 drops everything from p1 and p2: the lab still owes it p1's line.
+    lab.command("p3", "/lab cut p1 in").await.unwrap();
+    lab.command("p3", "/lab cut p2 in").await.unwrap();
+    lab.peers_of("p3").await.unwrap(); // answered after both cuts are in force
+    lab.say("p1", "p3 never shows this").await.unwrap();
+    let err = lab.await_delivery(Duration::from_millis(800)).await.unwrap_err().to_string();
+    assert!(err.contains("p3 has not shown p1's line 1 \"p3 never shows this\""), "{err}");
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overall_timeout_stops_a_run() {
+    let report = run_text("timeout = \"300ms\"\n[[step]]\nstart = \"a\"\n[[step]]\nsleep = \"5s\"\n").await;
+    let failure = report.failure.unwrap();
+    assert_eq!(failure.step, 2);
+    assert!(failure.error.contains("did not finish within its timeout"), "{}", failure.error);
+}
+
+#[test]
+fn bad_scenario_files_give_a_clear_error_naming_the_line() {
+    let cases = [
+        ("[[step]]\nstart = \"a\"\n[[step]]\nteleport = \"a\"\n", "inline.toml:4: unknown field `teleport`"),
+        ("[[step]]\nstart = \"a\"\n[[step]]\nkill = \"zed\"\n", "inline.toml:3: unknown peer \"zed\""),
+        ("[[step]]\nstart = \"a\"\n[[step\n", "inline.toml:3: "),
+        ("[[step]]\nstart = \"a\"\nsay = \"a\"\n", "inline.toml:1: a step has one verb, this one has start and say"),
+    ];
+    for (text, expected) in cases {
+        let e = Scenario::parse("inline.toml", "inline", text).unwrap_err().to_string();
+        assert!(e.starts_with(expected), "{e:?} does not start with {expected:?}");
+    }
+}
