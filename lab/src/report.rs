@@ -104,13 +104,13 @@ fn timeline_svg(r: &Report) -> String {
     let height = 30.0 + row_h * peers.len() as f64;
     let end = r.wall_ms.max(1.0);
     let x = |ms: f64| left + width * (ms / end);
-    let mut s = format!("<svg width={} height={height} xmlns='http://www.w3.org/2000/svg'>", left + width + 20.0);
+    let mut s = format!("<svg width='{}' height='{height}' xmlns='http://www.w3.org/2000/svg'>", left + width + 20.0);
     for (i, name) in peers.iter().enumerate() {
         let y = 20.0 + row_h * i as f64;
-        let _ = write!(s, "<text x=4 y={}>{}</text>", y + 14.0, esc(name));
+        let _ = write!(s, "<text x='4' y='{}'>{}</text>", y + 14.0, esc(name));
         let _ = write!(
             s,
-            "<line x1={left} x2={} y1={} y2={} stroke='#eee'/>",
+            "<line x1='{left}' x2='{}' y1='{}' y2='{}' stroke='#eee'/>",
             left + width,
             y + row_h / 2.0,
             y + row_h / 2.0
@@ -138,7 +138,7 @@ fn timeline_svg(r: &Report) -> String {
         let y = 20.0 + row_h * i as f64 + 5.0;
         let _ = write!(
             s,
-            "<rect x={:.1} y={y} width={:.1} height=12 fill='#cfe3ff' rx=3/>",
+            "<rect x='{:.1}' y='{y}' width='{:.1}' height='12' fill='#cfe3ff' rx='3'/>",
             x(from),
             (x(to) - x(from)).max(1.0)
         );
@@ -150,8 +150,8 @@ fn timeline_svg(r: &Report) -> String {
             let colour = if m.kind == "heal" { "#1a7f37" } else { "#c62828" };
             let _ = write!(
                 s,
-                "<line x1={at:.1} x2={at:.1} y1=14 y2={height} stroke='{colour}' stroke-dasharray='4 3'>{title}</line>\
-                 <text x={:.1} y=11 fill='{colour}' font-size=10>{}</text>",
+                "<line x1='{at:.1}' x2='{at:.1}' y1='14' y2='{height}' stroke='{colour}' stroke-dasharray='4 3'>{title}</line>\
+                 <text x='{:.1}' y='11' fill='{colour}' font-size='10'>{}</text>",
                 at + 2.0,
                 esc(&m.kind)
             );
@@ -170,7 +170,7 @@ fn timeline_svg(r: &Report) -> String {
         let y0 = y + row_h / 2.0 - h / 2.0;
         let _ = write!(
             s,
-            "<line x1={at:.1} x2={at:.1} y1={y0} y2={} stroke='{colour}' stroke-width=2>{title}</line>",
+            "<line x1='{at:.1}' x2='{at:.1}' y1='{y0}' y2='{}' stroke='{colour}' stroke-width='2'>{title}</line>",
             y0 + h
         );
     }
@@ -192,22 +192,27 @@ fn mesh_svg(r: &Report) -> String {
             (name.as_str(), (cx + radius * a.cos(), cy + radius * a.sin()))
         })
         .collect();
-    let mut s = String::from("<svg width=440 height=400 xmlns='http://www.w3.org/2000/svg'>");
+    let mut s = String::from("<svg width='440' height='400' xmlns='http://www.w3.org/2000/svg'>");
     for (a, b) in &r.mesh.links {
         let ((x1, y1), (x2, y2)) = (pos[a.as_str()], pos[b.as_str()]);
-        let _ = write!(s, "<line x1={x1:.1} y1={y1:.1} x2={x2:.1} y2={y2:.1} stroke='#1565c0' stroke-width=1.5/>");
+        let _ = write!(
+            s,
+            "<line x1='{x1:.1}' y1='{y1:.1}' x2='{x2:.1}' y2='{y2:.1}' stroke='#1565c0' stroke-width='1.5'/>"
+        );
     }
     for (a, b) in &r.mesh.cuts {
         let (Some(&(x1, y1)), Some(&(x2, y2))) = (pos.get(a.as_str()), pos.get(b.as_str())) else { continue };
-        let _ =
-            write!(s, "<line x1={x1:.1} y1={y1:.1} x2={x2:.1} y2={y2:.1} stroke='#c62828' stroke-dasharray='5 4'/>");
+        let _ = write!(
+            s,
+            "<line x1='{x1:.1}' y1='{y1:.1}' x2='{x2:.1}' y2='{y2:.1}' stroke='#c62828' stroke-dasharray='5 4'/>"
+        );
     }
     for (name, running) in &r.mesh.peers {
         let (x, y) = pos[name.as_str()];
         let fill = if *running { "#fff" } else { "#ddd" };
         let _ = write!(
             s,
-            "<circle cx={x:.1} cy={y:.1} r=16 fill='{fill}' stroke='#333'/><text x={x:.1} y={:.1} text-anchor=middle font-size=11>{}</text>",
+            "<circle cx='{x:.1}' cy='{y:.1}' r='16' fill='{fill}' stroke='#333'/><text x='{x:.1}' y='{:.1}' text-anchor='middle' font-size='11'>{}</text>",
             y + 4.0,
             esc(name)
         );

@@ -1,0 +1,180 @@
+//! The `lab` command line: exit status 0 when every check passes, 1 when one fails, 2 for a bad
+//! scenario file (naming the line). A stand-in peer (a shell script that prints a listening
+//! event and never connects) keeps these tests independent of the real peer.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn lab() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lab"))
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("meshlab-lab-cli-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A peer that listens (as far as the lab can tell) and never meets anyone. It notes its pid
+/// in `pids` next to itself.
+fn lonely_peer(dir: &Path) -> PathBuf {
+    let path = dir.join("lonely-peer");
+    let script = format!(
+        "#!/bin/sh\necho $$ >> {}\nprintf '{{\"event\":\"listening\",\"id\":\"%032x\",\"name\":\"x\",\"addr\":\"127.0.0.1:%d\"}}\\n' $$ $$\nexec sleep 600\n",
+        dir.join("pids").display()
+    );
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+fn scenario(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn a_bad_scenario_file_exits_2_naming_the_line() {
+    let dir = temp_dir("bad");
+    let file = scenario(&dir, "bad.toml", "[[step]]\nstart = \"a\"\n\n[[step]]\nsay = \"b\"\ntext = \"hi\"\n");
+    let out = lab().arg("run").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("bad.toml:4: unknown peer \"b\""), "{stderr}");
+    let file = scenario(&dir, "broken.toml", "[[step]\nstart = \"a\"\n");
+    let out = lab().arg("run").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8(out.stderr).unwrap().contains("broken.toml:1:"));
+}
+
+#[test]
+fn a_failed_check_exits_1_and_says_which_step_expected_what_and_saw_what() {
+    let dir = temp_dir("fail");
+    let peer = lonely_peer(&dir);
+    let file = scenario(
+        &dir,
+        "never-meshes.toml",
+        "[[step]]\nstart = \"a\"\n[[step]]\nstart = \"b\"\nvia = \"a\"\n[[step]]\nawait = \"mesh\"\nwithin = \"300ms\"\n",
+    );
+    let report = dir.join("report");
+    let out = lab().arg("run").arg(&file).arg("--peer-bin").arg(&peer).arg("--report").arg(&report).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("3/3 await mesh within 300ms"), "{stdout}");
+    assert!(stdout.contains("FAILED"), "{stdout}");
+    assert!(stdout.contains("line 6: expected a full mesh of a, b"), "{stdout}");
+    assert!(stdout.contains("seen: a is not connected to b"), "{stdout}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json["passed"], false);
+    assert_eq!(json["failure"]["line"], 6);
+    assert!(std::fs::read_to_string(report.join("report.html")).unwrap().contains("<svg"));
+}
+
+#[test]
+fn a_passing_run_exits_0() {
+    let dir = temp_dir("pass");
+    let peer = lonely_peer(&dir);
+    let file =
+        scenario(&dir, "solo.toml", "[[step]]\nstart = \"a\"\n[[step]]\nawait = \"mesh\"\n[[step]]\nstop = \"a\"\n");
+    let out = lab().arg("run").arg(&file).arg("--peer-bin").arg(&peer).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn list_shows_the_shipped_scenarios() {
+    let out = lab().arg("list").arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios")).output().unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    for name in ["six-peer-demo", "partition-heal", "churn", "thirty-two"] {
+        assert!(stdout.contains(name), "{stdout}");
+    }
+}
+
+/// Whether a process is still alive (a zombie awaiting its parent counts as gone).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z"))
+}
+
+fn pids(dir: &Path) -> Vec<u32> {
+    std::fs::read_to_string(dir.join("pids")).unwrap_or_default().lines().filter_map(|l| l.parse().ok()).collect()
+}
+
+/// Starts `lab run` on a scenario that starts two peers then waits; returns once both run.
+fn lab_with_two_peers(tag: &str) -> (std::process::Child, PathBuf) {
+    let dir = temp_dir(tag);
+    let _ = std::fs::remove_file(dir.join("pids"));
+    let peer = lonely_peer(&dir);
+    let file = scenario(&dir, "wait.toml", "[[step]]\nstart = [\"a\", \"b\"]\n[[step]]\nsleep = \"60s\"\n");
+    let child = lab()
+        .arg("run")
+        .arg(&file)
+        .arg("--peer-bin")
+        .arg(&peer)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(|| pids(&dir).len() == 2, "both peers to start");
+    (child, dir)
+}
+
+fn wait_for(mut done: impl FnMut() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on our own child process.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+#[test]
+fn ctrl_c_removes_every_peer_and_exits_130() {
+    let (mut child, dir) = lab_with_two_peers("sigint");
+    signal(child.id(), libc::SIGINT);
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    for pid in pids(&dir) {
+        wait_for(|| !alive(pid), "the peer to be gone");
+    }
+}
+
+#[test]
+fn peers_die_with_a_killed_lab() {
+    let (mut child, dir) = lab_with_two_peers("sigkill");
+    signal(child.id(), libc::SIGKILL);
+    child.wait().unwrap();
+    for pid in pids(&dir) {
+        wait_for(|| !alive(pid), "the peer to die with its lab");
+    }
+}
+
+#[test]
+fn a_panic_in_a_test_leaves_no_peer_behind() {
+    use meshlab_lab::Lab;
+    use meshlab_lab::backend::process::ProcessBackend;
+    let dir = temp_dir("panic");
+    let _ = std::fs::remove_file(dir.join("pids"));
+    let peer = lonely_peer(&dir);
+    let outcome = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let mut lab = Lab::new(ProcessBackend::new(peer));
+            lab.start(&["a", "b"], &[], &[]).await.unwrap();
+            panic!("a test fails while its peers run");
+        })
+    })
+    .join();
+    assert!(outcome.is_err());
+    let started = pids(&dir);
+    assert_eq!(started.len(), 2);
+    for pid in started {
+        wait_for(|| !alive(pid), "the peer to be gone after the panic");
+    }
+}
