@@ -37,7 +37,7 @@ pub struct Config {
     #[arg(short, long, env = "PORT", default_value_t = 4000)]
     pub port: u16,
 
-    /// Address to listen on.
+    /// Address to listen on; a specific address is also the source of outgoing connections.
     #[arg(long, default_value = "0.0.0.0")]
     pub bind: IpAddr,
 

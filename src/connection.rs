@@ -8,15 +8,15 @@
 //! frame. When the mesh drops its queue sender, the writer flushes what is queued and the
 //! connection closes.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
@@ -90,6 +90,8 @@ pub enum ConnEvent {
 /// What every connection task shares.
 pub struct Context {
     pub events: mpsc::Sender<ConnEvent>,
+    /// Source address for outgoing connections (the --bind address, when not a wildcard).
+    pub source: Option<IpAddr>,
     pub security: Security,
     pub heartbeat: Duration,
     pub timeout: Duration,
@@ -127,7 +129,7 @@ pub async fn dial(target: String, conn: ConnId, ctx: Arc<Context>) {
             tokio::net::lookup_host(&target).await.map_err(|e| (true, e.to_string()))?.collect();
         let mut last = String::from("no address");
         for addr in addrs {
-            match TcpStream::connect(addr).await {
+            match connect_from(ctx.source, addr).await {
                 Ok(s) => return Ok(s),
                 Err(e) => last = e.to_string(),
             }
@@ -144,6 +146,16 @@ pub async fn dial(target: String, conn: ConnId, ctx: Arc<Context>) {
             let _ = ctx.events.send(ConnEvent::DialFailed { target, unresolved, error }).await;
         }
     }
+}
+
+/// Connects to `addr`, from `source` when it is set and of the same family, so that a peer
+/// bound to one address of a multi-homed host is seen by others at that address.
+async fn connect_from(source: Option<IpAddr>, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    if let Some(ip) = source.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    socket.connect(addr).await
 }
 
 /// Runs an established TCP connection until it closes.
@@ -181,9 +193,21 @@ pub async fn run(stream: TcpStream, role: Role, conn: ConnId, ctx: Arc<Context>)
             _ => CloseReason::Closed,
         },
     };
+    if reason == CloseReason::Local {
+        // The mesh closed this connection (or is gone): the writer flushes what was queued (a
+        // goodbye, a dup notice) and shuts our side; then read until the other side closes too.
+        // Closing with unread bytes would send a reset, which makes the other side discard our
+        // last frames before reading them.
+        let _ = timeout(LINGER, &mut writing).await;
+        let drain = async { while let Some(Ok(_)) = reader.next().await {} };
+        let _ = timeout(LINGER, drain).await;
+    }
     writing.abort();
     let _ = ctx.events.send(ConnEvent::Closed { conn, reason }).await;
 }
+
+/// Longest wait for the other side to close after we closed our side.
+const LINGER: Duration = Duration::from_secs(2);
 
 async fn handshake_failed(e: HandshakeError, role: Role, observed: SocketAddr, ctx: &Context) {
     match (&e, &role) {

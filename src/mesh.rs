@@ -26,7 +26,7 @@ use crate::hook::{self, Hook};
 use crate::id::{PeerId, random_u64};
 use crate::neighbours::{Admission, ConnId, Link, Neighbour, Table};
 use crate::output::{DownReason, Event, HELP, Output, msg_id};
-use crate::shutdown;
+use crate::shutdown::Shutdown;
 use crate::store::{Delivery, Received, Store};
 
 /// Most dials in progress at once.
@@ -44,8 +44,7 @@ const LEAVE_FLUSH: Duration = Duration::from_millis(500);
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let bind = SocketAddr::new(cfg.bind, cfg.port);
     let listener = TcpListener::bind(bind).await.with_context(|| format!("cannot listen on {bind}"))?;
-    Mesh::new(cfg, listener)?.run().await;
-    Ok(())
+    Mesh::new(cfg, listener)?.run().await
 }
 
 struct Mesh {
@@ -76,6 +75,7 @@ impl Mesh {
         let (events_tx, events) = mpsc::channel(1024);
         let ctx = Arc::new(Context {
             events: events_tx,
+            source: Some(cfg.bind).filter(|ip| !ip.is_unspecified()),
             security: Security::Open,
             heartbeat: cfg.heartbeat,
             timeout: cfg.timeout,
@@ -116,7 +116,8 @@ impl Mesh {
         })
     }
 
-    async fn run(mut self) {
+    async fn run(mut self) -> anyhow::Result<()> {
+        let mut shutdown = Shutdown::install().context("cannot install signal handlers")?;
         self.out.emit(&Event::Listening {
             id: &self.me,
             name: &self.name,
@@ -130,8 +131,6 @@ impl Mesh {
         tokio::spawn(console::read_stdin(stdin_tx, self.cfg.lab));
         let mut stdin_open = true;
         let mut sync = tokio::time::interval(self.cfg.sync_interval);
-        let leave = shutdown::signalled();
-        tokio::pin!(leave);
         loop {
             self.dial_due();
             let wake = self.book.next_due().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
@@ -153,11 +152,12 @@ impl Mesh {
                 accepted = self.listener.accept() => self.on_accept(accepted).await,
                 _ = sync.tick() => self.on_tick(),
                 _ = sleep_until(wake) => {}
-                _ = &mut leave => break,
+                _ = shutdown.requested() => break,
             }
             self.out.flush();
         }
         self.leave().await;
+        Ok(())
     }
 
     fn on_conn_event(&mut self, event: ConnEvent) {

@@ -25,8 +25,6 @@ pub enum DownReason {
     Closed,
     /// Its heartbeats stopped.
     Timeout,
-    /// Its handshake was refused.
-    Refused,
     /// The lab's fault-injection hook cut it.
     Cut,
 }
@@ -167,7 +165,6 @@ fn chat_view(event: &Event) -> View {
                 DownReason::Goodbye => "left",
                 DownReason::Closed => "disconnected",
                 DownReason::Timeout => "timed out",
-                DownReason::Refused => "was refused",
                 DownReason::Cut => "was cut off",
             };
             View::Stdout(format!("* {} {why}", who(peer)))

@@ -13,6 +13,14 @@ fn peer() -> Command {
     cmd
 }
 
+/// A loopback address of this test's own (127.x.y.z), so that tests running side by side never
+/// reach each other's peers.
+fn loopback() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let r = std::collections::hash_map::RandomState::new().build_hasher().finish().to_le_bytes();
+    format!("127.{}.{}.{}", r[0].max(1), r[1], r[2].clamp(2, 254))
+}
+
 /// A peer on a free loopback port with its stdout as a stream of JSON events.
 struct Running {
     child: Child,
@@ -20,9 +28,9 @@ struct Running {
 }
 
 impl Running {
-    fn start(args: &[&str], stdin: Stdio) -> Running {
+    fn start(ip: &str, args: &[&str], stdin: Stdio) -> Running {
         let mut child = peer()
-            .args(["--json", "--bind", "127.0.0.1", "--port", "0"])
+            .args(["--json", "--bind", ip, "--port", "0"])
             .args(args)
             .stdin(stdin)
             .stdout(Stdio::piped())
@@ -128,21 +136,22 @@ fn the_port_comes_from_the_environment_like_the_prototype() {
 
 #[test]
 fn json_events_follow_the_contract() {
-    let mut a = Running::start(&["--name", "a"], Stdio::piped());
+    let ip = loopback();
+    let mut a = Running::start(&ip, &["--name", "a"], Stdio::piped());
     let listening = a.next();
     assert_eq!(listening["event"], "listening");
     let id = listening["id"].as_str().unwrap();
     assert_eq!(id.len(), 32);
     assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
     let addr = listening["addr"].as_str().unwrap();
-    assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"), "the real port: {addr}");
+    assert!(addr.starts_with(&format!("{ip}:")) && !addr.ends_with(":0"), "the real port: {addr}");
 
-    let mut b = Running::start(&["--name", "b", addr], Stdio::piped());
+    let mut b = Running::start(&ip, &["--name", "b", addr], Stdio::piped());
     let b_id = b.next()["id"].as_str().unwrap().to_owned();
     let up = a.next_of("peer_up");
     assert_eq!(up["peer"]["id"], b_id.as_str());
     assert_eq!(up["peer"]["name"], "b");
-    assert!(up["peer"]["addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(up["peer"]["addr"].as_str().unwrap().starts_with(&format!("{ip}:")), "observed address and announced port");
     b.next_of("peer_up");
 
     b.say("hello there");
@@ -173,10 +182,11 @@ fn json_events_follow_the_contract() {
 
 #[test]
 fn the_chat_view_shows_name_at_addr_and_notices_only() {
-    let mut a = Running::start(&["--name", "a"], Stdio::piped());
+    let ip = loopback();
+    let mut a = Running::start(&ip, &["--name", "a"], Stdio::piped());
     let addr = a.next()["addr"].as_str().unwrap().to_owned();
     let mut b = peer()
-        .args(["--bind", "127.0.0.1", "--port", "0", "--name", "b", &addr])
+        .args(["--bind", &ip, "--port", "0", "--name", "b", &addr])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -185,7 +195,7 @@ fn the_chat_view_shows_name_at_addr_and_notices_only() {
     let mut view = BufReader::new(b.stdout.take().unwrap());
     let mut line = String::new();
     view.read_line(&mut line).unwrap();
-    assert!(line.starts_with("* a@127.0.0.1:") && line.ends_with(" joined\n"), "{line:?}");
+    assert!(line.starts_with(&format!("* a@{ip}:")) && line.ends_with(" joined\n"), "{line:?}");
     a.next_of("peer_up");
     a.say("hi \x1b[31mthere");
     line.clear();
@@ -201,19 +211,22 @@ fn the_chat_view_shows_name_at_addr_and_notices_only() {
 
 #[test]
 fn end_of_stdin_does_not_stop_the_peer() {
-    let mut a = Running::start(&["--name", "a"], Stdio::null());
+    let ip = loopback();
+    let mut a = Running::start(&ip, &["--name", "a"], Stdio::null());
     let addr = a.next()["addr"].as_str().unwrap().to_owned();
     // Still serving after its stdin ended: a newcomer meets it.
-    let mut b = Running::start(&["--name", "b", &addr], Stdio::piped());
+    let mut b = Running::start(&ip, &["--name", "b", &addr], Stdio::piped());
     b.next();
     assert_eq!(a.next_of("peer_up")["peer"]["name"], "b");
     assert!(a.terminate().success(), "SIGTERM is a graceful exit");
-    assert_eq!(b.next_of("peer_down")["reason"], "goodbye");
+    let down = b.next_of("peer_down");
+    assert_eq!((down["peer"]["name"].as_str(), down["reason"].as_str()), (Some("a"), Some("goodbye")));
 }
 
 #[test]
 fn overlong_and_non_utf8_lines_are_rejected_and_the_peer_carries_on() {
-    let mut a = Running::start(&["--name", "a"], Stdio::piped());
+    let ip = loopback();
+    let mut a = Running::start(&ip, &["--name", "a"], Stdio::piped());
     a.next();
     let stdin = a.child.stdin.as_mut().unwrap();
     stdin.write_all(&vec![b'x'; 20_000]).unwrap();
@@ -221,4 +234,14 @@ fn overlong_and_non_utf8_lines_are_rejected_and_the_peer_carries_on() {
     assert!(a.next_of("error")["message"].as_str().unwrap().contains("longer than 8192 bytes"));
     assert!(a.next_of("error")["message"].as_str().unwrap().contains("UTF-8"));
     assert_eq!(a.next_of("sent")["text"], "fine");
+}
+
+#[test]
+fn others_dial_the_advertised_address() {
+    let ip = loopback();
+    let mut a = Running::start(&ip, &["--name", "a"], Stdio::piped());
+    let addr = a.next()["addr"].as_str().unwrap().to_owned();
+    let mut b = Running::start(&ip, &["--name", "b", "--advertise", "chat.example.org:4123", &addr], Stdio::piped());
+    assert_eq!(b.next()["advertise"], "chat.example.org:4123");
+    assert_eq!(a.next_of("peer_up")["peer"]["addr"], "chat.example.org:4123");
 }

@@ -17,9 +17,16 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 const WITHIN: Duration = Duration::from_secs(10);
 
+fn new_lab() -> Lab<ProcessBackend> {
+    Lab::new(ProcessBackend::new(env!("CARGO_BIN_EXE_peer")))
+}
+
 /// A mesh of `a` and `b`, `a` started with `flags`; returns the lab and a's address.
 async fn pair(flags: &[&str]) -> (Lab<ProcessBackend>, String) {
-    let mut lab = Lab::new(ProcessBackend::new(env!("CARGO_BIN_EXE_peer")));
+    pair_in(new_lab(), flags).await
+}
+
+async fn pair_in(mut lab: Lab<ProcessBackend>, flags: &[&str]) -> (Lab<ProcessBackend>, String) {
     let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
     lab.start(&["a"], &[], &flags).await.unwrap();
     lab.start(&["b"], &["a"], &[]).await.unwrap();
@@ -179,9 +186,11 @@ async fn a_flood_of_connections_hits_the_cap_not_the_mesh() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_given_its_own_address_ignores_it() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let own = format!("127.0.0.1:{port}");
-    let (mut lab, _) = pair(&["--port", &port.to_string(), &own]).await;
+    let lab = new_lab();
+    let ip = lab.backend().ip();
+    let port = std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
+    let own = format!("{ip}:{port}");
+    let (mut lab, _) = pair_in(lab, &["--port", &port.to_string(), &own]).await;
     lab.await_log("a", &format!("ignoring {own}: it is this peer's own address"), WITHIN).await.unwrap();
     assert_eq!(lab.peers_of("a").await.unwrap(), vec!["b".to_string()], "a does not list itself");
     still_fine(&mut lab).await;
@@ -191,6 +200,7 @@ async fn a_peer_given_its_own_address_ignores_it() {
 fn a_bootstrap_name_that_does_not_resolve_warns_once_and_keeps_retrying() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_peer"))
         .args(["--bind", "127.0.0.1", "--port", "0", "--redial-max", "200ms", "nosuchhost.invalid:4000"])
+        .env_remove("PORT")
         .env("RUST_LOG", "warn,meshlab::mesh=debug")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

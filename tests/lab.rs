@@ -130,7 +130,10 @@ async fn a_mesh_check_that_should_fail_does_fail() {
     assert!(!report.passed);
     let failure = report.failure.unwrap();
     assert_eq!((failure.step, failure.line), (3, 10));
-    assert!(failure.error.contains("p1 is not connected to p2"), "{}", failure.error);
+    // p1 may hold p2 for an instant at each redial (p2 refuses only after the hello), so either
+    // side may be the one reported.
+    let apart = ["p1 is not connected to p2", "p2 is not connected to p1"];
+    assert!(apart.iter().any(|a| failure.error.contains(a)), "{}", failure.error);
     assert_eq!(report.steps.len(), 3, "the run stops at the failed step");
 }
 

@@ -1,4 +1,4 @@
-//! Real `peer` processes on 127.0.0.1, driven through the lab's API: discovery, delivery,
+//! Real `peer` processes on loopback, driven through the lab's API: discovery, delivery,
 //! kills, restarts and graceful leaves.
 
 use std::collections::HashSet;
@@ -121,8 +121,8 @@ async fn a_restarted_peer_rejoins_the_mesh() {
 }
 
 /// After a peer is gone, watches its old port: returns whether anyone dialled it in `window`.
-async fn redialled(port: u16, window: Duration) -> bool {
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("the port is free again");
+async fn redialled(lab: &Lab<ProcessBackend>, port: u16, window: Duration) -> bool {
+    let listener = tokio::net::TcpListener::bind((lab.backend().ip(), port)).await.expect("the port is free again");
     tokio::time::timeout(window, listener.accept()).await.is_ok()
 }
 
@@ -141,14 +141,14 @@ async fn a_peer_that_quits_is_told_apart_from_one_that_dies() {
     // A killed peer is redialled: something connects to its old port.
     let c_port = port_of(&lab, "c");
     lab.kill("c").await.unwrap();
-    assert!(redialled(c_port, Duration::from_secs(5)).await, "a killed peer must be redialled");
+    assert!(redialled(&lab, c_port, Duration::from_secs(5)).await, "a killed peer must be redialled");
 
     // A peer that says goodbye is not: its old port stays quiet for well over the redial cap.
     let b_port = port_of(&lab, "b");
     lab.command("b", "/quit").await.unwrap();
     lab.await_exit("b", MESH).await.unwrap();
     lab.await_mesh(None, MESH).await.unwrap();
-    assert!(!redialled(b_port, Duration::from_secs(2)).await, "a peer that said goodbye was redialled");
+    assert!(!redialled(&lab, b_port, Duration::from_secs(2)).await, "a peer that said goodbye was redialled");
     let downs: Vec<_> = lab.world().timeline.iter().filter(|m| m.kind == "down" && m.peer == "a").collect();
     assert!(downs.iter().any(|m| m.detail == "b (goodbye)"), "{downs:?}");
     assert!(downs.iter().any(|m| m.detail == "c (closed)"), "{downs:?}");
@@ -163,5 +163,65 @@ async fn thirty_two_peers_started_together_form_a_full_mesh() {
     let refs: Vec<&str> = others.iter().map(String::as_str).collect();
     lab.start(&refs, &["seed"], &[]).await.unwrap();
     lab.await_mesh(None, Duration::from_secs(20)).await.unwrap();
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_peers_dialling_each_other_at_once_keep_one_connection_and_no_flapping() {
+    let mut lab = lab();
+    let ip = lab.backend().ip();
+    let free = || std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
+    let (pa, pb) = (free(), free());
+    let flags = |me: u16, other: u16| vec!["--port".to_string(), me.to_string(), format!("{ip}:{other}")];
+    // Both start at once, each bootstrapping to the other: both dial, both accept.
+    let (fa, fb) = (flags(pa, pb), flags(pb, pa));
+    lab.start(&["a"], &[], &fa).await.unwrap();
+    lab.start(&["b"], &[], &fb).await.unwrap();
+    lab.await_mesh(None, MESH).await.unwrap();
+    lab.say("a", "one connection").await.unwrap();
+    lab.await_delivery(MESH).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for name in ["a", "b"] {
+        let pid = lab.backend().pid(name).unwrap();
+        while established_connections(pid) != 1 {
+            assert!(Instant::now() < deadline, "{name} keeps more than one connection");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut kinds: Vec<(&str, &str)> = lab
+        .world()
+        .timeline
+        .iter()
+        .filter(|m| m.kind == "up" || m.kind == "down")
+        .map(|m| (m.peer.as_str(), m.kind.as_str()))
+        .collect();
+    kinds.sort();
+    assert_eq!(kinds, vec![("a", "up"), ("b", "up")], "one peer_up each, no down/up pair for the swap");
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_dropped_after_the_timeout_and_rejoins() {
+    let mut lab = lab();
+    lab.start(&["a"], &[], &[]).await.unwrap();
+    lab.start(&["b", "c"], &["a"], &[]).await.unwrap();
+    lab.await_mesh(None, MESH).await.unwrap();
+    let pid = lab.backend().pid("c").unwrap() as i32;
+    // SAFETY: signals to our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // c's sockets stay open but nothing comes from it: heartbeats time out (1 s in the lab).
+    lab.await_mesh(Some(&names(&["a", "b"])), MESH).await.unwrap();
+    let wait_for_timeouts = Instant::now() + MESH;
+    while !["a", "b"].iter().all(|p| lab.world().peer(p).unwrap().neighbours.len() == 1) {
+        assert!(Instant::now() < wait_for_timeouts, "c was not dropped");
+        lab.sleep(Duration::from_millis(20)).await.unwrap();
+    }
+    let downs: Vec<String> =
+        lab.world().timeline.iter().filter(|m| m.kind == "down").map(|m| m.detail.clone()).collect();
+    assert_eq!(downs, vec!["c (timeout)".to_string(), "c (timeout)".to_string()]);
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    lab.await_mesh(None, MESH).await.unwrap();
+    lab.say("c", "back from the pause").await.unwrap();
+    lab.await_delivery(MESH).await.unwrap();
     lab.shutdown().await;
 }

@@ -11,6 +11,7 @@ use meshlab_lab::backend::process::ProcessBackend;
 use meshlab_lab::runner::{self, RunOptions};
 use meshlab_lab::scenario::Scenario;
 use meshlab_lab::{Lab, report};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// The six-peer demo, built in so that `lab demo` works from anywhere.
 const DEMO: &str = include_str!("../scenarios/six-peer-demo.toml");
@@ -80,12 +81,20 @@ fn peer_bin(given: Option<PathBuf>) -> PathBuf {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Installed before any peer starts, so that Ctrl-C at any moment removes them all.
+    let mut interrupt = match signal(SignalKind::interrupt()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot watch Ctrl-C: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     match cli.command {
         Command::List { dir } => list(&dir),
         Command::Demo { common } => {
             let scenario =
                 Scenario::parse("six-peer-demo.toml", "six-peer-demo", DEMO).expect("the built-in demo parses");
-            run_all(vec![scenario], common, None).await
+            run_all(vec![scenario], common, None, &mut interrupt).await
         }
         Command::Run { files, common, seed } => {
             let mut scenarios = Vec::new();
@@ -98,12 +107,12 @@ async fn main() -> ExitCode {
                     }
                 }
             }
-            run_all(scenarios, common, seed).await
+            run_all(scenarios, common, seed, &mut interrupt).await
         }
     }
 }
 
-async fn run_all(scenarios: Vec<Scenario>, common: Common, seed: Option<u64>) -> ExitCode {
+async fn run_all(scenarios: Vec<Scenario>, common: Common, seed: Option<u64>, interrupt: &mut Signal) -> ExitCode {
     let options = RunOptions { progress: true, seed };
     let peer = peer_bin(common.peer_bin);
     let several = scenarios.len() > 1;
@@ -112,7 +121,7 @@ async fn run_all(scenarios: Vec<Scenario>, common: Common, seed: Option<u64>) ->
         let report_dir = common.report.as_ref().map(|d| if several { d.join(&scenario.name) } else { d.clone() });
         let outcome = match common.backend {
             BackendKind::Process => {
-                run_one(scenario, ProcessBackend::new(&peer), &options, report_dir.as_deref()).await
+                run_one(scenario, ProcessBackend::new(&peer), &options, report_dir.as_deref(), interrupt).await
             }
         };
         match outcome {
@@ -141,11 +150,12 @@ async fn run_one<B: Backend>(
     backend: B,
     options: &RunOptions,
     report_dir: Option<&Path>,
+    interrupt: &mut Signal,
 ) -> anyhow::Result<bool> {
     let mut lab = Lab::new(backend);
     let report = tokio::select! {
         report = runner::run(scenario, &mut lab, options) => report,
-        _ = tokio::signal::ctrl_c() => {
+        _ = interrupt.recv() => {
             lab.shutdown().await;
             return Err(Interrupted.into());
         }

@@ -1,12 +1,16 @@
 //! The process backend: each peer is a local `peer` process on 127.0.0.1, needing no privilege.
 //!
-//! Ports are picked by the peer (`--port 0`) and learnt from its `listening` event; a restarted
-//! peer asks for its old port again, like a real restart would. Cuts go through the peer's lab
+//! Each backend puts its peers on a loopback address of its own (a random 127.x.y.z), so that
+//! labs running side by side (parallel tests) never meet, even when one's peer redials a port
+//! that the system has since given to another's. Ports are picked by the peer (`--port 0`) and
+//! learnt from its `listening` event; a restarted peer asks for its old port again, like a real
+//! restart would. Cuts go through the peer's lab
 //! hook (`--lab`), so traffic is dropped inside the peers. Every child is killed when its handle
 //! is dropped and, through PR_SET_PDEATHSIG, when the lab process itself dies, so no peer
 //! outlives the lab.
 
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -23,6 +27,8 @@ use crate::world::{Observation, Observed};
 
 pub struct ProcessBackend {
     peer_bin: PathBuf,
+    /// The loopback address every peer of this backend binds to.
+    ip: Ipv4Addr,
     procs: HashMap<String, Proc>,
     /// Last port each name listened on, reused on restart.
     ports: HashMap<String, u16>,
@@ -38,7 +44,9 @@ struct Proc {
 
 impl ProcessBackend {
     pub fn new(peer_bin: impl Into<PathBuf>) -> ProcessBackend {
-        ProcessBackend { peer_bin: peer_bin.into(), procs: HashMap::new(), ports: HashMap::new() }
+        let [a, b, c] = rand::random::<[u8; 3]>();
+        let ip = Ipv4Addr::new(127, a.max(1), b, c.clamp(2, 254));
+        ProcessBackend { peer_bin: peer_bin.into(), ip, procs: HashMap::new(), ports: HashMap::new() }
     }
 
     fn command(&self, spec: &PeerSpec, port: u16) -> Command {
@@ -47,7 +55,7 @@ impl ProcessBackend {
         for (other, inbound, outbound) in &spec.cuts {
             cmd.arg("--lab-cut").arg(hook_spec(other, *inbound, *outbound));
         }
-        let place = [("--bind", "127.0.0.1".to_string()), ("--port", port.to_string())];
+        let place = [("--bind", self.ip.to_string()), ("--port", port.to_string())];
         cmd.args(merge_flags(&place, &with_lab_timing(&spec.flags)));
         cmd.args(&spec.bootstrap);
         cmd.env_remove("PORT").env_remove("PEER_NAME");
@@ -60,6 +68,11 @@ impl ProcessBackend {
             });
         }
         cmd
+    }
+
+    /// The loopback address this backend's peers listen on.
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
     }
 
     /// The process id of a running peer.
@@ -98,7 +111,7 @@ impl Backend for ProcessBackend {
             bail!("{} is already running", spec.name);
         }
         // A restarted peer asks for its old port, unless something else took it meanwhile.
-        let port = self.ports.get(&spec.name).copied().filter(|p| port_is_free(*p)).unwrap_or(0);
+        let port = self.ports.get(&spec.name).copied().filter(|p| port_is_free(self.ip, *p)).unwrap_or(0);
         let child = self
             .command(&spec, port)
             .spawn()
@@ -191,8 +204,8 @@ impl Proc {
     }
 }
 
-fn port_is_free(port: u16) -> bool {
-    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+fn port_is_free(ip: Ipv4Addr, port: u16) -> bool {
+    std::net::TcpListener::bind((ip, port)).is_ok()
 }
 
 fn send_signal(pid: u32, signal: i32) {
