@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 
-use crate::backend::{Backend, PeerSpec, Stop};
+use crate::backend::{self, Backend, PeerSpec, Stop};
 use crate::world::{Cuts, Delivery, Observed, World};
 
 /// How long a peer may take to start listening or to exit, before scaling.
@@ -356,7 +356,11 @@ impl<B: Backend> Lab<B> {
         let expected: Vec<(String, BTreeMap<String, String>)> = running
             .iter()
             .map(|n| {
-                let table = self.cuts_of(n).into_iter().map(|(o, i, out)| (o, direction(i, out).to_string())).collect();
+                let table = self
+                    .cuts_of(n)
+                    .into_iter()
+                    .map(|(o, i, out)| (o, backend::direction(i, out).to_string()))
+                    .collect();
                 (n.clone(), table)
             })
             .collect();
@@ -421,14 +425,6 @@ impl<B: Backend> Lab<B> {
                 }
             }
         }
-    }
-}
-
-fn direction(inbound: bool, outbound: bool) -> &'static str {
-    match (inbound, outbound) {
-        (true, false) => "in",
-        (false, true) => "out",
-        _ => "both",
     }
 }
 

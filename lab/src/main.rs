@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use meshlab_lab::backend::Backend;
+use meshlab_lab::backend::docker::{DEFAULT_IMAGE, DockerBackend};
 use meshlab_lab::backend::process::ProcessBackend;
 use meshlab_lab::runner::{self, RunOptions};
 use meshlab_lab::scenario::Scenario;
@@ -55,15 +56,20 @@ struct Common {
     /// Write report.json and report.html here.
     #[arg(long, value_name = "DIR")]
     report: Option<PathBuf>,
-    /// The peer binary [default: `peer` next to this program, else on PATH].
+    /// The peer binary for the process backend [default: `peer` next to this program, else on PATH].
     #[arg(long, env = "MESHLAB_PEER")]
     peer_bin: Option<PathBuf>,
+    /// The peer image for the docker backend (build it with scripts/build-image).
+    #[arg(long, default_value = DEFAULT_IMAGE)]
+    image: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum BackendKind {
-    /// Local processes on 127.0.0.1 (no privileges needed).
+    /// Local processes on a loopback address (no privileges needed).
     Process,
+    /// Containers of the peer image on a network of their own (needs a Docker engine).
+    Docker,
 }
 
 fn default_scenarios() -> PathBuf {
@@ -123,6 +129,13 @@ async fn run_all(scenarios: Vec<Scenario>, common: Common, seed: Option<u64>, in
             BackendKind::Process => {
                 run_one(scenario, ProcessBackend::new(&peer), &options, report_dir.as_deref(), interrupt).await
             }
+            BackendKind::Docker => match DockerBackend::connect(&common.image).await {
+                Ok(backend) => run_one(scenario, backend, &options, report_dir.as_deref(), interrupt).await,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::from(2);
+                }
+            },
         };
         match outcome {
             Ok(true) => {}

@@ -98,8 +98,8 @@ pub async fn run<B: Backend>(scenario: &Scenario, lab: &mut Lab<B>, options: &Ru
     let started_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     if options.progress {
         let scale = lab.backend().time_scale();
-        let scaled = if scale == 1.0 { String::new() } else { format!(", deadlines x{scale}") };
-        println!("{} ({} backend{scaled})", scenario.name, lab.backend().name());
+        let scaled = if scale == 1.0 { String::new() } else { format!("; deadlines x{scale}") };
+        println!("{} ({}{scaled})", scenario.name, lab.backend().describe());
         if !scenario.description.is_empty() {
             println!("  {}", scenario.description);
         }

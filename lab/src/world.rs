@@ -30,6 +30,16 @@ pub enum Observation {
     Exited(String),
 }
 
+impl Observation {
+    /// What a line on a peer's stdout means: an event, or a breach of the event contract.
+    pub fn from_stdout(line: &str) -> Observation {
+        match PeerEvent::parse(line) {
+            Ok(e) => Observation::Event(e),
+            Err(breach) => Observation::Breach(breach),
+        }
+    }
+}
+
 /// Directed cuts between peer names: (from, to) means traffic from → to is dropped.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cuts {

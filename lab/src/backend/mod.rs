@@ -3,6 +3,7 @@
 //! runs them: the process backend (local processes, the peer's lab hook for cuts) and the docker
 //! backend (containers, packet filtering for cuts) run the same files.
 
+pub mod docker;
 pub mod process;
 
 use std::time::Duration;
@@ -62,10 +63,51 @@ pub fn with_lab_timing(flags: &[String]) -> Vec<String> {
     merge_flags(&defaults, flags)
 }
 
+/// The `/lab` hook commands that take a peer from cuts `old` to cuts `new` (for backends that
+/// cut through the peer's lab hook).
+pub fn hook_commands(old: &[(String, bool, bool)], new: &[(String, bool, bool)]) -> String {
+    let mut lines = String::new();
+    for (other, _, _) in old.iter().filter(|c| !new.iter().any(|n| n.0 == c.0)) {
+        lines.push_str(&format!("/lab heal {other}\n"));
+    }
+    for cut in new.iter().filter(|c| !old.contains(c)) {
+        lines.push_str(&format!("/lab cut {} {}\n", cut.0, direction(cut.1, cut.2)));
+    }
+    lines
+}
+
+/// The hook's word for a cut: `in`, `out` or `both`.
+pub fn direction(inbound: bool, outbound: bool) -> &'static str {
+    match (inbound, outbound) {
+        (true, false) => "in",
+        (false, true) => "out",
+        _ => "both",
+    }
+}
+
+/// `--lab-cut` flags that start a peer with `cuts` in force.
+pub fn hook_flags(cuts: &[(String, bool, bool)]) -> Vec<String> {
+    let mut flags = vec!["--lab".to_string()];
+    for (other, inbound, outbound) in cuts {
+        flags.push("--lab-cut".into());
+        flags.push(match (inbound, outbound) {
+            (true, false) => format!("{other}:in"),
+            (false, true) => format!("{other}:out"),
+            _ => other.clone(),
+        });
+    }
+    flags
+}
+
 #[allow(async_fn_in_trait)]
 pub trait Backend {
     /// Short name for progress lines and reports.
     fn name(&self) -> &'static str;
+
+    /// A sentence on how this backend runs peers and cuts links, for the progress view.
+    fn describe(&self) -> String {
+        self.name().to_string()
+    }
 
     /// Scenario deadlines are multiplied by this (containers start slower than processes).
     fn time_scale(&self) -> f64;

@@ -21,8 +21,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
-use super::{Backend, PeerSpec, Stop, merge_flags, with_lab_timing};
-use crate::event::PeerEvent;
+use super::{Backend, PeerSpec, Stop, hook_commands, hook_flags, merge_flags, with_lab_timing};
 use crate::world::{Observation, Observed};
 
 pub struct ProcessBackend {
@@ -51,10 +50,7 @@ impl ProcessBackend {
 
     fn command(&self, spec: &PeerSpec, port: u16) -> Command {
         let mut cmd = Command::new(&self.peer_bin);
-        cmd.args(["--json", "--lab", "--name", &spec.name]);
-        for (other, inbound, outbound) in &spec.cuts {
-            cmd.arg("--lab-cut").arg(hook_spec(other, *inbound, *outbound));
-        }
+        cmd.args(["--json", "--name", &spec.name]).args(hook_flags(&spec.cuts));
         let place = [("--bind", self.ip.to_string()), ("--port", port.to_string())];
         cmd.args(merge_flags(&place, &with_lab_timing(&spec.flags)));
         cmd.args(&spec.bootstrap);
@@ -85,17 +81,13 @@ impl ProcessBackend {
     }
 }
 
-fn hook_spec(other: &str, inbound: bool, outbound: bool) -> String {
-    match (inbound, outbound) {
-        (true, false) => format!("{other}:in"),
-        (false, true) => format!("{other}:out"),
-        _ => other.to_owned(),
-    }
-}
-
 impl Backend for ProcessBackend {
     fn name(&self) -> &'static str {
         "process"
+    }
+
+    fn describe(&self) -> String {
+        format!("process backend: peers on {}, cuts through their lab hook", self.ip)
     }
 
     fn time_scale(&self) -> f64 {
@@ -163,18 +155,7 @@ impl Backend for ProcessBackend {
         if proc.cuts == cuts {
             return Ok(());
         }
-        let mut lines = String::new();
-        for (other, _, _) in proc.cuts.iter().filter(|c| !cuts.iter().any(|n| n.0 == c.0)) {
-            lines.push_str(&format!("/lab heal {other}\n"));
-        }
-        for (other, inbound, outbound) in cuts {
-            let dir = match (inbound, outbound) {
-                (true, false) => "in",
-                (false, true) => "out",
-                _ => "both",
-            };
-            lines.push_str(&format!("/lab cut {other} {dir}\n"));
-        }
+        let lines = hook_commands(&proc.cuts, cuts);
         proc.cuts = cuts.to_vec();
         proc.stdin.write_all(lines.as_bytes()).await.with_context(|| format!("cannot write to {name}'s stdin"))
     }
@@ -237,11 +218,7 @@ fn watch_child(
     let out = tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            let what = match PeerEvent::parse(&line) {
-                Ok(e) => Observation::Event(e),
-                Err(breach) => Observation::Breach(breach),
-            };
-            let _ = tx.send(obs(what));
+            let _ = tx.send(obs(Observation::from_stdout(&line)));
         }
     });
     let tx = events.clone();
