@@ -1,6 +1,8 @@
 //! Bad input from the network: each case closes the offending connection with a log line, and
 //! the peer and its mesh carry on (a neighbour keeps chatting with it afterwards).
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -93,6 +95,7 @@ async fn raw_bytes(addr: &str, bytes: &[u8], then_close: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_bytes() {
+    let _serial = support::shared();
     let (mut lab, addr) = pair(&[]).await;
     raw_bytes(&addr, b"\x00\x00\x00\x05abcde", false).await;
     lab.await_log("a", "not a meshlab preamble", WITHIN).await.unwrap();
@@ -103,6 +106,7 @@ async fn garbage_bytes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_frame() {
+    let _serial = support::shared();
     let (mut lab, addr) = pair(&[]).await;
     let mut bytes = vec![0, 0, 0, 100];
     bytes.extend_from_slice(&[b'{'; 10]);
@@ -113,6 +117,7 @@ async fn a_truncated_frame() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_length() {
+    let _serial = support::shared();
     let (mut lab, addr) = pair(&[]).await;
     raw_bytes(&addr, &[0xff, 0xff, 0xff, 0xff, 1, 2, 3], false).await;
     lab.await_log("a", "frame size too big", WITHIN).await.unwrap();
@@ -121,6 +126,7 @@ async fn an_oversized_length() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_json_after_the_handshake() {
+    let _serial = support::shared();
     let (mut lab, addr) = pair(&[]).await;
     let mut f = handshaken(&addr, hello(1, 1)).await;
     f.send(Bytes::from_static(b"{\"type\":\"chat\", oops")).await.unwrap();
@@ -131,6 +137,7 @@ async fn invalid_json_after_the_handshake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_message_type() {
+    let _serial = support::shared();
     let (mut lab, addr) = pair(&[]).await;
     let mut f = handshaken(&addr, hello(1, 1)).await;
     f.send(Bytes::from_static(b"{\"type\":\"launch_missiles\"}")).await.unwrap();
@@ -141,6 +148,7 @@ async fn an_unknown_message_type() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_protocol_version_is_refused_with_a_reason() {
+    let _serial = support::shared();
     let (mut lab, addr) = pair(&[]).await;
     let mut f = handshaken(&addr, hello(7, 9)).await;
     let mut refusal = None;
@@ -157,6 +165,7 @@ async fn a_wrong_protocol_version_is_refused_with_a_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_says_hello_is_timed_out() {
+    let _serial = support::shared();
     let (mut lab, addr) = pair(&["--handshake-timeout", "300ms"]).await;
     let silent = TcpStream::connect(&addr).await.unwrap();
     closed_by_peer(silent).await;
@@ -166,6 +175,7 @@ async fn a_client_that_never_says_hello_is_timed_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_connections_hits_the_cap_not_the_mesh() {
+    let _serial = support::shared();
     let (mut lab, addr) = pair(&["--max-conns", "16", "--handshake-timeout", "1s"]).await;
     let mut flood = Vec::new();
     for _ in 0..200 {
@@ -186,6 +196,7 @@ async fn a_flood_of_connections_hits_the_cap_not_the_mesh() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_given_its_own_address_ignores_it() {
+    let _serial = support::shared();
     let lab = new_lab();
     let ip = lab.backend().ip();
     let port = std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
@@ -198,6 +209,7 @@ async fn a_peer_given_its_own_address_ignores_it() {
 
 #[test]
 fn a_bootstrap_name_that_does_not_resolve_warns_once_and_keeps_retrying() {
+    let _serial = support::shared();
     let mut child = Command::new(env!("CARGO_BIN_EXE_peer"))
         .args(["--bind", "127.0.0.1", "--port", "0", "--redial-max", "200ms", "nosuchhost.invalid:4000"])
         .env_remove("PORT")

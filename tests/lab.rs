@@ -1,10 +1,14 @@
 //! The lab: every shipped scenario on the process backend, tests written against the lab's
 //! Rust API, bad scenario files, and checks that must fail.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use meshlab_lab::Lab;
+use meshlab_lab::backend::Backend;
+use meshlab_lab::backend::docker::{CutMethod, DockerBackend};
 use meshlab_lab::backend::process::ProcessBackend;
 use meshlab_lab::runner::{self, Report, RunOptions};
 use meshlab_lab::scenario::Scenario;
@@ -20,18 +24,36 @@ fn process_lab() -> Lab<ProcessBackend> {
 }
 
 async fn run_text(text: &str) -> Report {
+    let _serial = support::shared();
     let scenario = Scenario::parse("inline.toml", "inline", text).unwrap();
     runner::run(&scenario, &mut process_lab(), &RunOptions { progress: true, ..Default::default() }).await
 }
 
-async fn run_shipped(name: &str) -> Report {
+async fn run_shipped_on<B: Backend>(name: &str, lab: &mut Lab<B>) -> Report {
     let scenario = Scenario::load(&scenarios_dir().join(format!("{name}.toml"))).unwrap();
-    let report = runner::run(&scenario, &mut process_lab(), &RunOptions { progress: true, ..Default::default() }).await;
-    assert!(report.passed, "{name} failed: {:#?}", report.failure);
+    let report = runner::run(&scenario, lab, &RunOptions { progress: true, ..Default::default() }).await;
+    assert!(report.passed, "{name} failed on {}: {:#?}", report.backend, report.failure);
     let d = &report.delivery;
     assert!(d.owed > 0 && d.shown == d.owed, "{d:?}");
     assert_eq!((d.duplicated, d.out_of_order, d.gapped), (0, 0, 0));
     report
+}
+
+async fn run_shipped(name: &str) -> Report {
+    let _serial = support::shared();
+    run_shipped_on(name, &mut process_lab()).await
+}
+
+/// Runs a shipped scenario on containers, when a Docker engine is reachable.
+async fn run_shipped_on_docker(name: &str) {
+    let _serial = support::exclusive();
+    if !support::docker(name) {
+        return;
+    }
+    let backend = DockerBackend::connect(support::image()).await.unwrap();
+    assert_eq!(backend.cut_method(), &CutMethod::PacketFilter, "CI runs as root with iptables: cuts must be real");
+    let report = run_shipped_on(name, &mut Lab::new(backend)).await;
+    assert_eq!(report.backend, "docker");
 }
 
 #[test]
@@ -73,6 +95,7 @@ async fn thirty_two() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rust_api_reads_like_the_experiment() {
+    let _serial = support::shared();
     let mut lab = process_lab();
     lab.start(&["a"], &[], &[]).await.unwrap();
     lab.start(&["b", "c", "d"], &["a"], &[]).await.unwrap();
@@ -93,6 +116,7 @@ async fn the_rust_api_reads_like_the_experiment() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_way_cut_ends_with_the_pair_apart() {
+    let _serial = support::shared();
     let mut lab = process_lab();
     lab.start(&["a"], &[], &[]).await.unwrap();
     lab.start(&["b", "c"], &["a"], &[]).await.unwrap();
@@ -139,6 +163,7 @@ async fn a_mesh_check_that_should_fail_does_fail() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_check_that_should_fail_does_fail() {
+    let _serial = support::shared();
     let mut lab = process_lab();
     lab.start(&["p1"], &[], &[]).await.unwrap();
     lab.start(&["p2", "p3"], &["p1"], &[]).await.unwrap();
@@ -159,6 +184,54 @@ async fn the_overall_timeout_stops_a_run() {
     let failure = report.failure.unwrap();
     assert_eq!(failure.step, 2);
     assert!(failure.error.contains("did not finish within its timeout"), "{}", failure.error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_peer_demo_on_docker() {
+    run_shipped_on_docker("six-peer-demo").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_heal_on_docker() {
+    run_shipped_on_docker("partition-heal").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_on_docker() {
+    run_shipped_on_docker("churn").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_on_docker() {
+    run_shipped_on_docker("thirty-two").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_cuts_are_real_packet_drops_and_leave_nothing_behind() {
+    let _serial = support::exclusive();
+    if !support::docker("docker_cuts_are_real_packet_drops_and_leave_nothing_behind") {
+        return;
+    }
+    let mut lab = Lab::new(DockerBackend::connect(support::image()).await.unwrap());
+    lab.start(&["a"], &[], &[]).await.unwrap();
+    lab.start(&["b", "c"], &["a"], &[]).await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    lab.cut("a", "b", false).await.unwrap();
+    // No hook is involved: the peers see heartbeats stop, as after a pulled cable.
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    let downs: Vec<String> =
+        lab.world().timeline.iter().filter(|m| m.kind == "down").map(|m| m.detail.clone()).collect();
+    assert!(downs.contains(&"b (timeout)".to_string()) && downs.contains(&"a (timeout)".to_string()), "{downs:?}");
+    lab.say("a", "around the cut, through c").await.unwrap();
+    lab.await_delivery(Duration::from_secs(5)).await.unwrap();
+    lab.heal(None).await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    lab.shutdown().await;
+    let leftovers = std::process::Command::new("docker")
+        .args(["ps", "--all", "--quiet", "--filter", &format!("label=meshlab.lab.owner={}", std::process::id())])
+        .output()
+        .unwrap();
+    assert!(leftovers.stdout.is_empty(), "containers left behind");
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! Real `peer` processes on loopback, driven through the lab's API: discovery, delivery,
 //! kills, restarts and graceful leaves.
 
+mod support;
+
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -51,6 +53,7 @@ fn established_connections(pid: u32) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_six_peer_demo_ends_as_a_full_mesh_with_one_connection_per_pair() {
+    let _serial = support::shared();
     let mut lab = lab();
     six_peer_demo(&mut lab).await;
     for name in ["p1", "p2", "p3", "p4", "p5", "p6"] {
@@ -77,6 +80,7 @@ async fn the_six_peer_demo_ends_as_a_full_mesh_with_one_connection_per_pair() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_line_is_shown_exactly_once_by_every_other_peer() {
+    let _serial = support::shared();
     let mut lab = lab();
     six_peer_demo(&mut lab).await;
     for name in ["p1", "p2", "p3", "p4", "p5", "p6"] {
@@ -93,6 +97,7 @@ async fn every_line_is_shown_exactly_once_by_every_other_peer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_two_kills_the_rest_stay_meshed_and_keep_chatting() {
+    let _serial = support::shared();
     let mut lab = lab();
     six_peer_demo(&mut lab).await;
     lab.kill("p1").await.unwrap();
@@ -108,6 +113,7 @@ async fn after_two_kills_the_rest_stay_meshed_and_keep_chatting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_peer_rejoins_the_mesh() {
+    let _serial = support::shared();
     let mut lab = lab();
     six_peer_demo(&mut lab).await;
     lab.kill("p3").await.unwrap();
@@ -133,6 +139,7 @@ fn port_of(lab: &Lab<ProcessBackend>, name: &str) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_quits_is_told_apart_from_one_that_dies() {
+    let _serial = support::shared();
     let mut lab = lab();
     lab.start(&["a"], &[], &[]).await.unwrap();
     lab.start(&["b", "c"], &["a"], &[]).await.unwrap();
@@ -157,6 +164,7 @@ async fn a_peer_that_quits_is_told_apart_from_one_that_dies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_peers_started_together_form_a_full_mesh() {
+    let _serial = support::shared();
     let mut lab = lab();
     lab.start(&["seed"], &[], &[]).await.unwrap();
     let others: Vec<String> = (1..32).map(|i| format!("n{i:02}")).collect();
@@ -168,6 +176,7 @@ async fn thirty_two_peers_started_together_form_a_full_mesh() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_peers_dialling_each_other_at_once_keep_one_connection_and_no_flapping() {
+    let _serial = support::shared();
     let mut lab = lab();
     let ip = lab.backend().ip();
     let free = || std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
@@ -202,6 +211,7 @@ async fn two_peers_dialling_each_other_at_once_keep_one_connection_and_no_flappi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_peer_is_dropped_after_the_timeout_and_rejoins() {
+    let _serial = support::shared();
     let mut lab = lab();
     lab.start(&["a"], &[], &[]).await.unwrap();
     lab.start(&["b", "c"], &["a"], &[]).await.unwrap();

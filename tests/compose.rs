@@ -1,0 +1,138 @@
+//! The repository's docker-compose.yml, used as a person would: `up`, watch the mesh form in the
+//! containers' output, type a line into one container through `docker attach` (in a tmux
+//! terminal), see it shown by the five others, `down`.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const PEERS: [&str; 6] = ["peer1", "peer2", "peer3", "peer4", "peer5", "peer6"];
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// A compose project of the repository's file under a name of its own; `down` when dropped,
+/// whatever happened.
+struct Project {
+    name: String,
+}
+
+impl Project {
+    fn compose(&self) -> Command {
+        let mut c = support::compose();
+        c.current_dir(env!("CARGO_MANIFEST_DIR")).args(["-f", "docker-compose.yml", "-p", &self.name]);
+        c
+    }
+
+    fn container(&self, service: &str) -> String {
+        let out = run(self.compose().args(["ps", "-q", service]));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        let _ = self.compose().args(["down", "--timeout", "5"]).output();
+    }
+}
+
+/// A tmux session running one command in a terminal, killed when dropped.
+struct Terminal {
+    session: String,
+}
+
+impl Terminal {
+    fn open(session: &str, command: &str) -> Terminal {
+        run(Command::new("tmux").args(["new-session", "-d", "-s", session, "-x", "200", "-y", "50", command]));
+        Terminal { session: session.to_owned() }
+    }
+
+    fn type_line(&self, text: &str) {
+        run(Command::new("tmux").args(["send-keys", "-t", &self.session, "-l", text]));
+        run(Command::new("tmux").args(["send-keys", "-t", &self.session, "Enter"]));
+    }
+
+    fn screen(&self) -> String {
+        String::from_utf8(run(Command::new("tmux").args(["capture-pane", "-p", "-t", &self.session])).stdout).unwrap()
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux").args(["kill-session", "-t", &self.session]).output();
+    }
+}
+
+fn logs(id: &str) -> String {
+    let out = run(Command::new("docker").args(["logs", id]));
+    String::from_utf8_lossy(&out.stdout).replace('\r', "") + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// Distinct peers a container's chat view showed joining.
+fn joined(log: &str) -> usize {
+    let mut names: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("* ") && l.ends_with(" joined"))
+        .filter_map(|l| l.split('@').next())
+        .collect();
+    names.sort();
+    names.dedup();
+    names.len()
+}
+
+fn wait_for(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
+    let until = Instant::now() + deadline;
+    while !done() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn compose_up_gives_a_six_peer_mesh_to_chat_in() {
+    let _serial = support::exclusive();
+    if !support::docker("compose_up_gives_a_six_peer_mesh_to_chat_in") {
+        return;
+    }
+    support::image();
+    assert!(Path::new("/usr/bin/tmux").exists() || Command::new("tmux").arg("-V").output().is_ok(), "tmux is needed");
+
+    let project = Project { name: format!("meshlabtest{}", std::process::id()) };
+    run(project.compose().args(["up", "-d"]));
+    let ids: Vec<String> = PEERS.iter().map(|p| project.container(p)).collect();
+
+    // The mesh forms: every container's output shows the five others joining.
+    wait_for("every peer to show the five others joined", Duration::from_secs(30), || {
+        ids.iter().all(|id| joined(&logs(id)) == 5)
+    });
+    for id in &ids {
+        let log = logs(id);
+        assert!(!log.contains(" left") && !log.contains(" disconnected"), "no one left: {log}");
+    }
+
+    // Chat in peer3 through `docker attach`, as a person would.
+    let peer3 = &ids[2];
+    let session = format!("meshlab-compose-{}", std::process::id());
+    let terminal = Terminal::open(&session, &format!("docker attach --detach-keys=ctrl-p,ctrl-q {peer3}"));
+    let text = "hello from an attached terminal";
+    // The attach is live once the terminal answers a command typed into it.
+    wait_for("the attached terminal to answer /peers", Duration::from_secs(15), || {
+        terminal.type_line("/peers");
+        std::thread::sleep(Duration::from_millis(200));
+        terminal.screen().contains("* 5 peers:")
+    });
+    terminal.type_line(text);
+    let shown = |id: &String| logs(id).lines().filter(|l| l.starts_with("[peer3@") && l.ends_with(text)).count();
+    wait_for("the five others to show the line", Duration::from_secs(15), || {
+        ids.iter().filter(|id| *id != peer3).all(|id| shown(id) >= 1)
+    });
+    for (peer, id) in PEERS.iter().zip(&ids) {
+        let expected = usize::from(id != peer3);
+        assert_eq!(shown(id), expected, "{peer} shows the line {expected} time(s)");
+    }
+}

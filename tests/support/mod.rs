@@ -1,0 +1,83 @@
+//! Shared by the test files that use Docker or are timing-sensitive.
+//!
+//! Docker tests never run at the same time as each other or as timing-sensitive tests: they
+//! hold an exclusive lock, timing-sensitive tests a shared one (a `flock` on one file, so the
+//! rule holds across test binaries and test runners). Before the first Docker test of a run, the
+//! image is built from the current tree, so no test ever runs a stale image.
+
+#![allow(dead_code)] // each test file uses its own part of this module
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Held for the duration of a test.
+pub struct Serial(File);
+
+fn lock(kind: i32) -> Serial {
+    let file = File::create(std::env::temp_dir().join("meshlab-tests.lock")).expect("lock file");
+    // SAFETY: flock on a file descriptor we own; released when the file is closed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), kind) };
+    assert_eq!(rc, 0, "cannot lock the test lock file");
+    Serial(file)
+}
+
+/// For a test that uses Docker: no other Docker or timing-sensitive test runs meanwhile.
+pub fn exclusive() -> Serial {
+    lock(libc::LOCK_EX)
+}
+
+/// For a timing-sensitive test: may run beside others like it, never beside a Docker test.
+pub fn shared() -> Serial {
+    lock(libc::LOCK_SH)
+}
+
+fn engine_reachable() -> bool {
+    Command::new("docker").arg("info").output().is_ok_and(|o| o.status.success())
+}
+
+/// Whether Docker tests should run. Without a reachable engine they report themselves skipped,
+/// unless LAB_REQUIRE_DOCKER=1 (set by .ci/run wherever an engine exists), which makes a missing
+/// engine a failure.
+pub fn docker(test: &str) -> bool {
+    if engine_reachable() {
+        return true;
+    }
+    if std::env::var("LAB_REQUIRE_DOCKER").is_ok_and(|v| v == "1") {
+        panic!("{test}: LAB_REQUIRE_DOCKER=1 but no Docker engine is reachable");
+    }
+    eprintln!("SKIPPED {test}: no Docker engine reachable (set LAB_REQUIRE_DOCKER=1 to make this a failure)");
+    false
+}
+
+/// Builds the peer image from the current tree, once per test binary.
+pub fn image() -> &'static str {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-image");
+        let out = Command::new(script).output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        }
+    });
+    if let Err(e) = built {
+        panic!("scripts/build-image failed:\n{e}");
+    }
+    meshlab_lab::backend::docker::DEFAULT_IMAGE
+}
+
+/// `docker compose` where it exists, else `docker-compose`.
+pub fn compose() -> Command {
+    let v2 = Command::new("docker").args(["compose", "version"]).output().is_ok_and(|o| o.status.success());
+    if v2 {
+        let mut c = Command::new("docker");
+        c.arg("compose");
+        c
+    } else {
+        Command::new("docker-compose")
+    }
+}
