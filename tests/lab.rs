@@ -227,11 +227,48 @@ async fn docker_cuts_are_real_packet_drops_and_leave_nothing_behind() {
     lab.heal(None).await.unwrap();
     lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
     lab.shutdown().await;
-    let leftovers = std::process::Command::new("docker")
-        .args(["ps", "--all", "--quiet", "--filter", &format!("label=meshlab.lab.owner={}", std::process::id())])
-        .output()
-        .unwrap();
-    assert!(leftovers.stdout.is_empty(), "containers left behind");
+    assert_eq!(docker_leftovers(), "", "after a pass");
+}
+
+/// Containers and networks this test process's labs still own.
+fn docker_leftovers() -> String {
+    let owner = format!("label=meshlab.lab.owner={}", std::process::id());
+    let ps =
+        std::process::Command::new("docker").args(["ps", "--all", "--quiet", "--filter", &owner]).output().unwrap();
+    let nets =
+        std::process::Command::new("docker").args(["network", "ls", "--quiet", "--filter", &owner]).output().unwrap();
+    String::from_utf8_lossy(&ps.stdout).into_owned() + &String::from_utf8_lossy(&nets.stdout)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_leaves_nothing_behind_after_a_failed_check_or_a_panic() {
+    let _serial = support::exclusive();
+    if !support::docker("docker_leaves_nothing_behind_after_a_failed_check_or_a_panic") {
+        return;
+    }
+    let image = support::image();
+    // A check that fails: p1 accepts one connection only, so three peers cannot mesh.
+    let scenario = Scenario::parse(
+        "t.toml",
+        "t",
+        "[[step]]\nstart = \"p1\"\nflags = [\"--max-conns\", \"1\"]\n[[step]]\nstart = [\"p2\", \"p3\"]\nvia = \"p1\"\n[[step]]\nawait = \"mesh\"\nwithin = \"500ms\"\n",
+    )
+    .unwrap();
+    let mut lab = Lab::new(DockerBackend::connect(image).await.unwrap());
+    let report = runner::run(&scenario, &mut lab, &RunOptions::default()).await;
+    assert!(!report.passed);
+    assert_eq!(docker_leftovers(), "", "after a failed check");
+    // A test that panics while its containers run.
+    let outcome = std::thread::spawn(move || {
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            let mut lab = Lab::new(DockerBackend::connect(image).await.unwrap());
+            lab.start(&["a", "b"], &[], &[]).await.unwrap();
+            panic!("a test fails while its containers run");
+        })
+    })
+    .join();
+    assert!(outcome.is_err());
+    assert_eq!(docker_leftovers(), "", "after a panic");
 }
 
 #[test]
