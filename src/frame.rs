@@ -116,9 +116,11 @@ pub enum Message {
     Digest {
         have: BTreeMap<PeerId, u64>,
     },
-    /// Lines `..=upto` of `origin` are no longer held by anyone the sender knows of.
+    /// Lines `from..=upto` of `origin` are gone: the sender held them and let them go (older
+    /// than its history) or was told they were gone.
     Gap {
         origin: PeerId,
+        from: u64,
         upto: u64,
     },
     /// This connection duplicates another one between the same pair and is being closed.
@@ -182,6 +184,9 @@ impl Message {
                 Err(invalid("have", format!("more than {MAX_DIGEST} senders")))
             }
             Message::Refuse { reason } if reason.len() > 1024 => Err(invalid("reason", "too long")),
+            Message::Gap { from, upto, .. } if *from == 0 || from > upto => {
+                Err(invalid("gap", "needs 1 <= from <= upto"))
+            }
             _ => Ok(()),
         }
     }
@@ -248,7 +253,7 @@ mod tests {
             chat(1, "hi"),
             Message::Ping,
             Message::Digest { have },
-            Message::Gap { origin: id('c'), upto: 3 },
+            Message::Gap { origin: id('c'), from: 2, upto: 3 },
             Message::Goodbye,
             Message::Dup,
             Message::Peers { peers: vec![PeerInfo { id: id('d'), name: "d".into(), addr: "[::1]:5".into() }] },

@@ -126,6 +126,9 @@ impl Mesh {
             protocol: PROTOCOL_MAX,
             events: crate::output::EVENTS_VERSION,
         });
+        if let Some(hook) = &self.hook {
+            self.out.emit(&Event::Hook { cuts: hook.table() });
+        }
         self.out.flush();
         let (stdin_tx, mut stdin) = mpsc::channel(64);
         tokio::spawn(console::read_stdin(stdin_tx, self.cfg.lab));
@@ -299,8 +302,8 @@ impl Mesh {
                 }
             }
             Message::Digest { have } => self.answer_digest(&from, &have),
-            Message::Gap { origin, upto } => {
-                if let Some((missed, lines)) = self.store.skip(&origin, upto, now) {
+            Message::Gap { origin, from, upto } => {
+                if let Some((missed, lines)) = self.store.skip(&origin, from, upto, now) {
                     if missed > 0 {
                         let from = self.store.info(&origin);
                         self.out.emit(&Event::Gap { from: &from, missed, upto });

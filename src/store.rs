@@ -83,6 +83,9 @@ struct Origin {
     name: String,
     addr: String,
     mark: u64,
+    /// Lines up to here were never held by this peer (it met the sender after them): it can
+    /// neither send them nor say they are gone.
+    floor: u64,
     lines: VecDeque<Arc<Line>>,
     pending: BTreeMap<u64, Pending>,
     last_active: Instant,
@@ -221,11 +224,12 @@ impl Store {
         Received::Delivered(out)
     }
 
-    /// Lines `..=upto` of `origin` are gone for good: skip them. Returns how many were missed
-    /// and the buffered lines this unblocks.
-    pub fn skip(&mut self, origin: &PeerId, upto: u64, now: Instant) -> Option<(u64, Vec<Delivery>)> {
+    /// Lines `from..=upto` of `origin` are gone for good: skip them, if they continue what was
+    /// shown (a gap that starts beyond the watermark cannot be applied yet: the lines between
+    /// may still come). Returns how many were missed and the buffered lines this unblocks.
+    pub fn skip(&mut self, origin: &PeerId, from: u64, upto: u64, now: Instant) -> Option<(u64, Vec<Delivery>)> {
         let o = self.origins.get_mut(origin)?;
-        if upto <= o.mark || *origin == self.me {
+        if upto <= o.mark || from > o.mark.saturating_add(1) || *origin == self.me {
             return None;
         }
         // Buffered lines inside the skipped range are still shown; only the rest are missed.
@@ -233,8 +237,7 @@ impl Store {
         let missed = upto - o.mark - held.len() as u64;
         let unblocked: Vec<Pending> = held.iter().filter_map(|seq| o.pending.remove(seq)).collect();
         self.pending -= unblocked.len();
-        let out: Vec<Delivery> = unblocked.into_iter().map(|p| self.accept(p, now)).collect();
-        let mut out = out;
+        let mut out: Vec<Delivery> = unblocked.into_iter().map(|p| self.accept(p, now)).collect();
         let o = self.origins.get_mut(origin).expect("checked above");
         o.mark = upto;
         self.version += 1;
@@ -272,17 +275,19 @@ impl Store {
                 out.they_are_ahead = true;
                 continue;
             }
-            let mut expected = their_mark + 1;
-            let start = o.lines.partition_point(|l| l.seq <= their_mark);
+            // Below our floor we never held anything: others must answer for those lines.
+            let from = their_mark.max(o.floor);
+            let mut expected = from + 1;
+            let start = o.lines.partition_point(|l| l.seq <= from);
             for line in o.lines.range(start..) {
                 if line.seq > expected {
-                    out.messages.push(Message::Gap { origin: id.clone(), upto: line.seq - 1 });
+                    out.messages.push(Message::Gap { origin: id.clone(), from: expected, upto: line.seq - 1 });
                 }
                 out.messages.push(line.to_message(true));
                 expected = line.seq + 1;
             }
             if expected <= o.mark {
-                out.messages.push(Message::Gap { origin: id.clone(), upto: o.mark });
+                out.messages.push(Message::Gap { origin: id.clone(), from: expected, upto: o.mark });
             }
         }
         out
@@ -386,6 +391,7 @@ impl Origin {
             name: String::new(),
             addr: String::new(),
             mark,
+            floor: mark,
             lines: VecDeque::new(),
             pending: BTreeMap::new(),
             last_active: now,
@@ -493,8 +499,31 @@ mod tests {
         }
         assert_eq!(s.held(), 3);
         let c = s.catch_up_for(&[(id('b'), 0)].into());
-        assert_eq!(c.messages[0], Message::Gap { origin: id('b'), upto: 2 });
+        assert_eq!(c.messages[0], Message::Gap { origin: id('b'), from: 1, upto: 2 });
         assert_eq!(c.messages.len(), 4);
+    }
+
+    #[test]
+    fn a_peer_never_speaks_for_lines_below_its_floor() {
+        // We met b when it had said 10 lines: we never held 1..=10.
+        let now = Instant::now();
+        let mut s = Store::new(id('a'), 0, RET, now);
+        s.meet(&peer('b'), 10, now);
+        for seq in 11..=12 {
+            s.receive(chat('b', seq), id('b'), now);
+        }
+        // A neighbour that has 1..=5 gets 11 and 12, and no claim that 6..=10 are gone.
+        let c = s.catch_up_for(&[(id('b'), 5)].into());
+        assert!(c.messages.iter().all(|m| matches!(m, Message::Chat(_))), "{:?}", c.messages);
+        assert_eq!(c.messages.len(), 2);
+    }
+
+    #[test]
+    fn a_gap_beyond_the_watermark_waits() {
+        let (mut s, now) = store();
+        assert!(s.skip(&id('b'), 5, 9, now).is_none(), "1..=4 may still come");
+        let (missed, _) = s.skip(&id('b'), 1, 9, now).unwrap();
+        assert_eq!(missed, 9);
     }
 
     #[test]
@@ -502,10 +531,10 @@ mod tests {
         let (mut s, now) = store();
         s.receive(chat('b', 4), id('b'), now);
         s.receive(chat('b', 6), id('b'), now);
-        let (missed, shown) = s.skip(&id('b'), 5, now).unwrap();
+        let (missed, shown) = s.skip(&id('b'), 1, 5, now).unwrap();
         assert_eq!(missed, 4);
         assert_eq!(shown.iter().map(|d| d.line.seq).collect::<Vec<_>>(), vec![4, 6]);
-        assert!(s.skip(&id('b'), 3, now).is_none());
+        assert!(s.skip(&id('b'), 1, 3, now).is_none());
     }
 
     #[test]

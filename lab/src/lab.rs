@@ -91,6 +91,11 @@ impl<B: Backend> Lab<B> {
         &self.cuts
     }
 
+    /// Whether a peer was started with bootstrap peers.
+    pub fn has_bootstrap(&self, name: &str) -> bool {
+        self.configs.get(name).is_some_and(|c| !c.via.is_empty())
+    }
+
     /// Deadlines are scaled by the backend's factor.
     pub fn scaled(&self, d: Duration) -> Duration {
         d.mul_f64(self.backend.time_scale())

@@ -6,6 +6,7 @@
 //! ([`scenario`]) are read into steps and run by [`runner`], which also writes the report.
 
 pub mod backend;
+pub mod chaos;
 pub mod event;
 pub mod lab;
 pub mod report;

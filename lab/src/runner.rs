@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::backend::Backend;
+use crate::chaos::{self, ChaosRecord};
 use crate::lab::{Lab, LabError};
 use crate::scenario::{Action, Scenario, Step};
 use crate::world::{Delivery, Mark};
@@ -34,6 +35,9 @@ pub struct StepRecord {
     pub converged_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// For chaos steps: the seed, every fault applied and the lines said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chaos: Option<ChaosRecord>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -158,11 +162,13 @@ async fn run_step<B: Backend>(
         ok: outcome.is_ok(),
         converged_ms: None,
         detail: None,
+        chaos: None,
     };
     match outcome {
-        Ok(Outcome { converged, detail }) => {
+        Ok(Outcome { converged, detail, chaos }) => {
             record.converged_ms = converged.map(ms);
             record.detail = detail;
+            record.chaos = chaos;
         }
         Err(e) => {
             record.detail = Some(e.to_string());
@@ -177,6 +183,7 @@ async fn run_step<B: Backend>(
 struct Outcome {
     converged: Option<Duration>,
     detail: Option<String>,
+    chaos: Option<ChaosRecord>,
 }
 
 fn refs(v: &[String]) -> Vec<&str> {
@@ -212,17 +219,34 @@ async fn execute<B: Backend>(lab: &mut Lab<B>, action: &Action, options: &RunOpt
         }
         Action::AwaitMesh { peers, within } => {
             let took = lab.await_mesh(peers.as_deref(), *within).await?;
-            return Ok(Outcome { converged: Some(took), detail: Some(format!("converged in {:.1} ms", ms(took))) });
+            return Ok(Outcome {
+                converged: Some(took),
+                detail: Some(format!("converged in {:.1} ms", ms(took))),
+                chaos: None,
+            });
         }
         Action::AwaitDelivery { within } => {
             let (took, d) = lab.await_delivery(*within).await?;
             let detail = format!("{} lines, {} of {} owed showings in {:.1} ms", d.said, d.shown, d.owed, ms(took));
-            return Ok(Outcome { converged: Some(took), detail: Some(detail) });
+            return Ok(Outcome { converged: Some(took), detail: Some(detail), chaos: None });
         }
         Action::Sleep(d) => lab.sleep(*d).await?,
         Action::Chaos(spec) => {
-            let _ = (spec, options);
-            return Err(anyhow::anyhow!("the chaos step is not available yet").into());
+            let seed = options.seed.or(spec.seed).unwrap_or_else(rand::random);
+            if options.progress {
+                println!("        chaos seed {seed} (replay it with --seed {seed})");
+            }
+            let record = chaos::run(lab, spec, seed).await?;
+            let mut kinds = std::collections::BTreeMap::new();
+            for p in &record.faults {
+                if let chaos::Action::Fault(f) = &p.action {
+                    *kinds.entry(f.kind()).or_insert(0) += 1;
+                }
+            }
+            let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            let detail =
+                format!("seed {seed}: {} faults ({}), {} lines", record.faults.len(), kinds.join(", "), record.lines);
+            return Ok(Outcome { converged: None, detail: Some(detail), chaos: Some(record) });
         }
     }
     Ok(Outcome::default())
