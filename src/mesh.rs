@@ -302,8 +302,9 @@ impl Mesh {
                 }
             }
             Message::Digest { have } => self.answer_digest(&from, &have),
-            Message::Gap { origin, from, upto } => {
-                if let Some((missed, lines)) = self.store.skip(&origin, from, upto, now) {
+            Message::Gap { origin, from: first, upto } => {
+                tracing::debug!(origin = %origin.short(), first, upto, via = %from.short(), "gap received");
+                if let Some((missed, lines)) = self.store.skip(&origin, first, upto, now) {
                     if missed > 0 {
                         let from = self.store.info(&origin);
                         self.out.emit(&Event::Gap { from: &from, missed, upto });
@@ -333,6 +334,12 @@ impl Mesh {
     /// Sends a neighbour what its digest says it lacks, and our digest if it has more.
     fn answer_digest(&mut self, from: &PeerId, have: &std::collections::BTreeMap<PeerId, u64>) {
         let catch_up = self.store.catch_up_for(have);
+        for m in &catch_up.messages {
+            if let Message::Gap { origin, from: first, upto } = m {
+                let theirs = have.get(origin).copied().unwrap_or_default();
+                tracing::debug!(origin = %origin.short(), first, upto, theirs, to = %from.short(), "gap sent");
+            }
+        }
         let Some(n) = self.table.get_mut(from) else { return };
         for m in catch_up.messages {
             if n.room() <= CATCH_UP_RESERVE {

@@ -9,12 +9,18 @@ use anyhow::Context;
 
 use crate::runner::{Percentiles, Report};
 
-/// Writes `report.json` and `report.html` into `dir` (created if needed).
+/// Writes `report.json`, `report.html` and each peer's log (`logs/NAME.log`, its stderr) into
+/// `dir` (created if needed).
 pub fn write(dir: &Path, report: &Report) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("logs")).with_context(|| format!("cannot create {}", dir.display()))?;
     let json = serde_json::to_string_pretty(report).expect("reports serialise");
     std::fs::write(dir.join("report.json"), json).context("cannot write report.json")?;
     std::fs::write(dir.join("report.html"), html(report)).context("cannot write report.html")?;
+    for (peer, lines) in &report.logs {
+        let mut text = lines.join("\n");
+        text.push('\n');
+        std::fs::write(dir.join("logs").join(format!("{peer}.log")), text).context("cannot write a peer log")?;
+    }
     Ok(())
 }
 

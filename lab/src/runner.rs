@@ -88,6 +88,9 @@ pub struct Report {
     pub latency_catch_up: Percentiles,
     pub timeline: Vec<Mark>,
     pub mesh: MeshSnapshot,
+    /// Every peer's stderr (logs), by peer name; written as separate files, not in the JSON.
+    #[serde(skip)]
+    pub logs: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 pub fn ms(d: Duration) -> f64 {
@@ -294,6 +297,7 @@ fn finish<B: Backend>(
         latency_catch_up: Percentiles::of(&catch_up),
         timeline: world.timeline.clone(),
         mesh,
+        logs: world.logs().iter().map(|(n, l)| (n.clone(), l.iter().cloned().collect())).collect(),
     }
 }
 

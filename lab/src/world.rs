@@ -198,6 +198,8 @@ pub struct World {
     gapped_upto: HashMap<(String, String), u64>,
     link_up: HashMap<(String, String), Instant>,
     violations: Vec<Violation>,
+    /// Every peer's stderr across its processes, bounded per peer (for the report).
+    logs: BTreeMap<String, VecDeque<String>>,
     duplicated: usize,
     out_of_order: usize,
     pub timeline: Vec<Mark>,
@@ -219,6 +221,7 @@ impl World {
             gapped_upto: HashMap::new(),
             link_up: HashMap::new(),
             violations: Vec::new(),
+            logs: BTreeMap::new(),
             duplicated: 0,
             out_of_order: 0,
             timeline: Vec::new(),
@@ -261,7 +264,12 @@ impl World {
                 if p.stderr.len() == STDERR_KEPT {
                     p.stderr.pop_front();
                 }
-                p.stderr.push_back(line);
+                p.stderr.push_back(line.clone());
+                let log = self.logs.entry(o.peer.clone()).or_default();
+                if log.len() == STDERR_KEPT {
+                    log.pop_front();
+                }
+                log.push_back(format!("[{}] {line}", o.instance));
             }
             Observation::Exited(status) => {
                 p.running = false;
@@ -366,6 +374,11 @@ impl World {
     /// The name behind an id, if the lab has seen it.
     pub fn name_of(&self, id: &str) -> String {
         self.names.get(id).cloned().unwrap_or_else(|| format!("{}…", &id[..id.len().min(8)]))
+    }
+
+    /// Every peer's stderr lines, each prefixed with its process's instance number.
+    pub fn logs(&self) -> &BTreeMap<String, VecDeque<String>> {
+        &self.logs
     }
 
     pub fn violations(&self) -> &[Violation] {

@@ -210,6 +210,8 @@ impl Backend for DockerBackend {
         let body = ContainerCreateBody {
             image: Some(self.image.clone()),
             cmd: Some(self.args(&spec)),
+            // Like the process backend's children, containers log at the lab's RUST_LOG.
+            env: std::env::var("RUST_LOG").ok().map(|v| vec![format!("RUST_LOG={v}")]),
             hostname: Some(spec.name.clone()),
             labels: Some(labels()),
             open_stdin: Some(true),
