@@ -24,9 +24,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use crate::frame::{self, Hello, Message, PROTOCOL_MAX, PROTOCOL_MIN, Preamble, Security};
 use crate::id::random_u64;
 use crate::neighbours::{ConnId, Drops};
-
-/// Frames queued towards one neighbour before it counts as lagging.
-pub const QUEUE: usize = 4096;
+use crate::outbox::{Drain, Outbox, outbox};
 
 /// Who opened the connection.
 #[derive(Debug, Clone)]
@@ -48,7 +46,7 @@ pub struct Ready {
     /// The nonce we sent in our hello.
     pub our_nonce: u64,
     pub observed: SocketAddr,
-    pub tx: mpsc::Sender<Bytes>,
+    pub outbox: Outbox,
     pub drops: Arc<Drops>,
 }
 
@@ -179,26 +177,32 @@ pub async fn run(stream: TcpStream, role: Role, conn: ConnId, ctx: Arc<Context>)
     let peer = format!("{}@{}", crate::output::clean(&hello.name), observed);
     tracing::debug!(%peer, version, "handshake complete");
 
-    let (tx, rx) = mpsc::channel(QUEUE);
+    let (outbox, drain) = outbox();
     let drops = Arc::new(Drops::default());
-    let ready = Ready { conn, role, hello, version, our_nonce, observed, tx, drops: drops.clone() };
+    let ready = Ready { conn, role, hello, version, our_nonce, observed, outbox, drops: drops.clone() };
     if ctx.events.send(ConnEvent::Ready(Box::new(ready))).await.is_err() {
         return;
     }
-    let mut writing = tokio::spawn(write_loop(writer, rx, ctx.heartbeat, drops.clone()));
+    let mut writing = tokio::spawn(write_loop(writer, drain, ctx.heartbeat, drops.clone()));
+    let mut written = false;
     let reason = tokio::select! {
         reason = read_loop(&mut reader, conn, &ctx, &drops, &peer) => reason,
-        written = &mut writing => match written {
-            Ok(Ok(())) => CloseReason::Local,
-            _ => CloseReason::Closed,
-        },
+        result = &mut writing => {
+            written = true;
+            match result {
+                Ok(Ok(())) => CloseReason::Local,
+                _ => CloseReason::Closed,
+            }
+        }
     };
     if reason == CloseReason::Local {
         // The mesh closed this connection (or is gone): the writer flushes what was queued (a
         // goodbye, a dup notice) and shuts our side; then read until the other side closes too.
         // Closing with unread bytes would send a reset, which makes the other side discard our
         // last frames before reading them.
-        let _ = timeout(LINGER, &mut writing).await;
+        if !written {
+            let _ = timeout(LINGER, &mut writing).await;
+        }
         let drain = async { while let Some(Ok(_)) = reader.next().await {} };
         let _ = timeout(LINGER, drain).await;
     }
@@ -337,9 +341,10 @@ async fn read_loop(reader: &mut Reader, conn: ConnId, ctx: &Context, drops: &Dro
 /// Most frames written before a flush.
 const BATCH: usize = 64;
 
+/// Writes queued frames, and a heartbeat whenever the connection has been idle for an interval.
 async fn write_loop(
     mut writer: Writer,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut queue: Drain,
     heartbeat: Duration,
     drops: Arc<Drops>,
 ) -> std::io::Result<()> {
@@ -347,16 +352,17 @@ async fn write_loop(
     let mut tick = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let dropped = || drops.outbound.load(Ordering::Relaxed);
+    let mut last_write = Instant::now();
     loop {
         tokio::select! {
             biased;
-            next = rx.recv() => {
+            next = queue.recv() => {
                 let Some(payload) = next else { return SinkExt::<Bytes>::flush(&mut writer).await };
                 let mut batch = vec![payload];
                 while batch.len() < BATCH {
-                    match rx.try_recv() {
-                        Ok(p) => batch.push(p),
-                        Err(_) => break,
+                    match queue.try_recv() {
+                        Some(p) => batch.push(p),
+                        None => break,
                     }
                 }
                 if !dropped() {
@@ -364,9 +370,15 @@ async fn write_loop(
                         writer.feed(p).await?;
                     }
                     SinkExt::<Bytes>::flush(&mut writer).await?;
+                    last_write = Instant::now();
                 }
             }
-            _ = tick.tick() => if !dropped() { writer.send(ping.clone()).await? },
+            _ = tick.tick() => {
+                if !dropped() && last_write.elapsed() + heartbeat / 10 >= heartbeat {
+                    writer.send(ping.clone()).await?;
+                    last_write = Instant::now();
+                }
+            }
         }
     }
 }

@@ -55,11 +55,13 @@ struct Entry {
 pub struct DialBook {
     entries: HashMap<String, Entry>,
     schedule: Schedule,
+    /// How many entries are learned ones (kept for the cap).
+    learned: usize,
 }
 
 impl DialBook {
     pub fn new(schedule: Schedule) -> DialBook {
-        DialBook { entries: HashMap::new(), schedule }
+        DialBook { entries: HashMap::new(), schedule, learned: 0 }
     }
 
     pub fn add_bootstrap(&mut self, addr: &str, now: Instant) {
@@ -69,7 +71,7 @@ impl DialBook {
     /// A member told us of `id` at `addr`. `first` is whether this side should dial first.
     pub fn learn(&mut self, addr: &str, id: &PeerId, first: bool, now: Instant) {
         let at = if first { now } else { now + self.schedule.polite };
-        let learned = self.entries.values().filter(|e| e.kind == Kind::Learned).count();
+        let learned = self.learned;
         match self.entries.get_mut(addr) {
             Some(e) => {
                 e.id = Some(id.clone());
@@ -84,6 +86,7 @@ impl DialBook {
                 let mut e = Entry::new(Kind::Learned, Some(id.clone()), Some(at));
                 e.expires = Some(now + self.schedule.give_up);
                 self.entries.insert(addr.to_owned(), e);
+                self.learned += 1;
             }
             None => {}
         }
@@ -166,9 +169,11 @@ impl DialBook {
         }
     }
 
-    /// `id` said goodbye: stop dialling it. Bootstrap entries stay, idle.
+    /// `id` said goodbye: stop dialling it. Bootstrap entries stay, idle (they are retried only
+    /// while this peer has no neighbour at all: a new process may answer there).
     pub fn left(&mut self, id: &PeerId) {
         self.entries.retain(|_, e| e.id.as_ref() != Some(id) || e.kind == Kind::Bootstrap);
+        self.count_learned();
         for e in self.entries.values_mut().filter(|e| e.id.as_ref() == Some(id)) {
             e.next = None;
         }
@@ -186,6 +191,11 @@ impl DialBook {
     /// Forgets learned addresses whose give-up time passed.
     pub fn expire(&mut self, now: Instant) {
         self.entries.retain(|_, e| e.in_flight || e.expires.is_none_or(|t| t > now));
+        self.count_learned();
+    }
+
+    fn count_learned(&mut self) {
+        self.learned = self.entries.values().filter(|e| e.kind == Kind::Learned).count();
     }
 
     pub fn len(&self) -> usize {

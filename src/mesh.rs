@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::addr;
 use crate::config::Config;
-use crate::connection::{self, CloseReason, ConnEvent, Context, QUEUE, Ready, Role};
+use crate::connection::{self, CloseReason, ConnEvent, Context, Ready, Role};
 use crate::console::{self, Input};
 use crate::dialbook::DialBook;
 use crate::frame::{Hello, MAX_GOSSIP, Message, PROTOCOL_MAX, PROTOCOL_MIN, PeerInfo, Security};
@@ -33,10 +33,10 @@ use crate::store::{Delivery, Received, Store};
 const MAX_DIALS: usize = 16;
 /// How long a peer whose connection was closed as a duplicate counts as up without one.
 const SWAP_GRACE: Duration = Duration::from_secs(2);
-/// Events handled before stdout is flushed and timers are checked.
+/// Connection events handled in one go before the loop looks at its other sources.
 const EVENT_BATCH: usize = 256;
-/// Catch-up stops filling a neighbour's queue below this much room (live lines keep flowing).
-const CATCH_UP_RESERVE: usize = QUEUE / 4;
+/// After a failed accept (out of file descriptors, say), accepting pauses this long.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// How long leaving waits for goodbyes to be flushed.
 const LEAVE_FLUSH: Duration = Duration::from_millis(500);
 
@@ -64,6 +64,7 @@ struct Mesh {
     tasks: TaskTracker,
     next_conn: ConnId,
     last_refusal_warning: Option<Instant>,
+    accept_paused_until: Option<Instant>,
     cfg: Config,
 }
 
@@ -112,6 +113,7 @@ impl Mesh {
             tasks: TaskTracker::new(),
             next_conn: 0,
             last_refusal_warning: None,
+            accept_paused_until: None,
             cfg,
         })
     }
@@ -129,14 +131,15 @@ impl Mesh {
         if let Some(hook) = &self.hook {
             self.out.emit(&Event::Hook { cuts: hook.table() });
         }
-        self.out.flush();
         let (stdin_tx, mut stdin) = mpsc::channel(64);
         tokio::spawn(console::read_stdin(stdin_tx, self.cfg.lab));
         let mut stdin_open = true;
         let mut sync = tokio::time::interval(self.cfg.sync_interval);
         loop {
             self.dial_due();
-            let wake = self.book.next_due().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let now = Instant::now();
+            let accepting = self.accept_paused_until.is_none_or(|t| t <= now);
+            let wake = self.next_wake(now);
             tokio::select! {
                 Some(event) = self.events.recv() => {
                     self.on_conn_event(event);
@@ -152,12 +155,11 @@ impl Mesh {
                     Some(input) => self.on_input(input),
                     None => stdin_open = false,
                 },
-                accepted = self.listener.accept() => self.on_accept(accepted).await,
+                accepted = self.listener.accept(), if accepting => self.on_accept(accepted),
                 _ = sync.tick() => self.on_tick(),
                 _ = sleep_until(wake) => {}
                 _ = shutdown.requested() => break,
             }
-            self.out.flush();
         }
         self.leave().await;
         Ok(())
@@ -235,7 +237,7 @@ impl Mesh {
         let neighbour = Neighbour {
             info: info.clone(),
             conn: r.conn,
-            tx: r.tx,
+            outbox: r.outbox,
             drops: r.drops,
             incarnation: h.incarnation,
             link,
@@ -331,9 +333,11 @@ impl Mesh {
         }
     }
 
-    /// Sends a neighbour what its digest says it lacks, and our digest if it has more.
+    /// Sends a neighbour what its digest says it lacks (as much as its queue has room for; the
+    /// rest in later rounds), and our digest if it has more.
     fn answer_digest(&mut self, from: &PeerId, have: &std::collections::BTreeMap<PeerId, u64>) {
-        let catch_up = self.store.catch_up_for(have);
+        let Some(room) = self.table.get_mut(from).map(|n| n.outbox.catch_up_room()) else { return };
+        let catch_up = self.store.catch_up_for(have, room);
         for m in &catch_up.messages {
             if let Message::Gap { origin, from: first, upto } = m {
                 let theirs = have.get(origin).copied().unwrap_or_default();
@@ -342,12 +346,9 @@ impl Mesh {
         }
         let Some(n) = self.table.get_mut(from) else { return };
         for m in catch_up.messages {
-            if n.room() <= CATCH_UP_RESERVE {
-                n.lagging = true;
-                break;
-            }
             n.send(m.encode());
         }
+        n.lagging |= catch_up.truncated;
         if catch_up.they_are_ahead {
             self.send_digest(from);
         }
@@ -423,13 +424,22 @@ impl Mesh {
         self.out.emit(&Event::Hook { cuts: hook.table() });
     }
 
-    async fn on_accept(&mut self, accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>) {
+    /// When the loop must wake up on its own: the next due dial (unless the dial limit is
+    /// reached: a finishing dial wakes it anyway) or the end of an accept pause.
+    fn next_wake(&self, now: Instant) -> Instant {
+        let far = now + Duration::from_secs(3600);
+        let dial = if self.book.in_flight() >= MAX_DIALS { None } else { self.book.next_due() };
+        let resume = self.accept_paused_until.filter(|t| *t > now);
+        dial.into_iter().chain(resume).min().unwrap_or(far)
+    }
+
+    fn on_accept(&mut self, accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>) {
         let (stream, from) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                // Out of file descriptors and the like: pause briefly rather than spin.
+                // Out of file descriptors and the like: pause accepting rather than spin.
                 tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
                 return;
             }
         };
@@ -510,10 +520,10 @@ impl Mesh {
         for mut n in self.table.drain() {
             n.send(bye.clone());
         }
-        self.out.flush();
         self.events.close();
         self.tasks.close();
         let _ = tokio::time::timeout(LEAVE_FLUSH, self.tasks.wait()).await;
+        self.out.close(LEAVE_FLUSH);
     }
 }
 

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::time::Instant;
 
 use crate::frame::PeerInfo;
 use crate::id::PeerId;
+use crate::outbox::{Outbox, Refused};
 
 /// Identifies one connection task.
 pub type ConnId = u64;
@@ -47,7 +47,7 @@ pub struct Link {
 pub struct Neighbour {
     pub info: PeerInfo,
     pub conn: ConnId,
-    pub tx: mpsc::Sender<Bytes>,
+    pub outbox: Outbox,
     pub drops: Arc<Drops>,
     pub incarnation: u64,
     pub link: Link,
@@ -63,20 +63,10 @@ pub struct Neighbour {
 
 impl Neighbour {
     /// Queues a frame; a full queue marks the neighbour as lagging (catch-up repairs it).
-    pub fn send(&mut self, frame: Bytes) -> bool {
-        match self.tx.try_send(frame) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                self.lagging = true;
-                false
-            }
-            Err(TrySendError::Closed(_)) => false,
+    pub fn send(&mut self, frame: Bytes) {
+        if self.outbox.push(frame) == Err(Refused::Full) {
+            self.lagging = true;
         }
-    }
-
-    /// Free room in the outbound queue.
-    pub fn room(&self) -> usize {
-        self.tx.capacity()
     }
 }
 
@@ -200,11 +190,11 @@ mod tests {
     }
 
     fn neighbour(conn: ConnId, dialer: char, nonce: u64, incarnation: u64) -> Neighbour {
-        let (tx, _rx) = mpsc::channel(1);
+        let (outbox, _drain) = crate::outbox::outbox();
         Neighbour {
             info: PeerInfo { id: id('b'), name: "b".into(), addr: "127.0.0.1:2".into() },
             conn,
-            tx,
+            outbox,
             drops: Arc::default(),
             incarnation,
             link: Link { dialer: id(dialer), nonce },

@@ -5,7 +5,9 @@
 //! network reach the terminal.
 
 use std::collections::BTreeMap;
-use std::io::{self, BufWriter, Stdout, Write};
+use std::io::{self, BufWriter, Write};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -99,44 +101,78 @@ pub const HELP: &str = "Type a line to send it to every peer. Commands:\n  \
     /quit   leave the mesh (also Ctrl-C)\n  \
     //text  send a line that starts with /";
 
+/// Events waiting for stdout before new ones are dropped.
+pub const OUTPUT_QUEUE: usize = 65_536;
+
+/// Writes events to stdout from a thread of its own, through a bounded queue: a reader that
+/// stops reading (a paused terminal, `peer | less`, a full pipe) never stalls the peer. If the
+/// queue fills, events are dropped and counted, with a warning on stderr.
 pub struct Output {
     json: bool,
-    out: BufWriter<Stdout>,
-    broken: bool,
+    queue: Option<SyncSender<Vec<u8>>>,
+    done: Receiver<()>,
+    dropped: u64,
 }
 
 impl Output {
     pub fn new(json: bool) -> Output {
-        Output { json, out: BufWriter::new(io::stdout()), broken: false }
+        let (queue, lines) = sync_channel::<Vec<u8>>(OUTPUT_QUEUE);
+        let (finished, done) = sync_channel(1);
+        std::thread::Builder::new()
+            .name("stdout".into())
+            .spawn(move || {
+                write_lines(lines);
+                let _ = finished.send(());
+            })
+            .expect("cannot start the stdout thread");
+        Output { json, queue: Some(queue), done, dropped: 0 }
     }
 
     pub fn emit(&mut self, event: &Event) {
-        let result = if self.json {
-            serde_json::to_writer(&mut self.out, event).map_err(io::Error::from).and_then(|_| self.out.write_all(b"\n"))
+        let line = if self.json {
+            let mut line = serde_json::to_vec(event).expect("events serialise");
+            line.push(b'\n');
+            line
         } else {
             match chat_view(event) {
-                View::Stdout(text) => writeln!(self.out, "{text}"),
+                View::Stdout(text) => format!("{text}\n").into_bytes(),
                 View::Stderr(text) => {
                     eprintln!("{text}");
-                    Ok(())
+                    return;
                 }
-                View::Nothing => Ok(()),
+                View::Nothing => return,
             }
         };
-        self.note(result);
+        let Some(queue) = &self.queue else { return };
+        if let Err(TrySendError::Full(_)) = queue.try_send(line) {
+            self.dropped += 1;
+            if self.dropped.is_power_of_two() {
+                tracing::warn!("stdout is not being read: {} events dropped so far", self.dropped);
+            }
+        }
     }
 
-    pub fn flush(&mut self) {
-        let result = self.out.flush();
-        self.note(result);
+    /// Lets the queued events out, waiting at most `wait` for stdout to take them.
+    pub fn close(&mut self, wait: Duration) {
+        self.queue = None;
+        let _ = self.done.recv_timeout(wait);
     }
+}
 
-    /// A closed stdout must not stop the peer: report it once and carry on.
-    fn note(&mut self, result: io::Result<()>) {
+/// The stdout thread: writes lines as they come, flushing whenever the queue runs dry.
+fn write_lines(lines: Receiver<Vec<u8>>) {
+    let mut out = BufWriter::new(io::stdout().lock());
+    let mut broken = false;
+    while let Ok(line) = lines.recv() {
+        let mut result = out.write_all(&line);
+        while let Ok(more) = lines.try_recv() {
+            result = result.and_then(|_| out.write_all(&more));
+        }
+        result = result.and_then(|_| out.flush());
         if let Err(e) = result {
-            if !self.broken {
+            if !broken {
                 tracing::warn!("cannot write to stdout ({e}); events are being dropped");
-                self.broken = true;
+                broken = true;
             }
         }
     }

@@ -75,6 +75,13 @@ pub struct Delivery {
 struct Pending {
     chat: Chat,
     via: PeerId,
+    since: Instant,
+}
+
+impl Pending {
+    fn size(&self) -> usize {
+        self.chat.text.len() + self.chat.name.len() + LINE_OVERHEAD
+    }
 }
 
 #[derive(Debug)]
@@ -109,6 +116,8 @@ pub enum Received {
 pub struct CatchUp {
     /// Lines and gap notices to send it, in order.
     pub messages: Vec<Message>,
+    /// The byte budget ran out before everything it lacks was listed: another round is needed.
+    pub truncated: bool,
     /// The neighbour holds lines we lack: send it our digest so it sends them.
     pub they_are_ahead: bool,
 }
@@ -121,7 +130,9 @@ pub struct Store {
     order: VecDeque<(PeerId, u64)>,
     lines: usize,
     bytes: usize,
+    /// Early lines buffered, in lines and bytes (bounded like the history).
     pending: usize,
+    pending_bytes: usize,
     /// Bumped whenever a watermark moves, so digests are sent only when they changed.
     version: u64,
 }
@@ -136,6 +147,7 @@ impl Store {
             lines: 0,
             bytes: 0,
             pending: 0,
+            pending_bytes: 0,
             version: 0,
         };
         store.origins.insert(me, Origin::new(my_seq, now));
@@ -205,21 +217,24 @@ impl Store {
         }
         let Some(o) = self.origins.get_mut(&chat.origin) else { return Received::Ignored };
         o.last_active = now;
-        let next = o.mark.saturating_add(1);
-        if chat.seq < next {
+        if chat.seq <= o.mark {
             return Received::Duplicate;
         }
-        if chat.seq > next {
-            if chat.seq - o.mark > PENDING_WINDOW || self.pending >= self.retention.lines {
+        if chat.seq > o.mark + 1 {
+            let p = Pending { chat, via, since: now };
+            let full = self.pending >= self.retention.lines || self.pending_bytes + p.size() > self.retention.bytes;
+            if p.chat.seq - o.mark > PENDING_WINDOW || full {
                 return Received::Ignored;
             }
-            if o.pending.insert(chat.seq, Pending { chat, via }).is_none() {
+            let size = p.size();
+            if o.pending.insert(p.chat.seq, p).is_none() {
                 self.pending += 1;
+                self.pending_bytes += size;
             }
             return Received::Buffered;
         }
         let origin = chat.origin.clone();
-        let mut out = vec![self.accept(Pending { chat, via }, now)];
+        let mut out = vec![self.accept(Pending { chat, via, since: now }, now)];
         out.extend(self.drain_pending(&origin, now));
         Received::Delivered(out)
     }
@@ -237,6 +252,7 @@ impl Store {
         let missed = upto - o.mark - held.len() as u64;
         let unblocked: Vec<Pending> = held.iter().filter_map(|seq| o.pending.remove(seq)).collect();
         self.pending -= unblocked.len();
+        self.pending_bytes -= unblocked.iter().map(Pending::size).sum::<usize>();
         let mut out: Vec<Delivery> = unblocked.into_iter().map(|p| self.accept(p, now)).collect();
         let o = self.origins.get_mut(origin).expect("checked above");
         o.mark = upto;
@@ -266,9 +282,11 @@ impl Store {
         out
     }
 
-    /// Answers a neighbour's digest: what it lacks that we hold, and whether it is ahead.
-    pub fn catch_up_for(&self, theirs: &BTreeMap<PeerId, u64>) -> CatchUp {
+    /// Answers a neighbour's digest: what it lacks that we hold (up to about `budget` bytes of
+    /// lines), and whether it is ahead.
+    pub fn catch_up_for(&self, theirs: &BTreeMap<PeerId, u64>, budget: usize) -> CatchUp {
         let mut out = CatchUp::default();
+        let mut spent = 0;
         for (id, &their_mark) in theirs {
             let Some(o) = self.origins.get(id) else { continue };
             if their_mark > o.mark {
@@ -277,14 +295,22 @@ impl Store {
             }
             // Below our floor we never held anything: others must answer for those lines.
             let from = their_mark.max(o.floor);
+            if from >= o.mark {
+                continue;
+            }
             let mut expected = from + 1;
             let start = o.lines.partition_point(|l| l.seq <= from);
             for line in o.lines.range(start..) {
+                if spent >= budget {
+                    out.truncated = true;
+                    return out;
+                }
                 if line.seq > expected {
                     out.messages.push(Message::Gap { origin: id.clone(), from: expected, upto: line.seq - 1 });
                 }
                 out.messages.push(line.to_message(true));
-                expected = line.seq + 1;
+                spent += line.size();
+                expected = line.seq.saturating_add(1);
             }
             if expected <= o.mark {
                 out.messages.push(Message::Gap { origin: id.clone(), from: expected, upto: o.mark });
@@ -293,8 +319,18 @@ impl Store {
         out
     }
 
-    /// Drops history older than the retention age.
+    /// Drops history, and early lines still waiting, older than the retention age.
     pub fn expire(&mut self, now: Instant) {
+        let age = self.retention.age;
+        for o in self.origins.values_mut() {
+            let stale: Vec<u64> =
+                o.pending.iter().filter(|(_, p)| now.duration_since(p.since) > age).map(|(s, _)| *s).collect();
+            for seq in stale {
+                let p = o.pending.remove(&seq).expect("key just listed");
+                self.pending -= 1;
+                self.pending_bytes -= p.size();
+            }
+        }
         while let Some((id, seq)) = self.order.front() {
             let stale = match self.origins.get(id).and_then(|o| o.lines.front()) {
                 Some(line) if line.seq == *seq => now.duration_since(line.stored) > self.retention.age,
@@ -313,7 +349,7 @@ impl Store {
     }
 
     fn accept(&mut self, p: Pending, now: Instant) -> Delivery {
-        let Pending { chat, via } = p;
+        let Pending { chat, via, .. } = p;
         let line = Arc::new(Line {
             origin: chat.origin,
             name: chat.name,
@@ -334,6 +370,7 @@ impl Store {
         let mut out = Vec::new();
         while let Some(p) = self.origins.get_mut(origin).and_then(|o| o.pending.remove(&o.mark.saturating_add(1))) {
             self.pending -= 1;
+            self.pending_bytes -= p.size();
             out.push(self.accept(p, now));
         }
         out
@@ -366,7 +403,8 @@ impl Store {
 
     fn compact_order(&mut self) {
         let origins = &self.origins;
-        self.order.retain(|(id, seq)| origins.get(id).is_some_and(|o| o.lines.iter().any(|l| l.seq == *seq)));
+        self.order
+            .retain(|(id, seq)| origins.get(id).is_some_and(|o| o.lines.binary_search_by_key(seq, |l| l.seq).is_ok()))
     }
 
     fn forget_least_active(&mut self) {
@@ -381,6 +419,7 @@ impl Store {
             self.lines -= o.lines.len();
             self.bytes -= o.lines.iter().map(|l| l.size()).sum::<usize>();
             self.pending -= o.pending.len();
+            self.pending_bytes -= o.pending.values().map(Pending::size).sum::<usize>();
         }
     }
 }
@@ -473,7 +512,7 @@ mod tests {
         }
         s.say("a", "mine".into(), 0, now);
         let theirs: BTreeMap<_, _> = [(id('b'), 2), (id('a'), 0), (id('e'), 9)].into();
-        let c = s.catch_up_for(&theirs);
+        let c = s.catch_up_for(&theirs, usize::MAX);
         let seqs: Vec<_> = c
             .messages
             .iter()
@@ -485,7 +524,7 @@ mod tests {
         assert_eq!(seqs, vec![(id('a'), 1), (id('b'), 3), (id('b'), 4), (id('b'), 5)]);
         assert!(!c.they_are_ahead);
         let ahead: BTreeMap<_, _> = [(id('b'), 9)].into();
-        assert!(s.catch_up_for(&ahead).they_are_ahead);
+        assert!(s.catch_up_for(&ahead, usize::MAX).they_are_ahead);
     }
 
     #[test]
@@ -498,7 +537,7 @@ mod tests {
             s.receive(chat('b', seq), id('b'), now);
         }
         assert_eq!(s.held(), 3);
-        let c = s.catch_up_for(&[(id('b'), 0)].into());
+        let c = s.catch_up_for(&[(id('b'), 0)].into(), usize::MAX);
         assert_eq!(c.messages[0], Message::Gap { origin: id('b'), from: 1, upto: 2 });
         assert_eq!(c.messages.len(), 4);
     }
@@ -513,9 +552,45 @@ mod tests {
             s.receive(chat('b', seq), id('b'), now);
         }
         // A neighbour that has 1..=5 gets 11 and 12, and no claim that 6..=10 are gone.
-        let c = s.catch_up_for(&[(id('b'), 5)].into());
+        let c = s.catch_up_for(&[(id('b'), 5)].into(), usize::MAX);
         assert!(c.messages.iter().all(|m| matches!(m, Message::Chat(_))), "{:?}", c.messages);
         assert_eq!(c.messages.len(), 2);
+    }
+
+    #[test]
+    fn catch_up_is_bounded_by_the_budget() {
+        let (mut s, now) = store();
+        for seq in 1..=50 {
+            s.receive(chat('b', seq), id('b'), now);
+        }
+        let c = s.catch_up_for(&[(id('b'), 0)].into(), 10 * (LINE_OVERHEAD + 4));
+        assert!(c.truncated);
+        assert!(c.messages.len() <= 11, "{}", c.messages.len());
+    }
+
+    #[test]
+    fn hostile_sequence_numbers_neither_panic_nor_poison_below_the_mark() {
+        let (mut s, now) = store();
+        s.receive(chat('b', 1), id('b'), now);
+        assert!(s.skip(&id('b'), 2, u64::MAX, now).is_some());
+        assert!(matches!(s.receive(chat('b', u64::MAX), id('b'), now), Received::Duplicate));
+        let c = s.catch_up_for(&[(id('b'), u64::MAX), (id('a'), u64::MAX)].into(), usize::MAX);
+        assert!(c.messages.is_empty());
+        let c = s.catch_up_for(&[(id('b'), 0)].into(), usize::MAX);
+        assert!(matches!(c.messages.last(), Some(Message::Gap { upto: u64::MAX, .. })));
+    }
+
+    #[test]
+    fn early_lines_are_bounded_in_bytes_and_expire() {
+        let now = Instant::now();
+        let ret = Retention { lines: 1000, bytes: 3 * (LINE_OVERHEAD + 8), age: Duration::from_secs(5) };
+        let mut s = Store::new(id('a'), 0, ret, now);
+        s.meet(&peer('b'), 0, now);
+        let results: Vec<bool> =
+            (10..15).map(|seq| matches!(s.receive(chat('b', seq), id('b'), now), Received::Buffered)).collect();
+        assert_eq!(results, vec![true, true, true, false, false]);
+        s.expire(now + Duration::from_secs(6));
+        assert!(matches!(s.receive(chat('b', 14), id('b'), now + Duration::from_secs(6)), Received::Buffered));
     }
 
     #[test]

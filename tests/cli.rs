@@ -1,11 +1,14 @@
 //! The peer's command line and `--json` event stream, as a user or a program sees them.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdout, Command, Stdio};
+mod support;
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
 
 use assert_cmd::prelude::*;
 use predicates::prelude::*;
 use serde_json::Value;
+use support::TimedLines;
 
 fn peer() -> Command {
     let mut cmd = Command::cargo_bin("peer").unwrap();
@@ -24,7 +27,7 @@ fn loopback() -> String {
 /// A peer on a free loopback port with its stdout as a stream of JSON events.
 struct Running {
     child: Child,
-    events: BufReader<ChildStdout>,
+    events: TimedLines,
 }
 
 impl Running {
@@ -37,14 +40,13 @@ impl Running {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let events = BufReader::new(child.stdout.take().unwrap());
+        let events = TimedLines::new(child.stdout.take().unwrap());
         Running { child, events }
     }
 
-    /// The next event, parsed; the stream's end fails the test.
+    /// The next event, parsed; silence or the stream's end fails the test.
     fn next(&mut self) -> Value {
-        let mut line = String::new();
-        assert!(self.events.read_line(&mut line).unwrap() > 0, "the peer's stdout ended");
+        let line = self.events.next();
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
     }
 
@@ -125,8 +127,7 @@ fn the_port_comes_from_the_environment_like_the_prototype() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let line = TimedLines::new(child.stdout.take().unwrap()).next();
     let _ = child.kill();
     let _ = child.wait();
     let e: Value = serde_json::from_str(&line).unwrap();
@@ -192,19 +193,15 @@ fn the_chat_view_shows_name_at_addr_and_notices_only() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut view = BufReader::new(b.stdout.take().unwrap());
-    let mut line = String::new();
-    view.read_line(&mut line).unwrap();
-    assert!(line.starts_with(&format!("* a@{ip}:")) && line.ends_with(" joined\n"), "{line:?}");
+    let view = TimedLines::new(b.stdout.take().unwrap());
+    let line = view.next();
+    assert!(line.starts_with(&format!("* a@{ip}:")) && line.ends_with(" joined"), "{line:?}");
     a.next_of("peer_up");
     a.say("hi \x1b[31mthere");
-    line.clear();
-    view.read_line(&mut line).unwrap();
-    assert_eq!(line, format!("[a@{}] hi \u{fffd}[31mthere\n", addr));
+    assert_eq!(view.next(), format!("[a@{}] hi \u{fffd}[31mthere", addr));
     a.say("/quit");
-    line.clear();
-    view.read_line(&mut line).unwrap();
-    assert!(line.starts_with("* a@") && line.ends_with(" left\n"), "{line:?}");
+    let line = view.next();
+    assert!(line.starts_with("* a@") && line.ends_with(" left"), "{line:?}");
     let _ = b.kill();
     let _ = b.wait();
 }

@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -207,6 +206,38 @@ async fn a_peer_given_its_own_address_ignores_it() {
     still_fine(&mut lab).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_of_digests_and_absurd_sequence_numbers_do_no_harm() {
+    let _serial = support::shared();
+    let (mut lab, addr) = pair(&[]).await;
+    for i in 0..300 {
+        lab.say("b", &format!("history line {i}")).await.unwrap();
+    }
+    lab.await_delivery(WITHIN).await.unwrap();
+    let b: PeerId = lab.world().peer("b").unwrap().id.clone().unwrap().parse().unwrap();
+    let mallory = hello(1, 1);
+    let Message::Hello(h) = &mallory else { unreachable!() };
+    let me = h.id.clone();
+    let mut f = handshaken(&addr, mallory).await;
+    // Never reading, ask a thousand times for all of b's history: a must neither buffer it all
+    // for us nor spin on it.
+    for _ in 0..1000 {
+        let have = [(b.clone(), 0)].into();
+        f.send(Message::Digest { have }.encode()).await.unwrap();
+    }
+    // Sequence numbers at the edge of u64, about ourselves and about a stranger.
+    let stranger = PeerId::random();
+    for m in [
+        Message::Digest { have: [(b.clone(), u64::MAX), (stranger.clone(), u64::MAX)].into() },
+        Message::Gap { origin: me.clone(), from: 1, upto: u64::MAX },
+        Message::Gap { origin: stranger, from: 1, upto: u64::MAX },
+        Message::Digest { have: [(me.clone(), u64::MAX)].into() },
+    ] {
+        f.send(m.encode()).await.unwrap();
+    }
+    still_fine(&mut lab).await;
+}
+
 #[test]
 fn a_bootstrap_name_that_does_not_resolve_warns_once_and_keeps_retrying() {
     let _serial = support::shared();
@@ -221,8 +252,9 @@ fn a_bootstrap_name_that_does_not_resolve_warns_once_and_keeps_retrying() {
         .unwrap();
     let mut warnings = 0;
     let mut retries = 0;
-    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
-        let line = line.unwrap();
+    let stderr = support::TimedLines::new(child.stderr.take().unwrap());
+    loop {
+        let line = stderr.next();
         if line.contains("cannot resolve nosuchhost.invalid:4000") {
             warnings += 1;
         }

@@ -225,11 +225,7 @@ async fn inflict<B: Backend>(lab: &mut Lab<B>, fault: &Fault) -> Result<(), LabE
     match fault {
         Fault::Kill { peer } => lab.kill(peer).await,
         Fault::Stop { peer } => lab.stop(peer).await,
-        Fault::Start { peer } => lab.restart(peer).await,
-        Fault::Restart { peer } => {
-            lab.kill(peer).await?;
-            lab.restart(peer).await
-        }
+        Fault::Start { peer } | Fault::Restart { peer } => lab.restart(peer).await,
         Fault::Partition { groups } => lab.partition(groups).await,
         Fault::Cut { a, b } => lab.cut(a, b, false).await,
         Fault::OneWay { from, to } => lab.cut(from, to, true).await,

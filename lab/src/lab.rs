@@ -104,14 +104,21 @@ impl<B: Backend> Lab<B> {
     /// Starts peers (all at once), each bootstrapping from the named peers, and waits until
     /// every one of them listens.
     pub async fn start(&mut self, names: &[&str], via: &[&str], flags: &[String]) -> Result<(), LabError> {
-        for name in names {
+        let each: Vec<(&str, Vec<String>)> = names.iter().map(|n| (*n, flags.to_vec())).collect();
+        self.start_each(&each, via).await
+    }
+
+    /// Like [`start`](Self::start), with flags of its own for each peer.
+    pub async fn start_each(&mut self, peers: &[(&str, Vec<String>)], via: &[&str]) -> Result<(), LabError> {
+        for (name, flags) in peers {
             if self.world.peer(name).is_some_and(|p| p.running) {
                 return Err(anyhow::anyhow!("{name} is already running").into());
             }
-            let config = PeerConfig { via: via.iter().map(|v| v.to_string()).collect(), flags: flags.to_vec() };
+            let config = PeerConfig { via: via.iter().map(|v| v.to_string()).collect(), flags: flags.clone() };
             self.configs.insert(name.to_string(), config);
         }
-        self.launch(names).await
+        let names: Vec<&str> = peers.iter().map(|(n, _)| *n).collect();
+        self.launch(&names).await
     }
 
     /// Stops a peer gracefully (SIGTERM: it says goodbye) and waits for it to exit.
@@ -124,14 +131,16 @@ impl<B: Backend> Lab<B> {
         self.halt(name, Stop::Kill).await
     }
 
-    /// Starts a peer again under the same name, bootstrap and flags (stopping it first if it
-    /// runs). Cuts in force apply to the new process too.
+    /// Starts a peer again under the same name, bootstrap and flags. A running peer is killed
+    /// first: a restart is a crash and a reboot, after which the others find the peer again by
+    /// its address (for a graceful one, `stop` then `start`). Cuts in force apply to the new
+    /// process too.
     pub async fn restart(&mut self, name: &str) -> Result<(), LabError> {
         if !self.configs.contains_key(name) {
             return Err(anyhow::anyhow!("{name} was never started").into());
         }
         if self.world.peer(name).is_some_and(|p| p.running) {
-            self.halt(name, Stop::Graceful).await?;
+            self.halt(name, Stop::Kill).await?;
         }
         self.launch(&[name]).await
     }

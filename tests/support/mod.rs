@@ -81,3 +81,37 @@ pub fn compose() -> Command {
         Command::new("docker-compose")
     }
 }
+
+/// Lines from a child's output with a deadline on each: a peer that goes quiet fails the test
+/// instead of hanging it.
+pub struct TimedLines {
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+/// How long a test waits for the next line before failing.
+pub const LINE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl TimedLines {
+    pub fn new(source: impl std::io::Read + Send + 'static) -> TimedLines {
+        use std::io::BufRead;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(source).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        TimedLines { lines }
+    }
+
+    /// The next line; fails the test if none comes within the deadline or the output ends.
+    pub fn next(&self) -> String {
+        match self.lines.recv_timeout(LINE_DEADLINE) {
+            Ok(line) => line,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("no output within {LINE_DEADLINE:?}"),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the output ended"),
+        }
+    }
+}

@@ -33,11 +33,12 @@ pub enum Stop {
     Kill,
 }
 
-/// Timing flags the lab gives every peer unless a scenario sets them: fast heartbeats so that
-/// cuts show within a second, and short redial backoff so that heals re-form quickly.
+/// Timing flags the lab gives every peer unless a scenario sets them: heartbeats fast enough
+/// that cuts show within two seconds (yet cheap enough for 32 peers on two cores), and short
+/// redial backoff so that heals re-form quickly.
 pub const LAB_TIMING: &[(&str, &str)] = &[
-    ("--heartbeat", "100ms"),
-    ("--timeout", "1s"),
+    ("--heartbeat", "300ms"),
+    ("--timeout", "2s"),
     ("--redial-max", "500ms"),
     ("--sync-interval", "200ms"),
     ("--handshake-timeout", "2s"),
