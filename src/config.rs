@@ -5,6 +5,7 @@
 //! [`Config::check`].
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser};
@@ -96,6 +97,11 @@ pub struct Config {
     /// How long lines are kept for catch-up.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub history_age: Duration,
+
+    /// Keep this peer's identity, sequence numbers, own lines and watermarks in DIR, so that a
+    /// restart resumes as the same member and catches up on what it missed.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 
     /// Enable the lab's fault-injection commands on stdin (/lab cut, /lab heal). Lab use only.
     #[arg(long)]

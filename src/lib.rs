@@ -17,6 +17,7 @@ pub mod neighbours;
 pub mod outbox;
 pub mod output;
 pub mod shutdown;
+pub mod state;
 pub mod store;
 
 pub use mesh::run;

@@ -27,6 +27,7 @@ use crate::id::{PeerId, random_u64};
 use crate::neighbours::{Admission, ConnId, Link, Neighbour, Table};
 use crate::output::{DownReason, Event, HELP, Output, msg_id};
 use crate::shutdown::Shutdown;
+use crate::state::{Identity, OwnLine, Restored, StateDir};
 use crate::store::{Delivery, Received, Store};
 
 /// Most dials in progress at once.
@@ -65,14 +66,42 @@ struct Mesh {
     next_conn: ConnId,
     last_refusal_warning: Option<Instant>,
     accept_paused_until: Option<Instant>,
+    /// The state directory, with --state-dir.
+    state: Option<StateDir>,
+    /// Lines and gaps decided but not yet shown: they are shown once the state records them.
+    unshown: Vec<Unshown>,
+    /// Senders met for the first time since the last commit (their starting watermark must be
+    /// recorded: after a restart, lines said since are still owed).
+    met: Vec<PeerId>,
     cfg: Config,
+}
+
+/// Something to show, waiting for the state directory to record it.
+enum Unshown {
+    Line(Delivery),
+    Gap { origin: PeerId, missed: u64, upto: u64 },
 }
 
 impl Mesh {
     fn new(cfg: Config, listener: TcpListener) -> anyhow::Result<Mesh> {
         let now = Instant::now();
-        let me = PeerId::random();
         let name = cfg.name();
+        let (state, me, restored) = match &cfg.state_dir {
+            Some(dir) => {
+                let (state, identity, restored) =
+                    StateDir::open(dir, || Identity { id: PeerId::random(), static_key: None })?;
+                (Some(state), identity.id, restored)
+            }
+            None => (None, PeerId::random(), Restored::default()),
+        };
+        let my_seq = restored.my_seq.max(restored.marks.get(&me).copied().unwrap_or(0));
+        let mut store = Store::new(me.clone(), my_seq, cfg.retention(), now);
+        for line in restored.own {
+            store.restore_own(&name, line, now);
+        }
+        for (id, mark) in restored.marks {
+            store.restore_mark(id, mark, now);
+        }
         let (events_tx, events) = mpsc::channel(1024);
         let ctx = Arc::new(Context {
             events: events_tx,
@@ -97,7 +126,7 @@ impl Mesh {
             None
         };
         Ok(Mesh {
-            store: Store::new(me.clone(), 0, cfg.retention(), now),
+            store,
             me,
             name,
             incarnation: random_u64(),
@@ -114,6 +143,9 @@ impl Mesh {
             next_conn: 0,
             last_refusal_warning: None,
             accept_paused_until: None,
+            state,
+            unshown: Vec::new(),
+            met: Vec::new(),
             cfg,
         })
     }
@@ -151,8 +183,18 @@ impl Mesh {
                     }
                 }
                 input = stdin.recv(), if stdin_open => match input {
-                    Some(Input::Quit) => break,
-                    Some(input) => self.on_input(input),
+                    Some(input) => {
+                        let mut batch = vec![input];
+                        while batch.len() < EVENT_BATCH {
+                            match stdin.try_recv() {
+                                Ok(input) => batch.push(input),
+                                Err(_) => break,
+                            }
+                        }
+                        if self.on_inputs(batch) == Flow::Quit {
+                            break;
+                        }
+                    }
                     None => stdin_open = false,
                 },
                 accepted = self.listener.accept(), if accepting => self.on_accept(accepted),
@@ -160,7 +202,9 @@ impl Mesh {
                 _ = sleep_until(wake) => {}
                 _ = shutdown.requested() => break,
             }
+            self.commit();
         }
+        self.commit();
         self.leave().await;
         Ok(())
     }
@@ -259,7 +303,9 @@ impl Mesh {
             Admission::Resumed => false,
             Admission::New => true,
         };
-        self.store.meet(&info, h.seq, now);
+        if self.store.meet(&info, h.seq, now) {
+            self.met.push(info.id.clone());
+        }
         if announce {
             self.out.emit(&Event::PeerUp { peer: &info, seq: h.seq, protocol: r.version });
             self.gossip(&info);
@@ -308,8 +354,7 @@ impl Mesh {
                 tracing::debug!(origin = %origin.short(), first, upto, via = %from.short(), "gap received");
                 if let Some((missed, lines)) = self.store.skip(&origin, first, upto, now) {
                     if missed > 0 {
-                        let from = self.store.info(&origin);
-                        self.out.emit(&Event::Gap { from: &from, missed, upto });
+                        self.unshown.push(Unshown::Gap { origin, missed, upto });
                     }
                     self.show(lines);
                 }
@@ -319,17 +364,55 @@ impl Mesh {
     }
 
     fn show(&mut self, lines: Vec<Delivery>) {
-        for d in lines {
-            let from = self.store.info(&d.line.origin);
-            self.out.emit(&Event::Message {
-                msg_id: msg_id(&d.line.origin, d.line.seq),
-                seq: d.line.seq,
-                from: &from,
-                via: &d.via,
-                text: &d.line.text,
-                sent_at_ms: d.line.sent_at_ms,
-                caught_up: d.caught_up,
-            });
+        self.unshown.extend(lines.into_iter().map(Unshown::Line));
+    }
+
+    /// Shows what was decided since the last commit, after the state directory (if any) has
+    /// durably recorded the watermarks it moves: a restart never shows a line twice.
+    fn commit(&mut self) {
+        if self.unshown.is_empty() && self.met.is_empty() {
+            return;
+        }
+        let met = std::mem::take(&mut self.met);
+        if let Some(state) = &mut self.state {
+            let moved: std::collections::BTreeMap<PeerId, u64> = self
+                .unshown
+                .iter()
+                .map(|u| match u {
+                    Unshown::Line(d) => &d.line.origin,
+                    Unshown::Gap { origin, .. } => origin,
+                })
+                .chain(&met)
+                .filter_map(|id| Some((id.clone(), self.store.mark(id)?)))
+                .collect();
+            if let Err(e) = state.marks(moved).and_then(|_| state.sync()) {
+                tracing::error!("cannot write the state directory: {e}");
+            }
+            if state.wants_compaction() {
+                if let Err(e) = state.compact(&self.store.own_lines(), &self.store.marks()) {
+                    tracing::error!("cannot compact the state directory: {e}");
+                }
+            }
+        }
+        for u in std::mem::take(&mut self.unshown) {
+            match u {
+                Unshown::Line(d) => {
+                    let from = self.store.info(&d.line.origin);
+                    self.out.emit(&Event::Message {
+                        msg_id: msg_id(&d.line.origin, d.line.seq),
+                        seq: d.line.seq,
+                        from: &from,
+                        via: &d.via,
+                        text: &d.line.text,
+                        sent_at_ms: d.line.sent_at_ms,
+                        caught_up: d.caught_up,
+                    });
+                }
+                Unshown::Gap { origin, missed, upto } => {
+                    let from = self.store.info(&origin);
+                    self.out.emit(&Event::Gap { from: &from, missed, upto });
+                }
+            }
         }
     }
 
@@ -389,28 +472,62 @@ impl Mesh {
         }
     }
 
-    fn on_input(&mut self, input: Input) {
-        match input {
-            Input::Say(text) => self.say(text),
-            Input::Peers => self.out.emit(&Event::Peers { peers: &self.table.infos() }),
-            Input::Help => self.out.emit(&Event::Help { text: HELP }),
-            Input::Lab(cmd) => self.apply_lab(cmd),
-            Input::Rejected(message) => self.out.emit(&Event::Error { message }),
-            Input::Quit => {}
+    /// Handles a batch of stdin inputs in order; consecutive lines are said together (one
+    /// write to the state directory for all of them).
+    fn on_inputs(&mut self, inputs: Vec<Input>) -> Flow {
+        let mut lines = Vec::new();
+        for input in inputs {
+            if let Input::Say(text) = input {
+                lines.push(text);
+                continue;
+            }
+            self.say(std::mem::take(&mut lines));
+            match input {
+                Input::Peers => self.out.emit(&Event::Peers { peers: &self.table.infos() }),
+                Input::Help => self.out.emit(&Event::Help { text: HELP }),
+                Input::Lab(cmd) => self.apply_lab(cmd),
+                Input::Rejected(message) => self.out.emit(&Event::Error { message }),
+                Input::Quit => return Flow::Quit,
+                Input::Say(_) => unreachable!("handled above"),
+            }
         }
+        self.say(lines);
+        Flow::Continue
     }
 
-    fn say(&mut self, text: String) {
-        let line = self.store.say(&self.name, text, unix_ms(), Instant::now());
-        self.out.emit(&Event::Sent {
-            msg_id: msg_id(&self.me, line.seq),
-            seq: line.seq,
-            text: &line.text,
-            queued: self.table.is_empty(),
-        });
-        let frame = line.to_message(false).encode();
-        for n in self.table.iter_mut() {
-            n.send(frame.clone());
+    /// Says lines: recorded in the state directory first (if any), then acknowledged (`sent`)
+    /// and sent to every neighbour. Nothing leaves this peer before it is recorded, so a restart
+    /// never reuses a sequence number another peer has seen.
+    fn say(&mut self, texts: Vec<String>) {
+        if texts.is_empty() {
+            return;
+        }
+        let sent_at_ms = unix_ms();
+        let first = self.store.my_seq() + 1;
+        let own: Vec<OwnLine> =
+            texts.into_iter().zip(first..).map(|(text, seq)| OwnLine { seq, text, sent_at_ms }).collect();
+        if let Some(state) = &mut self.state {
+            let written = own.iter().try_for_each(|l| state.said(l)).and_then(|_| state.sync());
+            if let Err(e) = written {
+                tracing::error!("cannot write the state directory: {e}");
+                let message = format!("cannot record {} lines in the state directory ({e}): not sent", own.len());
+                self.out.emit(&Event::Error { message });
+                return;
+            }
+        }
+        let now = Instant::now();
+        for own in own {
+            let line = self.store.say(&self.name, own.text, own.sent_at_ms, now);
+            self.out.emit(&Event::Sent {
+                msg_id: msg_id(&self.me, line.seq),
+                seq: line.seq,
+                text: &line.text,
+                queued: self.table.is_empty(),
+            });
+            let frame = line.to_message(false).encode();
+            for n in self.table.iter_mut() {
+                n.send(frame.clone());
+            }
         }
     }
 
@@ -525,6 +642,12 @@ impl Mesh {
         let _ = tokio::time::timeout(LEAVE_FLUSH, self.tasks.wait()).await;
         self.out.close(LEAVE_FLUSH);
     }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Quit,
 }
 
 /// Closes the losing connection of a pair, telling the other side why.

@@ -150,7 +150,11 @@ impl Store {
             pending_bytes: 0,
             version: 0,
         };
-        store.origins.insert(me, Origin::new(my_seq, now));
+        // A peer held every line it ever said: it may answer for all of them (sending those its
+        // history still holds and gaps for the rest), so its own floor is 0.
+        let mut own = Origin::new(my_seq, now);
+        own.floor = 0;
+        store.origins.insert(me, own);
         store
     }
 
@@ -162,9 +166,36 @@ impl Store {
         self.version
     }
 
-    /// The watermark of every known sender (for persistence and tests).
-    pub fn marks(&self) -> impl Iterator<Item = (&PeerId, u64)> {
-        self.origins.iter().map(|(id, o)| (id, o.mark))
+    /// The watermark of every known sender (for the state directory).
+    pub fn marks(&self) -> BTreeMap<PeerId, u64> {
+        self.origins.iter().map(|(id, o)| (id.clone(), o.mark)).collect()
+    }
+
+    /// The watermark of one sender.
+    pub fn mark(&self, id: &PeerId) -> Option<u64> {
+        self.origins.get(id).map(|o| o.mark)
+    }
+
+    /// This peer's own lines still held, oldest first (for the state directory).
+    pub fn own_lines(&self) -> Vec<crate::state::OwnLine> {
+        let own = &self.origins[&self.me].lines;
+        own.iter()
+            .map(|l| crate::state::OwnLine { seq: l.seq, text: l.text.clone(), sent_at_ms: l.sent_at_ms })
+            .collect()
+    }
+
+    /// Puts back a line this peer said before a restart, so that it can still be caught up.
+    pub fn restore_own(&mut self, name: &str, line: crate::state::OwnLine, now: Instant) {
+        let me = self.me.clone();
+        let line = Arc::new(Line {
+            origin: me,
+            name: name.into(),
+            seq: line.seq,
+            text: line.text,
+            sent_at_ms: line.sent_at_ms,
+            stored: now,
+        });
+        self.store(line);
     }
 
     /// Records a line said by this peer and returns it.
@@ -181,8 +212,10 @@ impl Store {
     }
 
     /// A sender met directly. New senders start at `seq`, the last line they had said.
-    pub fn meet(&mut self, peer: &PeerInfo, seq: u64, now: Instant) {
-        if !self.origins.contains_key(&peer.id) {
+    /// Returns whether the sender is new.
+    pub fn meet(&mut self, peer: &PeerInfo, seq: u64, now: Instant) -> bool {
+        let new = !self.origins.contains_key(&peer.id);
+        if new {
             if self.origins.len() >= MAX_ORIGINS {
                 self.forget_least_active();
             }
@@ -193,6 +226,7 @@ impl Store {
         o.last_active = now;
         o.name.clone_from(&peer.name);
         o.addr.clone_from(&peer.addr);
+        new
     }
 
     /// Name and address of a sender, as last known.
@@ -201,14 +235,11 @@ impl Store {
         PeerInfo { id: id.clone(), name: name.into(), addr: addr.into() }
     }
 
-    /// Whether `id` is a sender this peer has met.
-    pub fn knows(&self, id: &PeerId) -> bool {
-        self.origins.contains_key(id)
-    }
-
-    /// Restores a watermark kept across a restart.
+    /// Restores a watermark kept across a restart: lines up to it are not held here.
     pub fn restore_mark(&mut self, id: PeerId, mark: u64, now: Instant) {
-        self.origins.entry(id).or_insert_with(|| Origin::new(mark, now)).mark = mark;
+        if id != self.me {
+            self.origins.insert(id, Origin::new(mark, now));
+        }
     }
 
     pub fn receive(&mut self, chat: Chat, via: PeerId, now: Instant) -> Received {
@@ -427,8 +458,8 @@ impl Store {
 impl Origin {
     fn new(mark: u64, now: Instant) -> Origin {
         Origin {
-            name: String::new(),
-            addr: String::new(),
+            name: "?".into(),
+            addr: "?".into(),
             mark,
             floor: mark,
             lines: VecDeque::new(),

@@ -146,6 +146,62 @@ async fn a_newcomer_during_a_split_never_claims_lines_are_gone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_a_state_dir_comes_back_as_itself_and_catches_up_once() {
+    let _serial = support::shared();
+    let mut lab = process_lab();
+    lab.start(&["a"], &[], &[]).await.unwrap();
+    lab.keep_state("c");
+    lab.start(&["b", "c"], &["a"], &[]).await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    lab.say("c", "before the crash").await.unwrap();
+    lab.say("a", "c saw this one").await.unwrap();
+    lab.await_delivery(Duration::from_secs(5)).await.unwrap();
+    let id = lab.world().peer("c").unwrap().id.clone();
+
+    lab.kill("c").await.unwrap();
+    for i in 1..=5 {
+        lab.say("a", &format!("said while c was down, {i}")).await.unwrap();
+        lab.say("b", &format!("b too, {i}")).await.unwrap();
+    }
+    lab.await_delivery(Duration::from_secs(5)).await.unwrap();
+    lab.restart("c").await.unwrap();
+    assert_eq!(lab.world().peer("c").unwrap().id, id, "the same member");
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    lab.say("c", "back").await.unwrap();
+    let (_, d) = lab.await_delivery(Duration::from_secs(5)).await.unwrap();
+    // c owes nothing twice (the world fails at once on a duplicate) and missed nothing.
+    assert_eq!((d.lost.len(), d.duplicated, d.gapped), (0, 0, 0));
+    let seqs: Vec<u64> = lab.world().said().iter().filter(|s| Some(&s.origin) == id.as_ref()).map(|s| s.seq).collect();
+    assert_eq!(seqs, vec![1, 2], "c's sequence numbers continue across the restart");
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_said_alone_before_a_crash_is_delivered_after_the_restart() {
+    let _serial = support::shared();
+    let mut lab = process_lab();
+    for name in ["a", "b", "c"] {
+        lab.keep_state(name);
+    }
+    lab.start(&["a"], &[], &[]).await.unwrap();
+    lab.start(&["b", "c"], &["a"], &[]).await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    lab.kill("a").await.unwrap();
+    lab.kill("b").await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    lab.say("c", "said with nobody around").await.unwrap();
+    lab.await_delivery(Duration::from_secs(5)).await.unwrap(); // c confirmed it: it counts as said
+    lab.kill("c").await.unwrap();
+    lab.restart("a").await.unwrap();
+    lab.restart("b").await.unwrap();
+    lab.restart("c").await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    let (_, d) = lab.await_delivery(Duration::from_secs(5)).await.unwrap();
+    assert_eq!((d.owed, d.shown), (2, 2), "a and b show c's line once each");
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rust_api_reads_like_the_experiment() {
     let _serial = support::shared();
     let mut lab = process_lab();

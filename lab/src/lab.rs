@@ -53,6 +53,8 @@ pub struct Lab<B: Backend> {
     last_event_at: Instant,
     /// Extra flags for every peer (a scenario's `flags`).
     pub common_flags: Vec<String>,
+    /// Peers whose state directory outlives their processes.
+    keeps_state: std::collections::BTreeSet<String>,
 }
 
 impl<B: Backend> Lab<B> {
@@ -71,6 +73,7 @@ impl<B: Backend> Lab<B> {
             violations_reported: 0,
             last_event_at: now,
             common_flags: Vec::new(),
+            keeps_state: Default::default(),
         }
     }
 
@@ -89,6 +92,12 @@ impl<B: Backend> Lab<B> {
 
     pub fn cuts(&self) -> &Cuts {
         &self.cuts
+    }
+
+    /// From its next start on, `name` keeps its state directory (`--state-dir`) across
+    /// restarts: it comes back as the same member and catches up on what it missed.
+    pub fn keep_state(&mut self, name: &str) {
+        self.keeps_state.insert(name.to_owned());
     }
 
     /// Whether a peer was started with bootstrap peers.
@@ -299,7 +308,8 @@ impl<B: Backend> Lab<B> {
             self.written.remove(*name);
             let via = if config.via.is_empty() { String::new() } else { format!("via {}", config.via.join(", ")) };
             self.world.mark(name, "start", via);
-            let spec = PeerSpec { name: name.to_string(), bootstrap, flags, cuts };
+            let keep_state = self.keeps_state.contains(*name);
+            let spec = PeerSpec { name: name.to_string(), bootstrap, flags, cuts, keep_state };
             self.backend.start(spec, self.instances, self.events_tx.clone()).await?;
         }
         let deadline = Instant::now() + self.scaled(PROCESS_DEADLINE);

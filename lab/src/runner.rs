@@ -195,7 +195,14 @@ fn refs(v: &[String]) -> Vec<&str> {
 
 async fn execute<B: Backend>(lab: &mut Lab<B>, action: &Action, options: &RunOptions) -> Result<Outcome, LabError> {
     match action {
-        Action::Start { peers, via, flags } => lab.start(&refs(peers), &refs(via), flags).await?,
+        Action::Start { peers, via, flags, keep_state } => {
+            if *keep_state {
+                for p in peers {
+                    lab.keep_state(p);
+                }
+            }
+            lab.start(&refs(peers), &refs(via), flags).await?
+        }
         Action::Stop(peers) => {
             for p in peers {
                 lab.stop(p).await?;

@@ -47,7 +47,7 @@ pub struct Step {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    Start { peers: Vec<String>, via: Vec<String>, flags: Vec<String> },
+    Start { peers: Vec<String>, via: Vec<String>, flags: Vec<String>, keep_state: bool },
     Stop(Vec<String>),
     Kill(Vec<String>),
     Restart(Vec<String>),
@@ -113,6 +113,7 @@ struct RawStep {
     start: Option<OneOrMany>,
     via: Option<OneOrMany>,
     flags: Option<Vec<String>>,
+    keep_state: Option<bool>,
     stop: Option<OneOrMany>,
     kill: Option<OneOrMany>,
     restart: Option<OneOrMany>,
@@ -222,7 +223,7 @@ impl RawStep {
             many => return Err(format!("a step has one verb, this one has {}", many.join(" and "))),
         };
         let allowed: &[&str] = match verb {
-            "start" => &["via", "flags"],
+            "start" => &["via", "flags", "keep_state"],
             "cut" => &["one_way"],
             "say" => &["text", "count"],
             "await" => &["peers", "within"],
@@ -232,6 +233,7 @@ impl RawStep {
         let options = [
             ("via", self.via.is_some()),
             ("flags", self.flags.is_some()),
+            ("keep_state", self.keep_state.is_some()),
             ("one_way", self.one_way.is_some()),
             ("text", self.text.is_some()),
             ("count", self.count.is_some()),
@@ -251,6 +253,7 @@ impl RawStep {
                 peers: names(self.start)?,
                 via: self.via.map(OneOrMany::into_vec).unwrap_or_default(),
                 flags: self.flags.unwrap_or_default(),
+                keep_state: self.keep_state.unwrap_or(false),
             },
             "stop" => Action::Stop(names(self.stop)?),
             "kill" => Action::Kill(names(self.kill)?),
@@ -514,7 +517,7 @@ mod tests {
     fn errors_name_the_line() {
         assert_eq!(
             error("[[step]]\nstart = \"a\"\n[[step]]\njump = \"a\"\n"),
-            "t.toml:4: unknown field `jump`, expected one of `start`, `via`, `flags`, `stop`, `kill`, `restart`, `partition`, `cut`, `one_way`, `heal`, `say`, `text`, `count`, `await`, `peers`, `within`, `sleep`, `chaos`, `rate`, `seed`, `every`, `faults`, `note`"
+            "t.toml:4: unknown field `jump`, expected one of `start`, `via`, `flags`, `keep_state`, `stop`, `kill`, `restart`, `partition`, `cut`, `one_way`, `heal`, `say`, `text`, `count`, `await`, `peers`, `within`, `sleep`, `chaos`, `rate`, `seed`, `every`, `faults`, `note`"
         );
         assert_eq!(
             error("[[step]]\nstart = \"a\"\n\n[[step]]\nsay = \"b\"\ntext = \"x\"\n"),

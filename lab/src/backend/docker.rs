@@ -35,7 +35,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
-use super::{Backend, PeerSpec, Stop, hook_commands, hook_flags, with_lab_timing};
+use super::{Backend, PeerSpec, StateDirs, Stop, hook_commands, hook_flags, with_lab_timing};
 use crate::world::{Observation, Observed};
 
 /// The image scripts/build-image makes.
@@ -45,6 +45,8 @@ pub const TIME_SCALE: f64 = 3.0;
 const LABEL: &str = "meshlab.lab";
 const OWNER: &str = "meshlab.lab.owner";
 const PORT: u16 = 4000;
+/// Where a peer's state directory is mounted in its container.
+const STATE_MOUNT: &str = "/state";
 
 /// How links are cut.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +68,7 @@ pub struct DockerBackend {
     method: CutMethod,
     /// Every container this backend created and has not removed.
     created: Vec<String>,
+    states: StateDirs,
     shut: bool,
 }
 
@@ -100,6 +103,7 @@ impl DockerBackend {
             peers: HashMap::new(),
             method: probe_cut_method(),
             created: Vec::new(),
+            states: StateDirs::new(),
             shut: false,
         })
     }
@@ -122,6 +126,9 @@ impl DockerBackend {
 
     fn args(&self, spec: &PeerSpec) -> Vec<String> {
         let mut args = vec!["--json".into(), "--name".into(), spec.name.clone(), "--port".into(), PORT.to_string()];
+        if spec.keep_state {
+            args.extend(["--state-dir".to_string(), STATE_MOUNT.to_string()]);
+        }
         if let CutMethod::Hook(_) = self.method {
             args.extend(hook_flags(&spec.cuts));
         }
@@ -202,6 +209,10 @@ impl Backend for DockerBackend {
         }
         let ip = self.ip_of(&spec.name);
         let name = self.container_name(&spec.name);
+        let binds = match spec.keep_state {
+            true => Some(format!("{}:{STATE_MOUNT}", self.states.of(&spec.name)?.display())),
+            false => None,
+        };
         let endpoint = EndpointSettings {
             aliases: Some(vec![spec.name.clone()]),
             ipam_config: Some(EndpointIpamConfig { ipv4_address: Some(ip.to_string()), ..Default::default() }),
@@ -220,7 +231,11 @@ impl Backend for DockerBackend {
             attach_stdout: Some(true),
             attach_stderr: Some(true),
             tty: Some(false),
-            host_config: Some(HostConfig { network_mode: Some(self.network.clone()), ..Default::default() }),
+            host_config: Some(HostConfig {
+                network_mode: Some(self.network.clone()),
+                binds: binds.map(|b| vec![b]),
+                ..Default::default()
+            }),
             networking_config: Some(NetworkingConfig {
                 endpoints_config: Some(HashMap::from([(self.network.clone(), endpoint)])),
             }),

@@ -22,6 +22,46 @@ pub struct PeerSpec {
     pub flags: Vec<String>,
     /// Cuts in force when it starts: (other peer's name, drop inbound, drop outbound).
     pub cuts: Vec<(String, bool, bool)>,
+    /// Give it a state directory that outlives its process (`--state-dir`), the same one at
+    /// each start under this name.
+    pub keep_state: bool,
+}
+
+/// Per-name state directories on this host, removed with the backend.
+pub struct StateDirs {
+    root: std::path::PathBuf,
+}
+
+impl StateDirs {
+    pub fn new() -> StateDirs {
+        let root = std::env::temp_dir().join(format!(
+            "meshlab-lab-state-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        StateDirs { root }
+    }
+
+    /// The directory of `name`, created (writable by any user: container peers run unprivileged).
+    pub fn of(&self, name: &str) -> anyhow::Result<std::path::PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.root.join(name);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
+        Ok(dir)
+    }
+}
+
+impl Default for StateDirs {
+    fn default() -> Self {
+        StateDirs::new()
+    }
+}
+
+impl Drop for StateDirs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
 }
 
 /// How to stop a peer.

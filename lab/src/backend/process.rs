@@ -21,7 +21,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
-use super::{Backend, PeerSpec, Stop, hook_commands, hook_flags, merge_flags, with_lab_timing};
+use super::{Backend, PeerSpec, StateDirs, Stop, hook_commands, hook_flags, merge_flags, with_lab_timing};
 use crate::world::{Observation, Observed};
 
 pub struct ProcessBackend {
@@ -31,6 +31,7 @@ pub struct ProcessBackend {
     procs: HashMap<String, Proc>,
     /// Last port each name listened on, reused on restart.
     ports: HashMap<String, u16>,
+    states: StateDirs,
 }
 
 struct Proc {
@@ -45,12 +46,21 @@ impl ProcessBackend {
     pub fn new(peer_bin: impl Into<PathBuf>) -> ProcessBackend {
         let [a, b, c] = rand::random::<[u8; 3]>();
         let ip = Ipv4Addr::new(127, a.max(1), b, c.clamp(2, 254));
-        ProcessBackend { peer_bin: peer_bin.into(), ip, procs: HashMap::new(), ports: HashMap::new() }
+        ProcessBackend {
+            peer_bin: peer_bin.into(),
+            ip,
+            procs: HashMap::new(),
+            ports: HashMap::new(),
+            states: StateDirs::new(),
+        }
     }
 
-    fn command(&self, spec: &PeerSpec, port: u16) -> Command {
+    fn command(&self, spec: &PeerSpec, port: u16) -> anyhow::Result<Command> {
         let mut cmd = Command::new(&self.peer_bin);
         cmd.args(["--json", "--name", &spec.name]).args(hook_flags(&spec.cuts));
+        if spec.keep_state {
+            cmd.arg("--state-dir").arg(self.states.of(&spec.name)?);
+        }
         let place = [("--bind", self.ip.to_string()), ("--port", port.to_string())];
         cmd.args(merge_flags(&place, &with_lab_timing(&spec.flags)));
         cmd.args(&spec.bootstrap);
@@ -63,7 +73,7 @@ impl ProcessBackend {
                 Ok(())
             });
         }
-        cmd
+        Ok(cmd)
     }
 
     /// The loopback address this backend's peers listen on.
@@ -105,7 +115,7 @@ impl Backend for ProcessBackend {
         // A restarted peer asks for its old port, unless something else took it meanwhile.
         let port = self.ports.get(&spec.name).copied().filter(|p| port_is_free(self.ip, *p)).unwrap_or(0);
         let child = self
-            .command(&spec, port)
+            .command(&spec, port)?
             .spawn()
             .with_context(|| format!("cannot start {} ({})", spec.name, self.peer_bin.display()))?;
         let proc = watch_child(child, &spec.name, instance, events, spec.cuts.clone())?;
