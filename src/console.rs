@@ -51,10 +51,10 @@ async fn read_lines(mut input: impl AsyncRead + Unpin, tx: mpsc::Sender<Input>, 
                 }
                 Err(LinesCodecError::Io(_)) => Some(Input::Rejected("line is not valid UTF-8: not sent".into())),
             };
-            if let Some(input) = input {
-                if tx.send(input).await.is_err() {
-                    return;
-                }
+            if let Some(input) = input
+                && tx.send(input).await.is_err()
+            {
+                return;
             }
         }
         if eof {

@@ -388,10 +388,10 @@ impl Mesh {
             if let Err(e) = state.marks(moved).and_then(|_| state.sync()) {
                 tracing::error!("cannot write the state directory: {e}");
             }
-            if state.wants_compaction() {
-                if let Err(e) = state.compact(&self.store.own_lines(), &self.store.marks()) {
-                    tracing::error!("cannot compact the state directory: {e}");
-                }
+            if state.wants_compaction()
+                && let Err(e) = state.compact(&self.store.own_lines(), &self.store.marks())
+            {
+                tracing::error!("cannot compact the state directory: {e}");
             }
         }
         for u in std::mem::take(&mut self.unshown) {

@@ -169,11 +169,11 @@ fn write_lines(lines: Receiver<Vec<u8>>) {
             result = result.and_then(|_| out.write_all(&more));
         }
         result = result.and_then(|_| out.flush());
-        if let Err(e) = result {
-            if !broken {
-                tracing::warn!("cannot write to stdout ({e}); events are being dropped");
-                broken = true;
-            }
+        if let Err(e) = result
+            && !broken
+        {
+            tracing::warn!("cannot write to stdout ({e}); events are being dropped");
+            broken = true;
         }
     }
 }

@@ -320,10 +320,10 @@ fn print_step(r: &StepRecord, total: usize) {
         _ => String::new(),
     };
     println!("  {:>width$}/{total} {label:.<60} {status} {:>8.1} ms{detail}", r.index, r.elapsed_ms);
-    if !r.ok {
-        if let Some(d) = &r.detail {
-            println!("        line {}: {}", r.line, d.replace('\n', "\n        "));
-        }
+    if !r.ok
+        && let Some(d) = &r.detail
+    {
+        println!("        line {}: {}", r.line, d.replace('\n', "\n        "));
     }
     let _ = std::io::stdout().flush();
 }

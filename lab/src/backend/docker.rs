@@ -382,19 +382,19 @@ async fn remove_leftovers(docker: &Docker) {
     let filters = HashMap::from([("label".to_string(), vec![LABEL.to_string()])]);
     let list = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
     for c in docker.list_containers(Some(list)).await.unwrap_or_default() {
-        if !owner_alive(c.labels.as_ref()) {
-            if let Some(id) = c.id {
-                let force = RemoveContainerOptionsBuilder::new().force(true).build();
-                let _ = docker.remove_container(&id, Some(force)).await;
-            }
+        if !owner_alive(c.labels.as_ref())
+            && let Some(id) = c.id
+        {
+            let force = RemoveContainerOptionsBuilder::new().force(true).build();
+            let _ = docker.remove_container(&id, Some(force)).await;
         }
     }
     let list = ListNetworksOptionsBuilder::new().filters(&filters).build();
     for n in docker.list_networks(Some(list)).await.unwrap_or_default() {
-        if !owner_alive(n.labels.as_ref()) {
-            if let Some(id) = n.id {
-                let _ = docker.remove_network(&id).await;
-            }
+        if !owner_alive(n.labels.as_ref())
+            && let Some(id) = n.id
+        {
+            let _ = docker.remove_network(&id).await;
         }
     }
 }
