@@ -19,13 +19,22 @@ use crate::store::Retention;
     name = "peer",
     version,
     about = "A full-mesh peer-to-peer chat peer: client and server at once.",
+    args_conflicts_with_subcommands = true,
     long_about = "A full-mesh peer-to-peer chat peer: client and server at once.\n\n\
         Give it the address of any member and it connects to every live member. Each line typed \
         on stdin is shown once by every other peer. Commands: /peers, /help, /quit."
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     #[command(flatten)]
     pub config: Config,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Print a fresh random mesh key (64 hex characters) for --key-file or MESH_KEY.
+    Keygen,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -82,6 +91,15 @@ pub struct Config {
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     pub sync_interval: Duration,
 
+    /// Lines a second a neighbour may send of its own, on average; past it (and the burst) its
+    /// lines are refused for now, it is told so, and they are caught up later at this pace.
+    #[arg(long, default_value_t = 100.0)]
+    pub line_rate: f64,
+
+    /// Lines a neighbour may send of its own in a burst, above the rate.
+    #[arg(long, default_value_t = 10_000.0)]
+    pub line_burst: f64,
+
     /// Most open connections, incoming and outgoing together.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_conns: u32,
@@ -97,6 +115,12 @@ pub struct Config {
     /// How long lines are kept for catch-up.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub history_age: Duration,
+
+    /// A file holding the mesh key (64 hex characters; `peer keygen` prints one). With a key,
+    /// only peers holding it can join, and every connection is encrypted (Noise). The key can
+    /// also come from the environment variable MESH_KEY.
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
 
     /// Keep this peer's identity, sequence numbers, own lines and watermarks in DIR, so that a
     /// restart resumes as the same member and catches up on what it missed.
@@ -132,6 +156,9 @@ impl Config {
         if let Some((flag, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
             return Err(format!("{flag} must be greater than zero"));
         }
+        if !(self.line_rate > 0.0 && self.line_burst >= 1.0) {
+            return Err("--line-rate must be above 0 and --line-burst at least 1".into());
+        }
         if self.history_lines == 0 {
             return Err("--history-lines must be at least 1".into());
         }
@@ -145,6 +172,24 @@ impl Config {
     pub fn schedule(&self) -> Schedule {
         let base = Duration::from_millis(100).min(self.redial_max);
         Schedule { base, cap: self.redial_max, polite: Duration::from_millis(500), give_up: self.give_up }
+    }
+
+    /// The mesh key: from --key-file, else from MESH_KEY (empty means none).
+    pub fn mesh_key(&self) -> anyhow::Result<Option<crate::noise::MeshKey>> {
+        use anyhow::Context as _;
+        if let Some(path) = &self.key_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the mesh key {}", path.display()))?;
+            let key =
+                crate::noise::MeshKey::parse(&text).with_context(|| format!("bad mesh key in {}", path.display()))?;
+            return Ok(Some(key));
+        }
+        match std::env::var("MESH_KEY") {
+            Ok(text) if !text.trim().is_empty() => {
+                Ok(Some(crate::noise::MeshKey::parse(&text).context("bad mesh key in MESH_KEY")?))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// The name to use: --name, PEER_NAME, the host name, or "peer".

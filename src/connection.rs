@@ -22,8 +22,9 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::frame::{self, Hello, Message, PROTOCOL_MAX, PROTOCOL_MIN, Preamble, Security};
-use crate::id::random_u64;
+use crate::id::{PeerId, random_u64};
 use crate::neighbours::{ConnId, Drops};
+use crate::noise::{Handshake, Keys, NoiseError, Opener, Sealer};
 use crate::outbox::{Drain, Outbox, outbox};
 
 /// Who opened the connection.
@@ -90,15 +91,96 @@ pub struct Context {
     pub events: mpsc::Sender<ConnEvent>,
     /// Source address for outgoing connections (the --bind address, when not a wildcard).
     pub source: Option<IpAddr>,
-    pub security: Security,
+    /// The mesh key and our static key, in a private mesh.
+    pub keys: Option<Keys>,
+    pub reported: Reported,
     pub heartbeat: Duration,
     pub timeout: Duration,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
 }
 
-type Reader = FramedRead<OwnedReadHalf, LengthDelimitedCodec>;
-type Writer = FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>;
+impl Context {
+    pub fn security(&self) -> Security {
+        if self.keys.is_some() { Security::NoisePsk } else { Security::Open }
+    }
+}
+
+/// Remembers which failures were reported lately, so that a peer redialling every few seconds
+/// produces one log line, not one per attempt.
+#[derive(Default)]
+pub struct Reported(std::sync::Mutex<std::collections::HashMap<String, Instant>>);
+
+/// How long the same failure from the same place stays quiet after it was reported.
+const REPORT_EVERY: Duration = Duration::from_secs(60);
+
+impl Reported {
+    /// Whether `what` should be logged now.
+    pub fn first(&self, what: String) -> bool {
+        let mut seen = self.0.lock().expect("never poisoned: nothing panics while holding it");
+        let now = Instant::now();
+        if seen.len() > 1024 {
+            seen.retain(|_, at| now.duration_since(*at) < REPORT_EVERY);
+        }
+        match seen.get(&what) {
+            Some(at) if now.duration_since(*at) < REPORT_EVERY => false,
+            _ => {
+                seen.insert(what, now);
+                true
+            }
+        }
+    }
+}
+
+/// Frames from the other side, decrypted once the connection is keyed.
+struct Reader {
+    frames: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    open: Option<Opener>,
+}
+
+impl Reader {
+    /// The next frame, whole and (when keyed) decrypted. Cancel-safe: nothing is consumed until
+    /// a whole frame has arrived.
+    async fn next(&mut self) -> Option<std::io::Result<Bytes>> {
+        let raw = match self.frames.next().await? {
+            Ok(raw) => raw.freeze(),
+            Err(e) => return Some(Err(e)),
+        };
+        Some(match &mut self.open {
+            None => Ok(raw),
+            Some(open) => open.open(&raw).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+        })
+    }
+}
+
+/// Frames to the other side, encrypted once the connection is keyed.
+struct Writer {
+    frames: FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
+    seal: Option<Sealer>,
+}
+
+impl Writer {
+    fn wrap(&mut self, payload: Bytes) -> std::io::Result<Bytes> {
+        match &mut self.seal {
+            None => Ok(payload),
+            Some(seal) => seal.seal(&payload).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+        }
+    }
+
+    async fn feed(&mut self, payload: Bytes) -> std::io::Result<()> {
+        let frame = self.wrap(payload)?;
+        self.frames.feed(frame).await
+    }
+
+    async fn send(&mut self, payload: Bytes) -> std::io::Result<()> {
+        let frame = self.wrap(payload)?;
+        self.frames.send(frame).await
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        SinkExt::<Bytes>::flush(&mut self.frames).await
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 enum HandshakeError {
@@ -116,6 +198,8 @@ enum HandshakeError {
     Refused(String),
     #[error("no handshake within {0:?}")]
     Timeout(Duration),
+    #[error("{0}")]
+    Noise(#[from] NoiseError),
     #[error("the peer is shutting down")]
     ShuttingDown,
 }
@@ -164,10 +248,11 @@ pub async fn run(stream: TcpStream, role: Role, conn: ConnId, ctx: Arc<Context>)
     };
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
-    let mut reader = FramedRead::new(rd, frame::codec());
-    let mut writer = FramedWrite::new(wr, frame::codec());
+    let mut reader = Reader { frames: FramedRead::new(rd, frame::codec()), open: None };
+    let mut writer = Writer { frames: FramedWrite::new(wr, frame::codec()), seal: None };
+    let initiator = matches!(role, Role::Dialer { .. });
 
-    let shaken = timeout(ctx.handshake_timeout, handshake(&mut reader, &mut writer, &ctx))
+    let shaken = timeout(ctx.handshake_timeout, handshake(&mut reader, &mut writer, &ctx, initiator))
         .await
         .unwrap_or(Err(HandshakeError::Timeout(ctx.handshake_timeout)));
     let (hello, version, our_nonce) = match shaken {
@@ -217,7 +302,10 @@ async fn handshake_failed(e: HandshakeError, role: Role, observed: SocketAddr, c
     match (&e, &role) {
         (HandshakeError::ShuttingDown, _) => {}
         (HandshakeError::Eof, Role::Acceptor) => tracing::debug!("connection from {observed} closed before its hello"),
-        _ => tracing::warn!("closing connection {} {observed}: {e}", direction(&role)),
+        _ if ctx.reported.first(format!("{} {}: {e}", direction(&role), observed.ip())) => {
+            tracing::warn!("closing connection {} {observed}: {e}", direction(&role))
+        }
+        _ => tracing::debug!("closing connection {} {observed}: {e}", direction(&role)),
     }
     if let Role::Dialer { target } = role {
         let error = e.to_string();
@@ -236,8 +324,9 @@ async fn handshake(
     reader: &mut Reader,
     writer: &mut Writer,
     ctx: &Context,
+    initiator: bool,
 ) -> Result<(Hello, u32, u64), HandshakeError> {
-    writer.send(frame::encode_preamble(ctx.security)).await?;
+    writer.send(frame::encode_preamble(ctx.security())).await?;
     let first = reader.next().await.ok_or(HandshakeError::Eof)??;
     let preamble: Preamble = match serde_json::from_slice(&first) {
         Ok(p) => p,
@@ -246,14 +335,18 @@ async fn handshake(
     if preamble.protocol != frame::PROTOCOL_NAME {
         return Err(HandshakeError::Preamble(format!("unknown protocol {:?}", preamble.protocol)));
     }
-    if preamble.security != ctx.security {
-        let reason = match ctx.security {
+    if preamble.security != ctx.security() {
+        let reason = match ctx.security() {
             Security::Open => "this peer runs an open mesh (no key) but the other side uses a mesh key",
             Security::NoisePsk => "this peer's mesh requires a key but the other side has none",
         };
         refuse(writer, reason).await;
         return Err(HandshakeError::Refused(reason.into()));
     }
+    let proven = match &ctx.keys {
+        Some(keys) => Some(noise(reader, writer, keys, initiator).await?),
+        None => None,
+    };
 
     let (want, got) = oneshot::channel();
     ctx.events.send(ConnEvent::HelloWanted(want)).await.map_err(|_| HandshakeError::ShuttingDown)?;
@@ -261,13 +354,20 @@ async fn handshake(
     ours.nonce = random_u64();
     writer.send(Message::Hello(ours.clone()).encode()).await?;
 
-    let payload = reader.next().await.ok_or(HandshakeError::Eof)??;
+    let payload = read_hello_frame(reader).await?;
     let theirs = match Message::decode(&payload) {
         Ok(Message::Hello(h)) => h,
         Ok(Message::Refuse { reason }) => return Err(HandshakeError::RefusedByRemote(reason)),
         Ok(other) => return Err(HandshakeError::Hello(format!("expected hello, got {}", kind(&other)))),
         Err(e) => return Err(HandshakeError::Hello(e.to_string())),
     };
+    if let Some(id) = proven
+        && theirs.id != id
+    {
+        let reason = "the hello claims an id that the peer's key does not prove";
+        refuse(writer, reason).await;
+        return Err(HandshakeError::Refused(reason.into()));
+    }
     let Some(version) = frame::negotiate((PROTOCOL_MIN, PROTOCOL_MAX), (theirs.min_version, theirs.max_version)) else {
         let reason = format!(
             "no common protocol version: this peer speaks {PROTOCOL_MIN}..={PROTOCOL_MAX}, the other side {}..={}",
@@ -277,6 +377,50 @@ async fn handshake(
         return Err(HandshakeError::Refused(reason));
     };
     Ok((theirs, version, ours.nonce))
+}
+
+/// The Noise XXpsk3 handshake (the dialler initiates). Returns the id the other side's static
+/// key proves. A responder that cannot read the third message (another mesh key, or none)
+/// refuses in clear, so that the initiator can say why.
+async fn noise(
+    reader: &mut Reader,
+    writer: &mut Writer,
+    keys: &Keys,
+    initiator: bool,
+) -> Result<PeerId, HandshakeError> {
+    let mut hs = Handshake::new(keys, initiator)?;
+    if initiator {
+        writer.send(hs.write()?).await?;
+        let second = reader.next().await.ok_or(HandshakeError::Eof)??;
+        if let Err(e) = hs.read(&second) {
+            return Err(refusal_or(&second, e.into()));
+        }
+        writer.send(hs.write()?).await?;
+    } else {
+        let first = reader.next().await.ok_or(HandshakeError::Eof)??;
+        hs.read(&first)?;
+        writer.send(hs.write()?).await?;
+        let third = reader.next().await.ok_or(HandshakeError::Eof)??;
+        if hs.read(&third).is_err() {
+            let reason = "wrong mesh key: the other side does not hold this mesh's key";
+            refuse(writer, reason).await;
+            return Err(HandshakeError::Refused(reason.into()));
+        }
+    }
+    let (transport, remote) = hs.finish()?;
+    reader.open = Some(transport.open);
+    writer.seal = Some(transport.seal);
+    Ok(remote)
+}
+
+/// The frame that should hold the other side's hello. In a keyed mesh, one that cannot be
+/// decrypted may be the other side's refusal in clear (our key was wrong): report that.
+async fn read_hello_frame(reader: &mut Reader) -> Result<Bytes, HandshakeError> {
+    let raw = reader.frames.next().await.ok_or(HandshakeError::Eof)??.freeze();
+    match &mut reader.open {
+        None => Ok(raw),
+        Some(open) => open.open(&raw).map_err(|e| refusal_or(&raw, e.into())),
+    }
 }
 
 /// A frame that is not a preamble may be the other side's refusal: report that instead.
@@ -357,7 +501,7 @@ async fn write_loop(
         tokio::select! {
             biased;
             next = queue.recv() => {
-                let Some(payload) = next else { return SinkExt::<Bytes>::flush(&mut writer).await };
+                let Some(payload) = next else { return writer.flush().await };
                 let mut batch = vec![payload];
                 while batch.len() < BATCH {
                     match queue.try_recv() {
@@ -369,7 +513,7 @@ async fn write_loop(
                     for p in batch {
                         writer.feed(p).await?;
                     }
-                    SinkExt::<Bytes>::flush(&mut writer).await?;
+                    writer.flush().await?;
                     last_write = Instant::now();
                 }
             }

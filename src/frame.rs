@@ -127,6 +127,10 @@ pub enum Message {
     Dup,
     /// The sender leaves the mesh: do not redial it.
     Goodbye,
+    /// A word for the receiver's user (for example: you are sending too fast).
+    Notice {
+        text: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +187,9 @@ impl Message {
             Message::Digest { have } if have.len() > MAX_DIGEST => {
                 Err(invalid("have", format!("more than {MAX_DIGEST} senders")))
             }
-            Message::Refuse { reason } if reason.len() > 1024 => Err(invalid("reason", "too long")),
+            Message::Refuse { reason } | Message::Notice { text: reason } if reason.len() > 1024 => {
+                Err(invalid("text", "too long"))
+            }
             Message::Gap { from, upto, .. } if *from == 0 || from > upto => {
                 Err(invalid("gap", "needs 1 <= from <= upto"))
             }

@@ -14,6 +14,7 @@ pub mod hook;
 pub mod id;
 pub mod mesh;
 pub mod neighbours;
+pub mod noise;
 pub mod outbox;
 pub mod output;
 pub mod shutdown;

@@ -1,10 +1,14 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
-use meshlab::config::Cli;
+use meshlab::config::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Keygen) = cli.command {
+        println!("{}", meshlab::noise::MeshKey::generate().to_hex());
+        return ExitCode::SUCCESS;
+    }
     if let Err(why) = cli.config.check() {
         Cli::command().error(clap::error::ErrorKind::ArgumentConflict, why).exit();
     }

@@ -21,10 +21,11 @@ use crate::config::Config;
 use crate::connection::{self, CloseReason, ConnEvent, Context, Ready, Role};
 use crate::console::{self, Input};
 use crate::dialbook::DialBook;
-use crate::frame::{Hello, MAX_GOSSIP, Message, PROTOCOL_MAX, PROTOCOL_MIN, PeerInfo, Security};
+use crate::frame::{Hello, MAX_GOSSIP, Message, PROTOCOL_MAX, PROTOCOL_MIN, PeerInfo};
 use crate::hook::{self, Hook};
 use crate::id::{PeerId, random_u64};
-use crate::neighbours::{Admission, ConnId, Link, Neighbour, Table};
+use crate::neighbours::{Admission, Bucket, ConnId, Link, Neighbour, Table, Verdict};
+use crate::noise::{Keys, StaticKey};
 use crate::output::{DownReason, Event, HELP, Output, msg_id};
 use crate::shutdown::Shutdown;
 use crate::state::{Identity, OwnLine, Restored, StateDir};
@@ -86,14 +87,34 @@ impl Mesh {
     fn new(cfg: Config, listener: TcpListener) -> anyhow::Result<Mesh> {
         let now = Instant::now();
         let name = cfg.name();
-        let (state, me, restored) = match &cfg.state_dir {
-            Some(dir) => {
-                let (state, identity, restored) =
-                    StateDir::open(dir, || Identity { id: PeerId::random(), static_key: None })?;
-                (Some(state), identity.id, restored)
+        let mesh_key = cfg.mesh_key()?;
+        let fresh = || match mesh_key {
+            Some(_) => {
+                let key = StaticKey::generate();
+                Identity { id: key.id(), static_key: Some(key.to_hex()) }
             }
-            None => (None, PeerId::random(), Restored::default()),
+            None => Identity { id: PeerId::random(), static_key: None },
         };
+        let (state, identity, restored) = match &cfg.state_dir {
+            Some(dir) => {
+                let (state, identity, restored) = StateDir::open(dir, fresh)?;
+                (Some(state), identity, restored)
+            }
+            None => (None, fresh(), Restored::default()),
+        };
+        let keys = match (mesh_key, &identity.static_key) {
+            (None, _) => None,
+            (Some(mesh), Some((private, public))) => {
+                let local =
+                    StaticKey::from_hex(private, public).context("the state directory's static key is damaged")?;
+                anyhow::ensure!(local.id() == identity.id, "the state directory's id does not match its static key");
+                Some(Keys { mesh, local })
+            }
+            (Some(_), None) => anyhow::bail!(
+                "the state directory holds an open-mesh identity, whose id no key proves: use another --state-dir for a private mesh"
+            ),
+        };
+        let me = identity.id;
         let my_seq = restored.my_seq.max(restored.marks.get(&me).copied().unwrap_or(0));
         let mut store = Store::new(me.clone(), my_seq, cfg.retention(), now);
         for line in restored.own {
@@ -106,7 +127,8 @@ impl Mesh {
         let ctx = Arc::new(Context {
             events: events_tx,
             source: Some(cfg.bind).filter(|ip| !ip.is_unspecified()),
-            security: Security::Open,
+            keys,
+            reported: Default::default(),
             heartbeat: cfg.heartbeat,
             timeout: cfg.timeout,
             handshake_timeout: cfg.handshake_timeout,
@@ -159,7 +181,13 @@ impl Mesh {
             advertise: self.cfg.advertise.as_deref(),
             protocol: PROTOCOL_MAX,
             events: crate::output::EVENTS_VERSION,
+            security: self.ctx.security(),
         });
+        if self.ctx.keys.is_none() {
+            eprintln!(
+                "* open mesh: anyone who can reach this peer can join and read the chat (--key-file or MESH_KEY makes it private)"
+            );
+        }
         if let Some(hook) = &self.hook {
             self.out.emit(&Event::Hook { cuts: hook.table() });
         }
@@ -289,6 +317,7 @@ impl Mesh {
             leaving: false,
             digest_sent: None,
             lagging: false,
+            bucket: Bucket::new(self.cfg.line_rate, self.cfg.line_burst, now),
         };
         let announce = match self.table.admit(neighbour) {
             Admission::Rejected(loser) => return close_as_duplicate(loser),
@@ -345,9 +374,18 @@ impl Mesh {
                 }
             }
             Message::Chat(chat) => {
+                if chat.origin == from
+                    && let Verdict::Refuse { first } = n.bucket.take(now, !chat.catch_up)
+                {
+                    return self.refuse_line(conn, first);
+                }
                 if let Received::Delivered(lines) = self.store.receive(chat, from, now) {
                     self.show(lines);
                 }
+            }
+            Message::Notice { text } => {
+                let from = n.info.clone();
+                self.out.emit(&Event::Notice { from: &from, text: &text });
             }
             Message::Digest { have } => self.answer_digest(&from, &have),
             Message::Gap { origin, from: first, upto } => {
@@ -360,6 +398,31 @@ impl Mesh {
                 }
             }
             Message::Hello(_) | Message::Refuse { .. } | Message::Ping => {}
+        }
+    }
+
+    /// A neighbour sent a line of its own over its rate: the line is dropped for now (anti-
+    /// entropy brings it back later, at the allowed pace); the neighbour is told, and
+    /// disconnected if it floods.
+    fn refuse_line(&mut self, conn: ConnId, first: bool) {
+        let rate = self.cfg.line_rate;
+        let Some(n) = self.table.by_conn_mut(conn) else { return };
+        if first {
+            let text = format!(
+                "you send lines faster than {rate} a second: the excess is refused and will be caught up later"
+            );
+            n.send(Message::Notice { text }.encode());
+        }
+        if n.bucket.flooding() {
+            tracing::warn!(
+                "closing connection to {}@{}: it floods lines over the rate limit",
+                n.info.name,
+                n.info.addr
+            );
+            if let Some(n) = self.table.remove_conn(conn) {
+                self.out.emit(&Event::PeerDown { peer: &n.info, reason: DownReason::Closed });
+                self.book.lost(&n.info.id, &n.info.addr, self.me < n.info.id, Instant::now());
+            }
         }
     }
 

@@ -35,6 +35,62 @@ impl Drops {
     }
 }
 
+/// A token bucket: how many lines of its own a neighbour may still send.
+#[derive(Debug)]
+pub struct Bucket {
+    tokens: f64,
+    last: Instant,
+    rate: f64,
+    burst: f64,
+    /// Live lines (not catch-up) refused in the current window.
+    refused_live: u64,
+    window: Instant,
+}
+
+/// Refusals of live lines are counted over windows this long.
+const FLOOD_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What the bucket says of one line.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Accept,
+    /// Refused; `first` is the first live refusal of the window (tell the sender).
+    Refuse {
+        first: bool,
+    },
+}
+
+impl Bucket {
+    pub fn new(rate: f64, burst: f64, now: Instant) -> Bucket {
+        Bucket { tokens: burst, last: now, rate, burst, refused_live: 0, window: now }
+    }
+
+    /// Takes a token for a line if there is one. Catch-up lines (sent because we asked) are
+    /// limited alike but never count as flooding.
+    pub fn take(&mut self, now: Instant, live: bool) -> Verdict {
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Verdict::Accept;
+        }
+        if !live {
+            return Verdict::Refuse { first: false };
+        }
+        if now.duration_since(self.window) > FLOOD_WINDOW {
+            self.window = now;
+            self.refused_live = 0;
+        }
+        self.refused_live += 1;
+        Verdict::Refuse { first: self.refused_live == 1 }
+    }
+
+    /// The neighbour floods: more live lines refused in one window than a whole burst.
+    pub fn flooding(&self) -> bool {
+        self.refused_live as f64 > self.burst
+    }
+}
+
 /// Which of two connections between the same pair wins: the smaller link.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Link {
@@ -59,6 +115,8 @@ pub struct Neighbour {
     pub digest_sent: Option<u64>,
     /// A frame could not be queued: it needs a digest round to catch up.
     pub lagging: bool,
+    /// Limits the lines of its own it may send.
+    pub bucket: Bucket,
 }
 
 impl Neighbour {
@@ -202,6 +260,7 @@ mod tests {
             leaving: false,
             digest_sent: None,
             lagging: false,
+            bucket: Bucket::new(10.0, 10.0, Instant::now()),
         }
     }
 
@@ -243,6 +302,35 @@ mod tests {
         assert!(t.is_up(&id('b')));
         assert!(matches!(t.admit(neighbour(2, 'a', 1, 0)), Admission::Resumed));
         assert!(t.expired_swaps(now + std::time::Duration::from_secs(2)).is_empty());
+    }
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(10.0, 5.0, t0);
+        let verdicts: Vec<Verdict> = (0..7).map(|_| b.take(t0, true)).collect();
+        assert_eq!(verdicts.iter().filter(|v| **v == Verdict::Accept).count(), 5);
+        assert_eq!(verdicts[5], Verdict::Refuse { first: true });
+        assert_eq!(verdicts[6], Verdict::Refuse { first: false });
+        assert_eq!(
+            b.take(t0 + std::time::Duration::from_millis(100), true),
+            Verdict::Accept,
+            "a tenth of a second later"
+        );
+        assert!(!b.flooding());
+        for _ in 0..5 {
+            b.take(t0 + std::time::Duration::from_millis(100), true);
+        }
+        assert!(b.flooding());
+    }
+
+    #[test]
+    fn catch_up_we_asked_for_is_limited_but_never_flooding() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(10.0, 5.0, t0);
+        let accepted = (0..1000).filter(|_| b.take(t0, false) == Verdict::Accept).count();
+        assert_eq!(accepted, 5);
+        assert!(!b.flooding());
     }
 
     #[test]

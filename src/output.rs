@@ -42,6 +42,7 @@ pub enum Event<'a> {
         advertise: Option<&'a str>,
         protocol: u32,
         events: u32,
+        security: crate::frame::Security,
     },
     PeerUp {
         peer: &'a PeerInfo,
@@ -88,6 +89,11 @@ pub enum Event<'a> {
     /// A line typed on stdin was rejected.
     Error {
         message: String,
+    },
+    /// A neighbour's word for this peer's user (for example: sending too fast).
+    Notice {
+        from: &'a PeerInfo,
+        text: &'a str,
     },
 }
 
@@ -223,6 +229,7 @@ fn chat_view(event: &Event) -> View {
         }
         Event::Help { text } => View::Stdout(text.to_string()),
         Event::Error { message } => View::Stderr(format!("! {message}")),
+        Event::Notice { from, text } => View::Stdout(format!("* {} says: {}", who(from), clean(text))),
     }
 }
 

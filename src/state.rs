@@ -26,9 +26,9 @@ const COMPACT_AFTER: u64 = 16 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Identity {
     pub id: PeerId,
-    /// The Noise static private key, in hex, when the mesh is keyed.
+    /// The Noise static key pair (private, public), in hex, in a private mesh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub static_key: Option<String>,
+    pub static_key: Option<(String, String)>,
 }
 
 /// A line this peer said, as journaled.
@@ -69,6 +69,12 @@ impl StateDir {
         let lock = File::create(dir.join("lock")).with_context(|| format!("cannot write in {}", dir.display()))?;
         if lock.try_lock().is_err() {
             bail!("state directory {} is in use by another peer", dir.display());
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // The identity holds a private key: keep the directory to its owner.
+            let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
         }
         let identity = match fs::read(dir.join("identity")) {
             Ok(bytes) => {

@@ -242,3 +242,22 @@ fn others_dial_the_advertised_address() {
     assert_eq!(b.next()["advertise"], "chat.example.org:4123");
     assert_eq!(a.next_of("peer_up")["peer"]["addr"], "chat.example.org:4123");
 }
+
+#[test]
+fn keygen_prints_a_fresh_mesh_key() {
+    let first = peer().arg("keygen").output().unwrap();
+    let second = peer().arg("keygen").output().unwrap();
+    let key = String::from_utf8(first.stdout.clone()).unwrap();
+    assert!(first.status.success());
+    assert_eq!(key.trim().len(), 64);
+    assert!(key.trim().bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_ne!(first.stdout, second.stdout, "each key is fresh");
+}
+
+#[test]
+fn a_bad_mesh_key_is_one_clear_error() {
+    let out = peer().args(["--port", "0"]).env("MESH_KEY", "not-a-key").stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("bad mesh key in MESH_KEY: a mesh key is 64 hex characters"), "{stderr}");
+}

@@ -13,7 +13,7 @@ use meshlab_lab::backend::process::ProcessBackend;
 use meshlab_lab::runner::{self, Report, RunOptions};
 use meshlab_lab::scenario::Scenario;
 
-const SHIPPED: &[&str] = &["six-peer-demo", "partition-heal", "churn", "thirty-two", "chaos"];
+const SHIPPED: &[&str] = &["six-peer-demo", "partition-heal", "churn", "thirty-two", "chaos", "private-mesh"];
 
 fn scenarios_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/scenarios")
@@ -104,6 +104,16 @@ async fn churn() {
 async fn thirty_two() {
     let report = run_shipped_alone("thirty-two", None).await;
     assert_eq!(report.mesh.links.len(), 32 * 31 / 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_mesh() {
+    run_shipped("private-mesh").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_mesh_on_docker() {
+    run_shipped_on_docker("private-mesh", None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -57,6 +57,10 @@ pub enum PeerEvent {
     Error {
         message: String,
     },
+    Notice {
+        from: PeerRef,
+        text: String,
+    },
     #[serde(other)]
     Other,
 }

@@ -55,6 +55,8 @@ pub struct Lab<B: Backend> {
     pub common_flags: Vec<String>,
     /// Peers whose state directory outlives their processes.
     keeps_state: std::collections::BTreeSet<String>,
+    /// The mesh key every peer started from now on gets (a private mesh).
+    mesh_key: Option<String>,
 }
 
 impl<B: Backend> Lab<B> {
@@ -74,6 +76,7 @@ impl<B: Backend> Lab<B> {
             last_event_at: now,
             common_flags: Vec::new(),
             keeps_state: Default::default(),
+            mesh_key: None,
         }
     }
 
@@ -98,6 +101,19 @@ impl<B: Backend> Lab<B> {
     /// restarts: it comes back as the same member and catches up on what it missed.
     pub fn keep_state(&mut self, name: &str) {
         self.keeps_state.insert(name.to_owned());
+    }
+
+    /// Makes the peers started from now on a private mesh with a fresh random key (64 hex
+    /// characters, given to each as MESH_KEY). Returns the key.
+    pub fn private_mesh(&mut self) -> String {
+        let key: String = rand::random::<[u8; 32]>().iter().map(|b| format!("{b:02x}")).collect();
+        self.mesh_key = Some(key.clone());
+        key
+    }
+
+    /// Makes the peers started from now on open-mesh peers (no key).
+    pub fn open_mesh(&mut self) {
+        self.mesh_key = None;
     }
 
     /// Whether a peer was started with bootstrap peers.
@@ -309,7 +325,8 @@ impl<B: Backend> Lab<B> {
             let via = if config.via.is_empty() { String::new() } else { format!("via {}", config.via.join(", ")) };
             self.world.mark(name, "start", via);
             let keep_state = self.keeps_state.contains(*name);
-            let spec = PeerSpec { name: name.to_string(), bootstrap, flags, cuts, keep_state };
+            let mesh_key = self.mesh_key.clone();
+            let spec = PeerSpec { name: name.to_string(), bootstrap, flags, cuts, keep_state, mesh_key };
             self.backend.start(spec, self.instances, self.events_tx.clone()).await?;
         }
         let deadline = Instant::now() + self.scaled(PROCESS_DEADLINE);

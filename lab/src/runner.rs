@@ -101,12 +101,16 @@ pub fn ms(d: Duration) -> f64 {
 /// peer and returns the report.
 pub async fn run<B: Backend>(scenario: &Scenario, lab: &mut Lab<B>, options: &RunOptions) -> Report {
     lab.common_flags = scenario.flags.clone();
+    if scenario.keyed {
+        lab.private_mesh();
+    }
     let started = Instant::now();
     let started_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     if options.progress {
         let scale = lab.backend().time_scale();
         let scaled = if scale == 1.0 { String::new() } else { format!("; deadlines x{scale}") };
-        println!("{} ({}{scaled})", scenario.name, lab.backend().describe());
+        let keyed = if scenario.keyed { "; a private mesh with a fresh key" } else { "" };
+        println!("{} ({}{scaled}{keyed})", scenario.name, lab.backend().describe());
         if !scenario.description.is_empty() {
             println!("  {}", scenario.description);
         }

@@ -34,6 +34,8 @@ pub struct Scenario {
     pub timeout: Duration,
     /// Extra flags for every peer.
     pub flags: Vec<String>,
+    /// A private mesh: the lab makes a fresh key and gives it to every peer.
+    pub keyed: bool,
     pub steps: Vec<Step>,
 }
 
@@ -149,6 +151,7 @@ struct RawScenario {
     #[serde(default, with = "humantime_serde")]
     timeout: Option<Duration>,
     flags: Option<Vec<String>>,
+    keyed: Option<bool>,
     step: Vec<Spanned<RawStep>>,
 }
 
@@ -191,6 +194,7 @@ impl Scenario {
             description: raw.description.unwrap_or_default(),
             timeout: raw.timeout.unwrap_or(DEFAULT_TIMEOUT),
             flags: raw.flags.unwrap_or_default(),
+            keyed: raw.keyed.unwrap_or(false),
             steps,
         })
     }

@@ -319,6 +319,7 @@ impl World {
                 self.mark(name, "gap", from.name);
             }
             PeerEvent::Error { message } => self.mark(name, "error", message),
+            PeerEvent::Notice { from, text } => self.mark(name, "notice", format!("{}: {text}", from.name)),
             PeerEvent::Hook { cuts } => p.hook = cuts,
             PeerEvent::Peers { peers } => {
                 p.listed = peers.into_iter().map(|r| r.name).collect();

@@ -221,8 +221,7 @@ impl Backend for DockerBackend {
         let body = ContainerCreateBody {
             image: Some(self.image.clone()),
             cmd: Some(self.args(&spec)),
-            // Like the process backend's children, containers log at the lab's RUST_LOG.
-            env: std::env::var("RUST_LOG").ok().map(|v| vec![format!("RUST_LOG={v}")]),
+            env: Some(env(&spec)),
             hostname: Some(spec.name.clone()),
             labels: Some(labels()),
             open_stdin: Some(true),
@@ -365,6 +364,14 @@ impl Drop for DockerBackend {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// A container's environment: the mesh key, and (like the process backend's children) the
+/// lab's RUST_LOG.
+fn env(spec: &PeerSpec) -> Vec<String> {
+    let log = std::env::var("RUST_LOG").ok().map(|v| format!("RUST_LOG={v}"));
+    let key = spec.mesh_key.as_ref().map(|k| format!("MESH_KEY={k}"));
+    log.into_iter().chain(key).collect()
 }
 
 fn labels() -> HashMap<String, String> {

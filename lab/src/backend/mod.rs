@@ -25,6 +25,8 @@ pub struct PeerSpec {
     /// Give it a state directory that outlives its process (`--state-dir`), the same one at
     /// each start under this name.
     pub keep_state: bool,
+    /// The mesh key (MESH_KEY) for a private mesh; an open mesh without.
+    pub mesh_key: Option<String>,
 }
 
 /// Per-name state directories on this host, removed with the backend.

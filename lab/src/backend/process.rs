@@ -64,7 +64,10 @@ impl ProcessBackend {
         let place = [("--bind", self.ip.to_string()), ("--port", port.to_string())];
         cmd.args(merge_flags(&place, &with_lab_timing(&spec.flags)));
         cmd.args(&spec.bootstrap);
-        cmd.env_remove("PORT").env_remove("PEER_NAME");
+        cmd.env_remove("PORT").env_remove("PEER_NAME").env_remove("MESH_KEY");
+        if let Some(key) = &spec.mesh_key {
+            cmd.env("MESH_KEY", key);
+        }
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
         // SAFETY: prctl is async-signal-safe and touches nothing but the calling (child) process.
         unsafe {
