@@ -20,8 +20,9 @@ pub const MAX_FRAME: usize = 65535;
 pub const MAX_TEXT: usize = 8 * 1024;
 /// Largest peer name, in bytes.
 pub const MAX_NAME: usize = 64;
-/// Most peers listed in one `hello` or `peers` message.
-pub const MAX_GOSSIP: usize = 256;
+/// Most peers listed in one `hello` or `peers` message (64 of the largest entries still fit a
+/// frame; longer member lists are sent in several `peers` messages).
+pub const MAX_GOSSIP: usize = 64;
 /// Most senders in one `digest` message; larger digests are split over several frames.
 pub const MAX_DIGEST: usize = 512;
 
@@ -202,6 +203,9 @@ fn check_name(name: &str) -> Result<(), DecodeError> {
     if name.is_empty() || name.len() > MAX_NAME {
         return Err(invalid("name", format!("must be 1 to {MAX_NAME} bytes")));
     }
+    if name.chars().any(char::is_control) {
+        return Err(invalid("name", "control characters"));
+    }
     Ok(())
 }
 
@@ -313,6 +317,30 @@ mod tests {
         }
         assert!(Message::decode(&chat(0, "x").encode()).is_err());
         assert!(Message::decode(&chat(1, &"x".repeat(MAX_TEXT + 1)).encode()).is_err());
+    }
+
+    #[test]
+    fn the_largest_lists_still_fit_a_frame() {
+        let widest =
+            PeerInfo { id: id('f'), name: "\"".repeat(MAX_NAME), addr: format!("{}.b:65535", "a".repeat(251)) };
+        let hello = Message::Hello(Hello {
+            min_version: u32::MAX,
+            max_version: u32::MAX,
+            id: id('e'),
+            incarnation: u64::MAX,
+            nonce: u64::MAX,
+            name: "\\".repeat(MAX_NAME / 2),
+            port: 65535,
+            advertise: Some(widest.addr.clone()),
+            seq: u64::MAX,
+            peers: vec![widest; MAX_GOSSIP],
+        });
+        let digest = Message::Digest {
+            have: (0..MAX_DIGEST).map(|i| (format!("{i:032x}").parse().unwrap(), u64::MAX)).collect(),
+        };
+        for m in [hello, digest] {
+            assert!(m.encode().len() + crate::noise::TAG <= MAX_FRAME, "{} bytes", m.encode().len());
+        }
     }
 
     #[test]

@@ -345,11 +345,19 @@ impl Mesh {
         }
     }
 
-    /// Tells every other neighbour about a newly met peer.
+    /// Tells every other neighbour about a newly met peer, and the newcomer about every member:
+    /// the hello was a snapshot (of at most 64) taken before others may have joined.
     fn gossip(&mut self, info: &PeerInfo) {
         let frame = Message::Peers { peers: vec![info.clone()] }.encode();
         for n in self.table.iter_mut().filter(|n| n.info.id != info.id) {
             n.send(frame.clone());
+        }
+        let members: Vec<PeerInfo> =
+            self.table.iter().filter(|n| n.info.id != info.id).map(|n| n.info.clone()).collect();
+        if let Some(newcomer) = self.table.get_mut(&info.id) {
+            for chunk in members.chunks(MAX_GOSSIP) {
+                newcomer.send(Message::Peers { peers: chunk.to_vec() }.encode());
+            }
         }
     }
 

@@ -65,6 +65,35 @@ fn html(r: &Report) -> String {
         d.out_of_order,
         d.gapped
     );
+    h.push_str("<table><tr><th>receiver</th><th>owed</th><th>shown</th><th>lost</th><th>duplicated</th><th>out of order</th><th>gapped</th></tr>");
+    for (name, rc) in &d.per_receiver {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(name),
+            rc.owed,
+            rc.shown,
+            rc.lost,
+            rc.duplicated,
+            rc.out_of_order,
+            rc.gapped
+        );
+    }
+    h.push_str("</table>");
+    if let Some(chaos) = r.steps.iter().find_map(|s| s.chaos.as_ref()) {
+        let _ = write!(
+            h,
+            "<h2>Chaos</h2><p>seed {} · {} lines said · {} faults:</p><ol>",
+            chaos.seed,
+            chaos.lines,
+            chaos.faults.len()
+        );
+        for f in &chaos.faults {
+            let what = serde_json::to_string(&f.action).unwrap_or_default();
+            let _ = write!(h, "<li>{:.1} s: {}</li>", f.at_ms as f64 / 1000.0, esc(&what));
+        }
+        h.push_str("</ol>");
+    }
     h.push_str("<table><tr><th>latency</th><th>showings</th><th>p50</th><th>p99</th><th>max</th></tr>");
     for (label, p) in [("direct", &r.latency_direct), ("caught up", &r.latency_catch_up)] {
         let Percentiles { count, p50_ms, p99_ms, max_ms } = p;

@@ -176,6 +176,19 @@ pub struct Delivery {
     pub duplicated: usize,
     pub out_of_order: usize,
     pub gapped: usize,
+    /// The same figures for each receiver, by name.
+    pub per_receiver: BTreeMap<String, Receiver>,
+}
+
+/// Delivery figures of one receiver.
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize)]
+pub struct Receiver {
+    pub owed: usize,
+    pub shown: usize,
+    pub lost: usize,
+    pub duplicated: usize,
+    pub out_of_order: usize,
+    pub gapped: usize,
 }
 
 impl Delivery {
@@ -200,8 +213,9 @@ pub struct World {
     violations: Vec<Violation>,
     /// Every peer's stderr across its processes, bounded per peer (for the report).
     logs: BTreeMap<String, VecDeque<String>>,
-    duplicated: usize,
-    out_of_order: usize,
+    /// Duplicates and out-of-order showings, by receiver name.
+    duplicated: BTreeMap<String, usize>,
+    out_of_order: BTreeMap<String, usize>,
     pub timeline: Vec<Mark>,
 }
 
@@ -222,8 +236,8 @@ impl World {
             link_up: HashMap::new(),
             violations: Vec::new(),
             logs: BTreeMap::new(),
-            duplicated: 0,
-            out_of_order: 0,
+            duplicated: BTreeMap::new(),
+            out_of_order: BTreeMap::new(),
             timeline: Vec::new(),
         }
     }
@@ -341,10 +355,10 @@ impl World {
         let last = self.last_shown.get(&order_key).copied().unwrap_or(0);
         if seq <= last {
             let what = if self.receipts.contains_key(&(me.clone(), msg_id.to_owned())) {
-                self.duplicated += 1;
+                *self.duplicated.entry(name.to_owned()).or_default() += 1;
                 format!("showed {msg_id} twice")
             } else {
-                self.out_of_order += 1;
+                *self.out_of_order.entry(name.to_owned()).or_default() += 1;
                 format!("showed {msg_id} (seq {seq}) after seq {last} of the same sender")
             };
             self.violations.push(Violation { peer: name.into(), what });
@@ -441,10 +455,16 @@ impl World {
         let component = components(&names, cuts);
         let mut d = Delivery {
             said: self.said.len(),
-            duplicated: self.duplicated,
-            out_of_order: self.out_of_order,
+            duplicated: self.duplicated.values().sum(),
+            out_of_order: self.out_of_order.values().sum(),
             ..Delivery::default()
         };
+        for (name, n) in &self.duplicated {
+            d.per_receiver.entry(name.clone()).or_default().duplicated = *n;
+        }
+        for (name, n) in &self.out_of_order {
+            d.per_receiver.entry(name.clone()).or_default().out_of_order = *n;
+        }
         for line in &self.said {
             let msg_id = &line.msg_id;
             // Holders: processes that showed the line, and its sender if still running under
@@ -464,17 +484,34 @@ impl World {
                     _ => continue,
                 }
                 d.owed += 1;
+                let r = d.per_receiver.entry((*name).clone()).or_default();
+                r.owed += 1;
                 if self.receipts.contains_key(&(me.clone(), msg_id.clone())) {
                     d.shown += 1;
+                    r.shown += 1;
                 } else if self.gapped_upto.get(&(me.clone(), line.origin.clone())).is_some_and(|&u| line.seq <= u) {
                     d.gapped += 1;
+                    r.gapped += 1;
                 } else {
+                    r.lost += 1;
                     d.lost
                         .push(format!("{name} has not shown {}'s line {} {:?}", line.origin_name, line.seq, line.text));
                 }
             }
         }
         d
+    }
+
+    /// When the current process named `receiver` showed the line `msg_id` (first time), if it did.
+    pub fn shown_at(&self, receiver: &str, msg_id: &str) -> Option<Instant> {
+        let id = self.peers.get(receiver)?.id.clone()?;
+        self.receipts.get(&(id, msg_id.to_owned())).map(|r| r.first_at)
+    }
+
+    /// When `peer`'s current process last brought a neighbour up.
+    pub fn last_up(&self, peer: &str) -> Option<Instant> {
+        let id = self.peers.get(peer)?.id.clone()?;
+        self.link_up.iter().filter(|((me, _), _)| *me == id).map(|(_, at)| *at).max()
     }
 
     /// For each line shown by someone, the time until the last of its receivers showed it.
@@ -599,7 +636,10 @@ mod tests {
         show(&mut w, "c", "a", 1);
         assert!(w.delivery(&Cuts::default()).complete());
         show(&mut w, "c", "a", 1);
-        assert_eq!(w.delivery(&Cuts::default()).duplicated, 1);
+        let d = w.delivery(&Cuts::default());
+        assert_eq!(d.duplicated, 1);
+        assert_eq!(d.per_receiver["c"], Receiver { owed: 1, shown: 1, duplicated: 1, ..Receiver::default() });
+        assert_eq!(d.per_receiver["b"], Receiver { owed: 1, shown: 1, ..Receiver::default() });
         assert_eq!(w.violations().len(), 1);
     }
 

@@ -1,0 +1,188 @@
+//! Figures for "nothing lost": catch-up after a partition heals, a restart with --state-dir,
+//! a private mesh against an open one, and memory over a long run. Release build, loopback:
+//! `cargo bench --bench recovery`. Times are read from the peers' events as the lab receives
+//! them; medians over several runs. Nothing here asserts a time: it prints the figures.
+
+use std::time::{Duration, Instant};
+
+use meshlab_lab::Lab;
+use meshlab_lab::backend::process::ProcessBackend;
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+fn new_lab() -> Lab<ProcessBackend> {
+    Lab::new(ProcessBackend::new(env!("CARGO_BIN_EXE_peer")))
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn names(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn rss_kib(lab: &Lab<ProcessBackend>, name: &str) -> u64 {
+    let pid = lab.backend().pid(name).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The msg ids of the lines said since `from` (an index into the lab's ledger).
+fn said_since(lab: &Lab<ProcessBackend>, from: usize) -> Vec<(String, String)> {
+    lab.world().said()[from..].iter().map(|s| (s.origin_name.clone(), s.msg_id.clone())).collect()
+}
+
+/// 3|3 partition, each side says 10 lines, heal: from the mesh re-forming to the last line
+/// shown across.
+async fn catch_up_after_heal() -> Duration {
+    let mut lab = new_lab();
+    lab.start(&["p1"], &[], &[]).await.unwrap();
+    lab.start(&["p2", "p3", "p4", "p5", "p6"], &["p1"], &[]).await.unwrap();
+    lab.await_mesh(None, WITHIN).await.unwrap();
+    let left = names(&["p1", "p2", "p3"]);
+    let right = names(&["p4", "p5", "p6"]);
+    lab.partition(&[left.clone(), right.clone()]).await.unwrap();
+    lab.await_mesh(None, WITHIN).await.unwrap();
+    let from = lab.world().said().len();
+    for i in 0..10 {
+        lab.say("p2", &format!("left {i}")).await.unwrap();
+        lab.say("p5", &format!("right {i}")).await.unwrap();
+    }
+    lab.await_delivery(WITHIN).await.unwrap();
+    lab.heal(None).await.unwrap();
+    lab.await_mesh(None, WITHIN).await.unwrap();
+    let reformed = lab.last_event_at();
+    lab.await_delivery(WITHIN).await.unwrap();
+    let mut last = reformed;
+    for (sender, msg_id) in said_since(&lab, from) {
+        let other_side = if left.contains(&sender) { &right } else { &left };
+        for receiver in other_side {
+            last = last.max(lab.world().shown_at(receiver, &msg_id).expect("shown across"));
+        }
+    }
+    lab.shutdown().await;
+    last.saturating_duration_since(reformed)
+}
+
+/// c (with --state-dir) is down for 10 s while the others say 20 lines; from its rejoining (its
+/// last neighbour up) to the last missed line shown.
+async fn state_dir_restart() -> Duration {
+    let mut lab = new_lab();
+    lab.start(&["a"], &[], &[]).await.unwrap();
+    lab.keep_state("c");
+    lab.start(&["b", "c"], &["a"], &[]).await.unwrap();
+    lab.await_mesh(None, WITHIN).await.unwrap();
+    lab.kill("c").await.unwrap();
+    let from = lab.world().said().len();
+    let down = Instant::now();
+    for i in 0..10 {
+        lab.say("a", &format!("a while c is down {i}")).await.unwrap();
+        lab.say("b", &format!("b while c is down {i}")).await.unwrap();
+        lab.sleep(Duration::from_millis(900)).await.unwrap();
+    }
+    if let Some(rest) = (down + Duration::from_secs(10)).checked_duration_since(Instant::now()) {
+        lab.sleep(rest).await.unwrap();
+    }
+    lab.restart("c").await.unwrap();
+    lab.await_mesh(None, WITHIN).await.unwrap();
+    lab.await_delivery(WITHIN).await.unwrap();
+    let rejoined = lab.world().last_up("c").unwrap();
+    let last =
+        said_since(&lab, from).iter().map(|(_, id)| lab.world().shown_at("c", id).expect("caught up")).max().unwrap();
+    lab.shutdown().await;
+    last.saturating_duration_since(rejoined)
+}
+
+/// The six-peer demo's convergence after p6 listens, and the peers' memory, keyed or not.
+async fn demo(keyed: bool) -> (Duration, u64) {
+    let mut lab = new_lab();
+    if keyed {
+        lab.private_mesh();
+    }
+    lab.start(&["p1"], &[], &[]).await.unwrap();
+    lab.start(&["p2", "p3"], &["p1"], &[]).await.unwrap();
+    lab.start(&["p4"], &[], &[]).await.unwrap();
+    lab.start(&["p5"], &["p4"], &[]).await.unwrap();
+    lab.await_mesh(Some(&names(&["p1", "p2", "p3"])), WITHIN).await.unwrap();
+    lab.await_mesh(Some(&names(&["p4", "p5"])), WITHIN).await.unwrap();
+    lab.start(&["p6"], &["p1", "p4"], &[]).await.unwrap();
+    lab.await_mesh(None, WITHIN).await.unwrap();
+    let took = lab.last_event_at().saturating_duration_since(lab.world().peer("p6").unwrap().listening_at.unwrap());
+    for p in ["p1", "p2", "p3", "p4", "p5", "p6"] {
+        lab.say(p, "hello").await.unwrap();
+    }
+    lab.await_delivery(WITHIN).await.unwrap();
+    let rss = ["p1", "p2", "p3", "p4", "p5", "p6"].iter().map(|p| rss_kib(&lab, p)).max().unwrap();
+    lab.shutdown().await;
+    (took, rss)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let heals: Vec<Duration> = repeat(5, catch_up_after_heal).await;
+    println!(
+        "3|3 partition healed: every line across {} after the mesh re-formed (median of 5; max {})",
+        ms(median(heals.clone())),
+        ms(*heals.iter().max().unwrap())
+    );
+
+    let restarts: Vec<Duration> = repeat(3, state_dir_restart).await;
+    println!(
+        "--state-dir peer back after 10 s down: every missed line shown {} after it rejoined (median of 3; max {})",
+        ms(median(restarts.clone())),
+        ms(*restarts.iter().max().unwrap())
+    );
+
+    let (mut open, mut keyed, mut open_rss, mut keyed_rss) = (Vec::new(), Vec::new(), 0, 0);
+    for _ in 0..10 {
+        let (t, rss) = demo(false).await;
+        open.push(t);
+        open_rss = open_rss.max(rss);
+        let (t, rss) = demo(true).await;
+        keyed.push(t);
+        keyed_rss = keyed_rss.max(rss);
+    }
+    let (o, k) = (median(open), median(keyed));
+    println!(
+        "six-peer demo, full mesh after the last peer listens: open {}, private {} (x{:.2}); most resident memory: open {open_rss} KiB, private {keyed_rss} KiB (10 runs each)",
+        ms(o),
+        ms(k),
+        k.as_secs_f64() / o.as_secs_f64()
+    );
+
+    // Memory over a long run: one peer's resident memory as 100,000 lines go by.
+    let mut lab = new_lab();
+    lab.start(&["talker"], &[], &[]).await.unwrap();
+    lab.start(&["listener"], &["talker"], &[]).await.unwrap();
+    lab.await_mesh(None, WITHIN).await.unwrap();
+    let mut samples = Vec::new();
+    for round in 1..=10 {
+        for i in 0..10_000 {
+            lab.say("talker", &format!("round {round} line {i}: some chat text of a usual length")).await.unwrap();
+        }
+        lab.await_delivery(Duration::from_secs(120)).await.unwrap();
+        samples.push(format!("{}k: {} KiB", round * 10, rss_kib(&lab, "listener")));
+    }
+    lab.shutdown().await;
+    println!("listener's resident memory as lines go by (history bounded at 10,000 lines): {}", samples.join(", "));
+}
+
+/// Runs `f` `n` times, one after another.
+async fn repeat<F, Fut>(n: usize, f: F) -> Vec<Duration>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Duration>,
+{
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(f().await);
+    }
+    out
+}
