@@ -5,8 +5,12 @@
 
 use std::time::{Duration, Instant};
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use meshlab_lab::Lab;
 use meshlab_lab::backend::process::ProcessBackend;
+use support::{rss_kib, six_peer_demo as demo};
 
 const WITHIN: Duration = Duration::from_secs(30);
 /// The peer's own defaults, so that the lab's faster test timings do not flatter the figures.
@@ -40,26 +44,6 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn pct(v: &[Duration], p: f64) -> Duration {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
-async fn demo(lab: &mut Lab<ProcessBackend>) -> Duration {
-    lab.start(&["p1"], &[], &[]).await.unwrap();
-    lab.start(&["p2", "p3"], &["p1"], &[]).await.unwrap();
-    lab.start(&["p4"], &[], &[]).await.unwrap();
-    lab.start(&["p5"], &["p4"], &[]).await.unwrap();
-    let part = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    lab.await_mesh(Some(&part(&["p1", "p2", "p3"])), WITHIN).await.unwrap();
-    lab.await_mesh(Some(&part(&["p4", "p5"])), WITHIN).await.unwrap();
-    lab.start(&["p6"], &["p1", "p4"], &[]).await.unwrap();
-    lab.await_mesh(None, WITHIN).await.unwrap();
-    let listened = lab.world().peer("p6").unwrap().listening_at.unwrap();
-    lab.last_event_at().saturating_duration_since(listened)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

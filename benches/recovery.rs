@@ -5,8 +5,12 @@
 
 use std::time::{Duration, Instant};
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use meshlab_lab::Lab;
 use meshlab_lab::backend::process::ProcessBackend;
+use support::{names, rss_kib, six_peer_demo};
 
 const WITHIN: Duration = Duration::from_secs(30);
 
@@ -23,15 +27,8 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn names(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
-
-fn rss_kib(lab: &Lab<ProcessBackend>, name: &str) -> u64 {
-    let pid = lab.backend().pid(name).unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+fn rss_of(lab: &Lab<ProcessBackend>, name: &str) -> u64 {
+    rss_kib(lab.backend().pid(name).unwrap())
 }
 
 /// The msg ids of the lines said since `from` (an index into the lab's ledger).
@@ -106,20 +103,12 @@ async fn demo(keyed: bool) -> (Duration, u64) {
     if keyed {
         lab.private_mesh();
     }
-    lab.start(&["p1"], &[], &[]).await.unwrap();
-    lab.start(&["p2", "p3"], &["p1"], &[]).await.unwrap();
-    lab.start(&["p4"], &[], &[]).await.unwrap();
-    lab.start(&["p5"], &["p4"], &[]).await.unwrap();
-    lab.await_mesh(Some(&names(&["p1", "p2", "p3"])), WITHIN).await.unwrap();
-    lab.await_mesh(Some(&names(&["p4", "p5"])), WITHIN).await.unwrap();
-    lab.start(&["p6"], &["p1", "p4"], &[]).await.unwrap();
-    lab.await_mesh(None, WITHIN).await.unwrap();
-    let took = lab.last_event_at().saturating_duration_since(lab.world().peer("p6").unwrap().listening_at.unwrap());
+    let took = six_peer_demo(&mut lab).await;
     for p in ["p1", "p2", "p3", "p4", "p5", "p6"] {
         lab.say(p, "hello").await.unwrap();
     }
     lab.await_delivery(WITHIN).await.unwrap();
-    let rss = ["p1", "p2", "p3", "p4", "p5", "p6"].iter().map(|p| rss_kib(&lab, p)).max().unwrap();
+    let rss = ["p1", "p2", "p3", "p4", "p5", "p6"].iter().map(|p| rss_of(&lab, p)).max().unwrap();
     lab.shutdown().await;
     (took, rss)
 }
@@ -168,7 +157,7 @@ async fn main() {
             lab.say("talker", &format!("round {round} line {i}: some chat text of a usual length")).await.unwrap();
         }
         lab.await_delivery(Duration::from_secs(120)).await.unwrap();
-        samples.push(format!("{}k: {} KiB", round * 10, rss_kib(&lab, "listener")));
+        samples.push(format!("{}k: {} KiB", round * 10, rss_of(&lab, "listener")));
     }
     lab.shutdown().await;
     println!("listener's resident memory as lines go by (history bounded at 10,000 lines): {}", samples.join(", "));

@@ -5,6 +5,7 @@ mod support;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
+use support::{names, six_peer_demo};
 
 use meshlab_lab::Lab;
 use meshlab_lab::backend::process::ProcessBackend;
@@ -13,22 +14,6 @@ const MESH: Duration = Duration::from_secs(10);
 
 fn lab() -> Lab<ProcessBackend> {
     Lab::new(ProcessBackend::new(env!("CARGO_BIN_EXE_peer")))
-}
-
-fn names(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
-
-/// The report's demo: 1 alone; 2 and 3 join through 1; 4 and 5 apart; 6 bridges 1 and 4.
-async fn six_peer_demo(lab: &mut Lab<ProcessBackend>) {
-    lab.start(&["p1"], &[], &[]).await.unwrap();
-    lab.start(&["p2", "p3"], &["p1"], &[]).await.unwrap();
-    lab.start(&["p4"], &[], &[]).await.unwrap();
-    lab.start(&["p5"], &["p4"], &[]).await.unwrap();
-    lab.await_mesh(Some(&names(&["p1", "p2", "p3"])), MESH).await.unwrap();
-    lab.await_mesh(Some(&names(&["p4", "p5"])), MESH).await.unwrap();
-    lab.start(&["p6"], &["p1", "p4"], &[]).await.unwrap();
-    lab.await_mesh(None, MESH).await.unwrap();
 }
 
 /// ESTABLISHED TCP connections held by a process, from /proc.

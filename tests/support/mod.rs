@@ -115,3 +115,31 @@ impl TimedLines {
         }
     }
 }
+
+/// Peer names as owned strings.
+pub fn names(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// The report's demo: 1 alone; 2 and 3 join through 1; 4 and 5 apart; 6 bridges 1 and 4.
+/// Returns the time from 6 listening to the full mesh.
+pub async fn six_peer_demo<B: meshlab_lab::backend::Backend>(lab: &mut meshlab_lab::Lab<B>) -> std::time::Duration {
+    let within = std::time::Duration::from_secs(30);
+    lab.start(&["p1"], &[], &[]).await.unwrap();
+    lab.start(&["p2", "p3"], &["p1"], &[]).await.unwrap();
+    lab.start(&["p4"], &[], &[]).await.unwrap();
+    lab.start(&["p5"], &["p4"], &[]).await.unwrap();
+    lab.await_mesh(Some(&names(&["p1", "p2", "p3"])), within).await.unwrap();
+    lab.await_mesh(Some(&names(&["p4", "p5"])), within).await.unwrap();
+    lab.start(&["p6"], &["p1", "p4"], &[]).await.unwrap();
+    lab.await_mesh(None, within).await.unwrap();
+    let listened = lab.world().peer("p6").unwrap().listening_at.unwrap();
+    lab.last_event_at().saturating_duration_since(listened)
+}
+
+/// A process's resident memory, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
