@@ -36,9 +36,9 @@ fn said_since(lab: &Lab<ProcessBackend>, from: usize) -> Vec<(String, String)> {
     lab.world().said()[from..].iter().map(|s| (s.origin_name.clone(), s.msg_id.clone())).collect()
 }
 
-/// 3|3 partition, each side says 10 lines, heal: from the mesh re-forming to the last line
-/// shown across.
-async fn catch_up_after_heal() -> Duration {
+/// 3|3 partition, each side says 10 lines, heal. Returns (heal to mesh re-formed, heal to the
+/// last line shown across).
+async fn catch_up_after_heal() -> (Duration, Duration) {
     let mut lab = new_lab();
     lab.start(&["p1"], &[], &[]).await.unwrap();
     lab.start(&["p2", "p3", "p4", "p5", "p6"], &["p1"], &[]).await.unwrap();
@@ -53,11 +53,12 @@ async fn catch_up_after_heal() -> Duration {
         lab.say("p5", &format!("right {i}")).await.unwrap();
     }
     lab.await_delivery(WITHIN).await.unwrap();
+    let healed = Instant::now();
     lab.heal(None).await.unwrap();
     lab.await_mesh(None, WITHIN).await.unwrap();
     let reformed = lab.last_event_at();
     lab.await_delivery(WITHIN).await.unwrap();
-    let mut last = reformed;
+    let mut last = healed;
     for (sender, msg_id) in said_since(&lab, from) {
         let other_side = if left.contains(&sender) { &right } else { &left };
         for receiver in other_side {
@@ -65,11 +66,11 @@ async fn catch_up_after_heal() -> Duration {
         }
     }
     lab.shutdown().await;
-    last.saturating_duration_since(reformed)
+    (reformed - healed, last - healed)
 }
 
 /// c (with --state-dir) is down for 10 s while the others say 20 lines; from its rejoining (its
-/// last neighbour up) to the last missed line shown.
+/// first neighbour up) to the last missed line shown.
 async fn state_dir_restart() -> Duration {
     let mut lab = new_lab();
     lab.start(&["a"], &[], &[]).await.unwrap();
@@ -90,11 +91,27 @@ async fn state_dir_restart() -> Duration {
     lab.restart("c").await.unwrap();
     lab.await_mesh(None, WITHIN).await.unwrap();
     lab.await_delivery(WITHIN).await.unwrap();
-    let rejoined = lab.world().last_up("c").unwrap();
+    let rejoined = lab.world().first_up("c").unwrap();
     let last =
         said_since(&lab, from).iter().map(|(_, id)| lab.world().shown_at("c", id).expect("caught up")).max().unwrap();
     lab.shutdown().await;
     last.saturating_duration_since(rejoined)
+}
+
+/// Six peers started together (a seed, then five at once through it): from the first spawn to
+/// the full mesh.
+async fn started_together(keyed: bool) -> Duration {
+    let mut lab = new_lab();
+    if keyed {
+        lab.private_mesh();
+    }
+    let t0 = Instant::now();
+    lab.start(&["p1"], &[], &[]).await.unwrap();
+    lab.start(&["p2", "p3", "p4", "p5", "p6"], &["p1"], &[]).await.unwrap();
+    lab.await_mesh(None, WITHIN).await.unwrap();
+    let took = lab.last_event_at() - t0;
+    lab.shutdown().await;
+    took
 }
 
 /// The six-peer demo's convergence after p6 listens, and the peers' memory, keyed or not.
@@ -115,18 +132,38 @@ async fn demo(keyed: bool) -> (Duration, u64) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let heals: Vec<Duration> = repeat(5, catch_up_after_heal).await;
+    let mut heals = Vec::new();
+    for _ in 0..5 {
+        heals.push(catch_up_after_heal().await);
+    }
+    let reformed = median(heals.iter().map(|h| h.0).collect());
+    let across = median(heals.iter().map(|h| h.1).collect());
+    let worst = heals.iter().map(|h| h.1.saturating_sub(h.0)).max().unwrap();
     println!(
-        "3|3 partition healed: every line across {} after the mesh re-formed (median of 5; max {})",
-        ms(median(heals.clone())),
-        ms(*heals.iter().max().unwrap())
+        "3|3 partition healed: mesh re-formed {} after the heal, every line across {} after it (median of 5; the last line at most {} after the mesh re-formed)",
+        ms(reformed),
+        ms(across),
+        ms(worst)
     );
 
     let restarts: Vec<Duration> = repeat(3, state_dir_restart).await;
     println!(
-        "--state-dir peer back after 10 s down: every missed line shown {} after it rejoined (median of 3; max {})",
+        "--state-dir peer back after 10 s down: every missed line shown {} after its first neighbour came up (median of 3; max {})",
         ms(median(restarts.clone())),
         ms(*restarts.iter().max().unwrap())
+    );
+
+    let (mut open_t, mut keyed_t) = (Vec::new(), Vec::new());
+    for _ in 0..10 {
+        open_t.push(started_together(false).await);
+        keyed_t.push(started_together(true).await);
+    }
+    let (o, k) = (median(open_t), median(keyed_t));
+    println!(
+        "six peers started together, first spawn to full mesh: open {}, private {} (x{:.2}; 10 runs each)",
+        ms(o),
+        ms(k),
+        k.as_secs_f64() / o.as_secs_f64()
     );
 
     let (mut open, mut keyed, mut open_rss, mut keyed_rss) = (Vec::new(), Vec::new(), 0, 0);
@@ -140,7 +177,7 @@ async fn main() {
     }
     let (o, k) = (median(open), median(keyed));
     println!(
-        "six-peer demo, full mesh after the last peer listens: open {}, private {} (x{:.2}); most resident memory: open {open_rss} KiB, private {keyed_rss} KiB (10 runs each)",
+        "six-peer demo, full mesh after the last peer (the bridge) listens: open {}, private {} (x{:.2}); most resident memory: open {open_rss} KiB, private {keyed_rss} KiB (10 runs each)",
         ms(o),
         ms(k),
         k.as_secs_f64() / o.as_secs_f64()

@@ -326,7 +326,20 @@ async fn handshake(
     ctx: &Context,
     initiator: bool,
 ) -> Result<(Hello, u32, u64), HandshakeError> {
-    writer.send(frame::encode_preamble(ctx.security())).await?;
+    // Ask the mesh for our hello now; the answer is awaited once the hello may be sent.
+    let (want, got) = oneshot::channel();
+    ctx.events.send(ConnEvent::HelloWanted(want)).await.map_err(|_| HandshakeError::ShuttingDown)?;
+    // The dialler of a keyed connection sends the first Noise message with its preamble, not
+    // waiting for the other's: one round trip less.
+    let mut noise_hs = match &ctx.keys {
+        Some(keys) => Some(Handshake::new(keys, initiator)?),
+        None => None,
+    };
+    writer.feed(frame::encode_preamble(ctx.security())).await?;
+    if let Some(hs) = noise_hs.as_mut().filter(|_| initiator) {
+        writer.feed(hs.write(&[])?).await?;
+    }
+    writer.flush().await?;
     let first = reader.next().await.ok_or(HandshakeError::Eof)??;
     let preamble: Preamble = match serde_json::from_slice(&first) {
         Ok(p) => p,
@@ -343,18 +356,20 @@ async fn handshake(
         refuse(writer, reason).await;
         return Err(HandshakeError::Refused(reason.into()));
     }
-    let proven = match &ctx.keys {
-        Some(keys) => Some(noise(reader, writer, keys, initiator).await?),
-        None => None,
+    let ours = got.await.map_err(|_| HandshakeError::ShuttingDown)?;
+    let ours = Hello { nonce: random_u64(), ..ours };
+    let hello = Message::Hello(ours.clone()).encode();
+    let (payload, proven) = match noise_hs {
+        // The hellos travel inside the Noise messages.
+        Some(hs) => {
+            let (payload, id) = noise(reader, writer, hs, initiator, &hello).await?;
+            (payload, Some(id))
+        }
+        None => {
+            writer.send(hello).await?;
+            (reader.next().await.ok_or(HandshakeError::Eof)??, None)
+        }
     };
-
-    let (want, got) = oneshot::channel();
-    ctx.events.send(ConnEvent::HelloWanted(want)).await.map_err(|_| HandshakeError::ShuttingDown)?;
-    let mut ours = got.await.map_err(|_| HandshakeError::ShuttingDown)?;
-    ours.nonce = random_u64();
-    writer.send(Message::Hello(ours.clone()).encode()).await?;
-
-    let payload = read_hello_frame(reader).await?;
     let theirs = match Message::decode(&payload) {
         Ok(Message::Hello(h)) => h,
         Ok(Message::Refuse { reason }) => return Err(HandshakeError::RefusedByRemote(reason)),
@@ -379,48 +394,37 @@ async fn handshake(
     Ok((theirs, version, ours.nonce))
 }
 
-/// The Noise XXpsk3 handshake (the dialler initiates). Returns the id the other side's static
-/// key proves. A responder that cannot read the third message (another mesh key, or none)
-/// refuses in clear, so that the initiator can say why.
+/// The Noise XXpsk0 handshake (the dialler initiates; its first message went out with its
+/// preamble). The hellos ride in messages 2 and 3. Returns the other side's hello and the id its
+/// static key proves. A responder that cannot read the first message (another mesh key) refuses
+/// in clear, so that the dialler can say why.
 async fn noise(
     reader: &mut Reader,
     writer: &mut Writer,
-    keys: &Keys,
+    mut hs: Handshake,
     initiator: bool,
-) -> Result<PeerId, HandshakeError> {
-    let mut hs = Handshake::new(keys, initiator)?;
-    if initiator {
-        writer.send(hs.write()?).await?;
+    hello: &[u8],
+) -> Result<(Bytes, PeerId), HandshakeError> {
+    let theirs = if initiator {
         let second = reader.next().await.ok_or(HandshakeError::Eof)??;
-        if let Err(e) = hs.read(&second) {
-            return Err(refusal_or(&second, e.into()));
-        }
-        writer.send(hs.write()?).await?;
+        let theirs = hs.read(&second).map_err(|e| refusal_or(&second, e.into()))?;
+        writer.send(hs.write(hello)?).await?;
+        theirs
     } else {
         let first = reader.next().await.ok_or(HandshakeError::Eof)??;
-        hs.read(&first)?;
-        writer.send(hs.write()?).await?;
-        let third = reader.next().await.ok_or(HandshakeError::Eof)??;
-        if hs.read(&third).is_err() {
+        if hs.read(&first).is_err() {
             let reason = "wrong mesh key: the other side does not hold this mesh's key";
             refuse(writer, reason).await;
             return Err(HandshakeError::Refused(reason.into()));
         }
-    }
+        writer.send(hs.write(hello)?).await?;
+        let third = reader.next().await.ok_or(HandshakeError::Eof)??;
+        hs.read(&third)?
+    };
     let (transport, remote) = hs.finish()?;
     reader.open = Some(transport.open);
     writer.seal = Some(transport.seal);
-    Ok(remote)
-}
-
-/// The frame that should hold the other side's hello. In a keyed mesh, one that cannot be
-/// decrypted may be the other side's refusal in clear (our key was wrong): report that.
-async fn read_hello_frame(reader: &mut Reader) -> Result<Bytes, HandshakeError> {
-    let raw = reader.frames.next().await.ok_or(HandshakeError::Eof)??.freeze();
-    match &mut reader.open {
-        None => Ok(raw),
-        Some(open) => open.open(&raw).map_err(|e| refusal_or(&raw, e.into())),
-    }
+    Ok((theirs, remote))
 }
 
 /// A frame that is not a preamble may be the other side's refusal: report that instead.

@@ -20,6 +20,7 @@ pub mod output;
 pub mod shutdown;
 pub mod state;
 pub mod store;
+pub mod x25519;
 
 pub use mesh::run;
 

@@ -114,6 +114,9 @@ impl Mesh {
                 "the state directory holds an open-mesh identity, whose id no key proves: use another --state-dir for a private mesh"
             ),
         };
+        if let Some(keys) = &keys {
+            keys.warm_up();
+        }
         let me = identity.id;
         let my_seq = restored.my_seq.max(restored.marks.get(&me).copied().unwrap_or(0));
         let mut store = Store::new(me.clone(), my_seq, cfg.retention(), now);

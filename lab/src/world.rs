@@ -508,10 +508,11 @@ impl World {
         self.receipts.get(&(id, msg_id.to_owned())).map(|r| r.first_at)
     }
 
-    /// When `peer`'s current process last brought a neighbour up.
-    pub fn last_up(&self, peer: &str) -> Option<Instant> {
-        let id = self.peers.get(peer)?.id.clone()?;
-        self.link_up.iter().filter(|((me, _), _)| *me == id).map(|(_, at)| *at).max()
+    /// When `peer`'s current process first brought a neighbour up.
+    pub fn first_up(&self, peer: &str) -> Option<Instant> {
+        let p = self.peers.get(peer)?;
+        let (id, since) = (p.id.clone()?, p.listening_at?);
+        self.link_up.iter().filter(|((me, _), at)| *me == id && **at >= since).map(|(_, at)| *at).min()
     }
 
     /// For each line shown by someone, the time until the last of its receivers showed it.
