@@ -49,7 +49,7 @@ pub const PROTOCOL_NAME: &str = "meshlab";
 pub enum Security {
     /// No encryption: an open mesh.
     Open,
-    /// Noise XXpsk3 with the mesh's pre-shared key.
+    /// Noise XXpsk0 with the mesh's pre-shared key.
     NoisePsk,
 }
 
