@@ -71,9 +71,6 @@ struct Mesh {
     state: Option<StateDir>,
     /// Lines and gaps decided but not yet shown: they are shown once the state records them.
     unshown: Vec<Unshown>,
-    /// Senders met for the first time since the last commit (their starting watermark must be
-    /// recorded: after a restart, lines said since are still owed).
-    met: Vec<PeerId>,
     cfg: Config,
 }
 
@@ -170,7 +167,6 @@ impl Mesh {
             accept_paused_until: None,
             state,
             unshown: Vec::new(),
-            met: Vec::new(),
             cfg,
         })
     }
@@ -336,7 +332,7 @@ impl Mesh {
             Admission::New => true,
         };
         if self.store.meet(&info, h.seq, now) {
-            self.met.push(info.id.clone());
+            self.record_met(&info.id);
         }
         if announce {
             self.out.emit(&Event::PeerUp { peer: &info, seq: h.seq, protocol: r.version });
@@ -437,56 +433,71 @@ impl Mesh {
         }
     }
 
+    /// Records the starting watermark of a sender met for the first time, before its `peer_up`
+    /// is printed: after a crash and a restart, the lines it said since are still owed.
+    fn record_met(&mut self, id: &PeerId) {
+        let (Some(state), Some(mark)) = (&mut self.state, self.store.mark(id)) else { return };
+        if let Err(e) = state.marks([(id.clone(), mark)].into()).and_then(|_| state.sync()) {
+            tracing::error!("cannot write the state directory: {e}");
+        }
+    }
+
     fn show(&mut self, lines: Vec<Delivery>) {
         self.unshown.extend(lines.into_iter().map(Unshown::Line));
     }
 
-    /// Shows what was decided since the last commit, after the state directory (if any) has
-    /// durably recorded the watermarks it moves: a restart never shows a line twice.
+    /// Shows what was decided since the last commit. With a state directory, the watermarks
+    /// these lines move are written to the journal first (a write survives a kill), then the
+    /// lines are printed on this thread, then the journal is made durable: a line is never shown
+    /// twice, even across crashes; a kill between the two writes leaves a line recorded as shown
+    /// that was not printed.
     fn commit(&mut self) {
-        if self.unshown.is_empty() && self.met.is_empty() {
+        if self.unshown.is_empty() {
             return;
         }
-        let met = std::mem::take(&mut self.met);
-        if let Some(state) = &mut self.state {
-            let moved: std::collections::BTreeMap<PeerId, u64> = self
-                .unshown
-                .iter()
-                .map(|u| match u {
-                    Unshown::Line(d) => &d.line.origin,
-                    Unshown::Gap { origin, .. } => origin,
-                })
-                .chain(&met)
-                .filter_map(|id| Some((id.clone(), self.store.mark(id)?)))
-                .collect();
-            if let Err(e) = state.marks(moved).and_then(|_| state.sync()) {
-                tracing::error!("cannot write the state directory: {e}");
+        let unshown = std::mem::take(&mut self.unshown);
+        let infos: Vec<PeerInfo> = unshown
+            .iter()
+            .map(|u| match u {
+                Unshown::Line(d) => self.store.info(&d.line.origin),
+                Unshown::Gap { origin, .. } => self.store.info(origin),
+            })
+            .collect();
+        let events: Vec<Event> = unshown
+            .iter()
+            .zip(&infos)
+            .map(|(u, from)| match u {
+                Unshown::Line(d) => Event::Message {
+                    msg_id: msg_id(&d.line.origin, d.line.seq),
+                    seq: d.line.seq,
+                    from,
+                    via: &d.via,
+                    text: &d.line.text,
+                    sent_at_ms: d.line.sent_at_ms,
+                    caught_up: d.caught_up,
+                },
+                Unshown::Gap { missed, upto, .. } => Event::Gap { from, missed: *missed, upto: *upto },
+            })
+            .collect();
+        let Some(state) = &mut self.state else {
+            for e in &events {
+                self.out.emit(e);
             }
-            if state.wants_compaction()
-                && let Err(e) = state.compact(&self.store.own_lines(), &self.store.marks())
-            {
-                tracing::error!("cannot compact the state directory: {e}");
-            }
+            return;
+        };
+        let moved: std::collections::BTreeMap<PeerId, u64> =
+            infos.iter().filter_map(|p| Some((p.id.clone(), self.store.mark(&p.id)?))).collect();
+        if let Err(e) = state.marks(moved).and_then(|_| state.flush()) {
+            tracing::error!("cannot write the state directory: {e}");
         }
-        for u in std::mem::take(&mut self.unshown) {
-            match u {
-                Unshown::Line(d) => {
-                    let from = self.store.info(&d.line.origin);
-                    self.out.emit(&Event::Message {
-                        msg_id: msg_id(&d.line.origin, d.line.seq),
-                        seq: d.line.seq,
-                        from: &from,
-                        via: &d.via,
-                        text: &d.line.text,
-                        sent_at_ms: d.line.sent_at_ms,
-                        caught_up: d.caught_up,
-                    });
-                }
-                Unshown::Gap { origin, missed, upto } => {
-                    let from = self.store.info(&origin);
-                    self.out.emit(&Event::Gap { from: &from, missed, upto });
-                }
-            }
+        self.out.emit_now(&events);
+        if let Err(e) = state.sync() {
+            tracing::error!("cannot write the state directory: {e}");
+        }
+        if state.wants_compaction()
+            && let Err(e) = state.compact(&self.store.own_lines(), &self.store.marks())
+        {
+            tracing::error!("cannot compact the state directory: {e}");
         }
     }
 

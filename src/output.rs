@@ -5,7 +5,7 @@
 //! network reach the terminal.
 
 use std::collections::BTreeMap;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::Duration;
 
@@ -107,6 +107,9 @@ pub const HELP: &str = "Type a line to send it to every peer. Commands:\n  \
     /quit   leave the mesh (also Ctrl-C)\n  \
     //text  send a line that starts with /";
 
+/// How long writing events directly waits for the ones queued before them.
+const PRINT_WAIT: Duration = Duration::from_millis(100);
+
 /// Events waiting for stdout before new ones are dropped.
 pub const OUTPUT_QUEUE: usize = 65_536;
 
@@ -115,14 +118,21 @@ pub const OUTPUT_QUEUE: usize = 65_536;
 /// queue fills, events are dropped and counted, with a warning on stderr.
 pub struct Output {
     json: bool,
-    queue: Option<SyncSender<Vec<u8>>>,
+    queue: Option<SyncSender<Item>>,
     done: Receiver<()>,
     dropped: u64,
 }
 
+/// What the stdout thread is given.
+enum Item {
+    Line(Vec<u8>),
+    /// Answer once everything before has been written.
+    Barrier(SyncSender<()>),
+}
+
 impl Output {
     pub fn new(json: bool) -> Output {
-        let (queue, lines) = sync_channel::<Vec<u8>>(OUTPUT_QUEUE);
+        let (queue, lines) = sync_channel::<Item>(OUTPUT_QUEUE);
         let (finished, done) = sync_channel(1);
         std::thread::Builder::new()
             .name("stdout".into())
@@ -135,26 +145,50 @@ impl Output {
     }
 
     pub fn emit(&mut self, event: &Event) {
-        let line = if self.json {
-            let mut line = serde_json::to_vec(event).expect("events serialise");
-            line.push(b'\n');
-            line
-        } else {
-            match chat_view(event) {
-                View::Stdout(text) => format!("{text}\n").into_bytes(),
-                View::Stderr(text) => {
-                    eprintln!("{text}");
-                    return;
-                }
-                View::Nothing => return,
-            }
-        };
+        let Some(line) = self.render(event) else { return };
         let Some(queue) = &self.queue else { return };
-        if let Err(TrySendError::Full(_)) = queue.try_send(line) {
+        if let Err(TrySendError::Full(_)) = queue.try_send(Item::Line(line)) {
             self.dropped += 1;
             if self.dropped.is_power_of_two() {
                 tracing::warn!("stdout is not being read: {} events dropped so far", self.dropped);
             }
+        }
+    }
+
+    /// Writes events to stdout now, on this thread, after everything emitted before them. For
+    /// a peer with a state directory, which records them as shown right after.
+    pub fn emit_now(&mut self, events: &[Event]) {
+        let lines: Vec<u8> = events.iter().filter_map(|e| self.render(e)).flatten().collect();
+        self.written(PRINT_WAIT);
+        let mut out = io::stdout().lock();
+        if let Err(e) = out.write_all(&lines).and_then(|_| out.flush()) {
+            tracing::warn!("cannot write to stdout ({e})");
+        }
+    }
+
+    /// An event as stdout bytes (the chat view prints stderr notices itself).
+    fn render(&self, event: &Event) -> Option<Vec<u8>> {
+        if self.json {
+            let mut line = serde_json::to_vec(event).expect("events serialise");
+            line.push(b'\n');
+            return Some(line);
+        }
+        match chat_view(event) {
+            View::Stdout(text) => Some(format!("{text}\n").into_bytes()),
+            View::Stderr(text) => {
+                eprintln!("{text}");
+                None
+            }
+            View::Nothing => None,
+        }
+    }
+
+    /// Waits, at most `wait`, until every event emitted so far has been written to stdout.
+    fn written(&self, wait: Duration) {
+        let Some(queue) = &self.queue else { return };
+        let (ack, acked) = sync_channel(1);
+        if queue.try_send(Item::Barrier(ack)).is_ok() {
+            let _ = acked.recv_timeout(wait);
         }
     }
 
@@ -165,16 +199,29 @@ impl Output {
     }
 }
 
-/// The stdout thread: writes lines as they come, flushing whenever the queue runs dry.
-fn write_lines(lines: Receiver<Vec<u8>>) {
-    let mut out = BufWriter::new(io::stdout().lock());
+/// The stdout thread: writes lines as they come, flushing whenever the queue runs dry or a
+/// barrier asks.
+fn write_lines(items: Receiver<Item>) {
     let mut broken = false;
-    while let Ok(line) = lines.recv() {
-        let mut result = out.write_all(&line);
-        while let Ok(more) = lines.try_recv() {
-            result = result.and_then(|_| out.write_all(&more));
+    let mut barriers = Vec::new();
+    let mut batch = Vec::new();
+    while let Ok(item) = items.recv() {
+        let mut next = Some(item);
+        while let Some(item) = next {
+            match item {
+                Item::Line(line) => batch.extend_from_slice(&line),
+                Item::Barrier(ack) => barriers.push(ack),
+            }
+            next = items.try_recv().ok();
         }
-        result = result.and_then(|_| out.flush());
+        // Locked per batch, not for good: a peer with a state directory also writes directly.
+        let mut out = io::stdout().lock();
+        let result = out.write_all(&batch).and_then(|_| out.flush());
+        drop(out);
+        batch.clear();
+        for ack in barriers.drain(..) {
+            let _ = ack.send(());
+        }
         if let Err(e) = result
             && !broken
         {

@@ -102,7 +102,13 @@ impl StateDir {
         if marks.is_empty() { Ok(()) } else { self.append(&Record::Marks(marks)) }
     }
 
-    /// Makes everything appended so far durable.
+    /// Hands everything appended so far to the operating system: it survives this process
+    /// being killed (not a power loss: that is [`sync`](Self::sync)).
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.journal.flush()
+    }
+
+    /// Makes everything appended so far durable, also against a power loss.
     pub fn sync(&mut self) -> io::Result<()> {
         self.journal.flush()?;
         self.journal.get_ref().sync_data()

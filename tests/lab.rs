@@ -187,6 +187,35 @@ async fn a_peer_with_a_state_dir_comes_back_as_itself_and_catches_up_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_dir_peer_killed_right_after_meeting_remembers_whom_it_met() {
+    let _serial = support::shared();
+    let mut lab = process_lab();
+    lab.start(&["a"], &[], &[]).await.unwrap();
+    lab.keep_state("c");
+    for round in 0..5 {
+        // Killed as soon as it has shown its neighbours up: lines said since are still owed.
+        // (Later rounds first let c show what it caught up on: a kill in the microseconds
+        // between printing a line and recording it may show it again after the restart.)
+        if round == 0 {
+            lab.start(&["b", "c"], &["a"], &[]).await.unwrap();
+            lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+        } else {
+            lab.restart("c").await.unwrap();
+            lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+            lab.await_delivery(Duration::from_secs(5)).await.unwrap();
+        }
+        lab.kill("c").await.unwrap();
+        lab.say("a", &format!("a, round {round}")).await.unwrap();
+        lab.say("b", &format!("b, round {round}")).await.unwrap();
+    }
+    lab.restart("c").await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    let (_, d) = lab.await_delivery(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(d.per_receiver["c"].shown, 10, "c caught up on all ten lines, once each");
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_line_said_alone_before_a_crash_is_delivered_after_the_restart() {
     let _serial = support::shared();
     let mut lab = process_lab();
