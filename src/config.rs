@@ -132,8 +132,8 @@ pub struct Config {
     pub lab: bool,
 
     /// Start with traffic to and from peer NAME cut: NAME, NAME:in or NAME:out. Needs --lab.
-    #[arg(long, value_name = "NAME[:in|:out]", requires = "lab")]
-    pub lab_cut: Vec<String>,
+    #[arg(long, value_name = "NAME[:in|:out]", requires = "lab", value_parser = crate::hook::parse_spec)]
+    pub lab_cut: Vec<crate::hook::LabCommand>,
 }
 
 impl Config {
@@ -161,6 +161,9 @@ impl Config {
         }
         if self.history_lines == 0 {
             return Err("--history-lines must be at least 1".into());
+        }
+        if self.history_bytes < crate::frame::MAX_TEXT {
+            return Err(format!("--history-bytes must be at least {} (the longest line)", crate::frame::MAX_TEXT));
         }
         Ok(())
     }

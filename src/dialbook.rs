@@ -6,6 +6,9 @@
 //! Failures back off exponentially up to a cap, with jitter. When both sides learn of each other
 //! at once, only the smaller id dials at once; the other waits a polite delay before trying, so
 //! simultaneous dials are rare (and harmless when they happen).
+//!
+//! Ids that said goodbye, or were closed for flooding, are held off for a while: gossip still in
+//! flight about them is ignored, and a flooder's connections are refused until the hold ends.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -16,6 +19,29 @@ use crate::id::{PeerId, random_u64};
 
 /// Most learned addresses kept.
 pub const MAX_LEARNED: usize = 1024;
+
+/// Most held-off ids kept (the oldest hold goes first).
+const MAX_HELD: usize = 1024;
+
+/// Why an id is held off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// It said goodbye: do not dial it again on stale gossip (it may still dial us).
+    Left,
+    /// It was closed for flooding: neither dial it nor admit it, for a cool-down.
+    Flooded,
+}
+
+impl Hold {
+    /// How long the hold lasts: long enough to outlive any gossip in flight about a departed
+    /// peer; for a flooder, a cool-down after which its lines are caught up at the allowed pace.
+    pub fn duration(self) -> Duration {
+        match self {
+            Hold::Left => Duration::from_secs(60),
+            Hold::Flooded => Duration::from_secs(10),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Schedule {
@@ -57,11 +83,13 @@ pub struct DialBook {
     schedule: Schedule,
     /// How many entries are learned ones (kept for the cap).
     learned: usize,
+    /// Ids held off, with why and until when.
+    held: HashMap<PeerId, (Hold, Instant)>,
 }
 
 impl DialBook {
     pub fn new(schedule: Schedule) -> DialBook {
-        DialBook { entries: HashMap::new(), schedule, learned: 0 }
+        DialBook { entries: HashMap::new(), schedule, learned: 0, held: HashMap::new() }
     }
 
     pub fn add_bootstrap(&mut self, addr: &str, now: Instant) {
@@ -70,6 +98,9 @@ impl DialBook {
 
     /// A member told us of `id` at `addr`. `first` is whether this side should dial first.
     pub fn learn(&mut self, addr: &str, id: &PeerId, first: bool, now: Instant) {
+        if self.hold_of(id, now).is_some() {
+            return;
+        }
         let at = if first { now } else { now + self.schedule.polite };
         let learned = self.learned;
         match self.entries.get_mut(addr) {
@@ -169,14 +200,33 @@ impl DialBook {
         }
     }
 
-    /// `id` said goodbye: stop dialling it. Bootstrap entries stay, idle (they are retried only
-    /// while this peer has no neighbour at all: a new process may answer there).
-    pub fn left(&mut self, id: &PeerId) {
+    /// `id` said goodbye, or flooded: stop dialling it, and hold it off for a while. Bootstrap
+    /// entries stay, idle (they are retried only while this peer has no neighbour at all: a new
+    /// process may answer there).
+    pub fn left(&mut self, id: &PeerId, why: Hold, now: Instant) {
         self.entries.retain(|_, e| e.id.as_ref() != Some(id) || e.kind == Kind::Bootstrap);
         self.count_learned();
         for e in self.entries.values_mut().filter(|e| e.id.as_ref() == Some(id)) {
             e.next = None;
         }
+        self.held.retain(|_, (_, until)| *until > now);
+        if self.held.len() >= MAX_HELD
+            && let Some(oldest) = self.held.iter().min_by_key(|(_, (_, until))| *until).map(|(id, _)| id.clone())
+        {
+            self.held.remove(&oldest);
+        }
+        self.held.insert(id.clone(), (why, now + why.duration()));
+    }
+
+    /// Whether `id` is held off, and why.
+    pub fn hold_of(&self, id: &PeerId, now: Instant) -> Option<Hold> {
+        self.held.get(id).filter(|(_, until)| *until > now).map(|(why, _)| *why)
+    }
+
+    /// `id` was admitted again (it dialled us after a goodbye, as a restarted peer with the same
+    /// state does): its hold ends.
+    pub fn met(&mut self, id: &PeerId) {
+        self.held.remove(id);
     }
 
     /// This peer has no neighbour left: retry the bootstrap list.
@@ -198,22 +248,18 @@ impl DialBook {
         self.learned = self.entries.values().filter(|e| e.kind == Kind::Learned).count();
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 }
 
-/// Delay before the next try after `failures` failures: doubling from the base up to the cap,
-/// with ±20% jitter so that peers cut off together do not retry in lockstep.
+/// Delay before the next try after `failures` failures: doubling from the base, with ±20%
+/// jitter so that peers cut off together do not retry in lockstep, and never over the cap.
 fn backoff(s: &Schedule, failures: u32) -> Duration {
     let exp = s.base.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-    let d = exp.min(s.cap);
     let jitter = 0.8 + (random_u64() % 401) as f64 / 1000.0;
-    d.mul_f64(jitter)
+    exp.mul_f64(jitter).min(s.cap)
 }
 
 impl Entry {
@@ -244,7 +290,7 @@ mod tests {
         let d3 = backoff(&S, 3);
         assert!(d3 >= Duration::from_millis(320) && d3 <= Duration::from_millis(480));
         for n in [7, 30, u32::MAX] {
-            assert!(backoff(&S, n) <= Duration::from_secs(6));
+            assert!(backoff(&S, n) <= S.cap);
         }
     }
 
@@ -289,10 +335,48 @@ mod tests {
         let mut b = DialBook::new(S);
         b.learn("h:1", &id('b'), true, now);
         b.learn("h:2", &id('c'), true, now);
-        b.left(&id('b'));
+        b.left(&id('b'), Hold::Left, now);
         assert_eq!(b.len(), 1);
         b.expire(now + S.give_up + Duration::from_secs(1));
-        assert!(b.is_empty());
+        assert_eq!(b.len(), 0);
+    }
+
+    #[test]
+    fn stale_gossip_about_a_departed_peer_is_ignored_for_a_while() {
+        let now = Instant::now();
+        let mut b = DialBook::new(S);
+        b.learn("h:1", &id('b'), true, now);
+        b.left(&id('b'), Hold::Left, now);
+        b.learn("h:1", &id('b'), true, now + Duration::from_millis(10));
+        assert!(b.due(now + S.cap, 10, |_| false).is_empty(), "not redialled on stale gossip");
+        assert_eq!(b.hold_of(&id('b'), now), Some(Hold::Left));
+        let end = now + Hold::Left.duration();
+        b.learn("h:1", &id('b'), true, end);
+        assert_eq!(b.due(end, 10, |_| false), vec!["h:1".to_string()], "the hold ends");
+    }
+
+    #[test]
+    fn a_flooder_is_held_off_until_met_again_or_the_hold_ends() {
+        let now = Instant::now();
+        let mut b = DialBook::new(S);
+        b.left(&id('d'), Hold::Flooded, now);
+        let cool_down = Hold::Flooded.duration();
+        assert_eq!(b.hold_of(&id('d'), now + cool_down / 2), Some(Hold::Flooded));
+        assert_eq!(b.hold_of(&id('d'), now + cool_down), None);
+        b.left(&id('e'), Hold::Left, now);
+        b.met(&id('e'));
+        assert_eq!(b.hold_of(&id('e'), now), None);
+    }
+
+    #[test]
+    fn holds_are_bounded() {
+        let now = Instant::now();
+        let mut b = DialBook::new(S);
+        for i in 0..(MAX_HELD + 10) {
+            b.left(&format!("{i:032x}").parse().unwrap(), Hold::Left, now + Duration::from_millis(i as u64));
+        }
+        assert_eq!(b.held.len(), MAX_HELD);
+        assert_eq!(b.hold_of(&format!("{:032x}", 0).parse().unwrap(), now), None, "the oldest went first");
     }
 
     #[test]

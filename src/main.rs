@@ -12,6 +12,9 @@ fn main() -> ExitCode {
     if let Err(why) = cli.config.check() {
         Cli::command().error(clap::error::ErrorKind::ArgumentConflict, why).exit();
     }
+    if let Err(why) = cli.config.mesh_key() {
+        Cli::command().error(clap::error::ErrorKind::InvalidValue, format!("{why:#}")).exit();
+    }
     meshlab::init_logging();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(meshlab::run(cli.config));

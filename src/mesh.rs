@@ -20,7 +20,7 @@ use crate::addr;
 use crate::config::Config;
 use crate::connection::{self, CloseReason, ConnEvent, Context, Ready, Role};
 use crate::console::{self, Input};
-use crate::dialbook::DialBook;
+use crate::dialbook::{DialBook, Hold};
 use crate::frame::{Hello, MAX_GOSSIP, Message, PROTOCOL_MAX, PROTOCOL_MIN, PeerInfo};
 use crate::hook::{self, Hook};
 use crate::id::{PeerId, random_u64};
@@ -140,8 +140,8 @@ impl Mesh {
         }
         let hook = if cfg.lab {
             let mut hook = Hook::default();
-            for spec in &cfg.lab_cut {
-                hook.apply(hook::parse_spec(spec).map_err(anyhow::Error::msg)?);
+            for cut in &cfg.lab_cut {
+                hook.apply(cut.clone());
             }
             Some(hook)
         } else {
@@ -287,12 +287,14 @@ impl Mesh {
             }
             return;
         }
-        if self.is_cut(&h.name) {
+        if self.is_cut(&h.name) || self.book.hold_of(&h.id, now) == Some(Hold::Flooded) {
+            tracing::debug!(peer = %h.id.short(), "not admitted: cut off or held off for flooding");
             if let Some(t) = &target {
                 self.book.failed(t, false, now);
             }
             return;
         }
+        self.book.met(&h.id);
         if let Some(t) = &target {
             self.book.connected(t, &h.id);
         }
@@ -409,8 +411,8 @@ impl Mesh {
     }
 
     /// A neighbour sent a line of its own over its rate: the line is dropped for now (anti-
-    /// entropy brings it back later, at the allowed pace); the neighbour is told, and
-    /// disconnected if it floods.
+    /// entropy brings it back later, at the allowed pace); the neighbour is told, and if it
+    /// floods it is disconnected and held off (neither dialled nor admitted) for a while.
     fn refuse_line(&mut self, conn: ConnId, first: bool) {
         let rate = self.cfg.line_rate;
         let Some(n) = self.table.by_conn_mut(conn) else { return };
@@ -428,7 +430,7 @@ impl Mesh {
             );
             if let Some(n) = self.table.remove_conn(conn) {
                 self.out.emit(&Event::PeerDown { peer: &n.info, reason: DownReason::Closed });
-                self.book.lost(&n.info.id, &n.info.addr, self.me < n.info.id, Instant::now());
+                self.book.left(&n.info.id, Hold::Flooded, Instant::now());
             }
         }
     }
@@ -539,7 +541,7 @@ impl Mesh {
         let id = n.info.id.clone();
         if n.leaving {
             self.out.emit(&Event::PeerDown { peer: &n.info, reason: DownReason::Goodbye });
-            self.book.left(&id);
+            self.book.left(&id, Hold::Left, now);
         } else if n.superseded {
             self.table.hold_for_swap(n, now + SWAP_GRACE);
             return;

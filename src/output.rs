@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::Duration;
 
@@ -112,13 +114,19 @@ const PRINT_WAIT: Duration = Duration::from_millis(100);
 
 /// Events waiting for stdout before new ones are dropped.
 pub const OUTPUT_QUEUE: usize = 65_536;
+/// Bytes waiting for stdout before new events are dropped (a line of control characters
+/// escapes to six times its size in JSON, so events alone are no bound on memory).
+pub const OUTPUT_BYTES: usize = 16 << 20;
 
-/// Writes events to stdout from a thread of its own, through a bounded queue: a reader that
-/// stops reading (a paused terminal, `peer | less`, a full pipe) never stalls the peer. If the
-/// queue fills, events are dropped and counted, with a warning on stderr.
+/// Writes events to stdout from a thread of its own, through a queue bounded in events and in
+/// bytes: a reader that stops reading (a paused terminal, `peer | less`, a full pipe) never
+/// stalls the peer. If the queue fills, events are dropped and counted, with a warning on stderr.
+/// (A peer with a state directory prints lines on its own thread instead: see [`Output::emit_now`].)
 pub struct Output {
     json: bool,
     queue: Option<SyncSender<Item>>,
+    /// Bytes queued and not yet written, shared with the stdout thread.
+    queued_bytes: Arc<AtomicUsize>,
     done: Receiver<()>,
     dropped: u64,
 }
@@ -134,20 +142,35 @@ impl Output {
     pub fn new(json: bool) -> Output {
         let (queue, lines) = sync_channel::<Item>(OUTPUT_QUEUE);
         let (finished, done) = sync_channel(1);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let written = queued_bytes.clone();
         std::thread::Builder::new()
             .name("stdout".into())
             .spawn(move || {
-                write_lines(lines);
+                write_lines(lines, &written);
                 let _ = finished.send(());
             })
             .expect("cannot start the stdout thread");
-        Output { json, queue: Some(queue), done, dropped: 0 }
+        Output { json, queue: Some(queue), queued_bytes, done, dropped: 0 }
     }
 
     pub fn emit(&mut self, event: &Event) {
         let Some(line) = self.render(event) else { return };
         let Some(queue) = &self.queue else { return };
-        if let Err(TrySendError::Full(_)) = queue.try_send(Item::Line(line)) {
+        let size = line.len();
+        let queued = if self.queued_bytes.load(Ordering::Acquire) + size > OUTPUT_BYTES {
+            false
+        } else {
+            self.queued_bytes.fetch_add(size, Ordering::AcqRel);
+            match queue.try_send(Item::Line(line)) {
+                Err(TrySendError::Full(_)) => {
+                    self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+                    false
+                }
+                _ => true,
+            }
+        };
+        if !queued {
             self.dropped += 1;
             if self.dropped.is_power_of_two() {
                 tracing::warn!("stdout is not being read: {} events dropped so far", self.dropped);
@@ -156,7 +179,9 @@ impl Output {
     }
 
     /// Writes events to stdout now, on this thread, after everything emitted before them. For
-    /// a peer with a state directory, which records them as shown right after.
+    /// a peer with a state directory, which records them as shown right after. This write
+    /// blocks: a stdout nobody reads stalls such a peer (its neighbours then time it out), the
+    /// price of never showing a line twice across crashes.
     pub fn emit_now(&mut self, events: &[Event]) {
         let lines: Vec<u8> = events.iter().filter_map(|e| self.render(e)).flatten().collect();
         self.written(PRINT_WAIT);
@@ -201,7 +226,7 @@ impl Output {
 
 /// The stdout thread: writes lines as they come, flushing whenever the queue runs dry or a
 /// barrier asks.
-fn write_lines(items: Receiver<Item>) {
+fn write_lines(items: Receiver<Item>, queued_bytes: &AtomicUsize) {
     let mut broken = false;
     let mut barriers = Vec::new();
     let mut batch = Vec::new();
@@ -218,6 +243,7 @@ fn write_lines(items: Receiver<Item>) {
         let mut out = io::stdout().lock();
         let result = out.write_all(&batch).and_then(|_| out.flush());
         drop(out);
+        queued_bytes.fetch_sub(batch.len(), Ordering::AcqRel);
         batch.clear();
         for ack in barriers.drain(..) {
             let _ = ack.send(());

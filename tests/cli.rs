@@ -12,7 +12,7 @@ use support::TimedLines;
 
 fn peer() -> Command {
     let mut cmd = Command::cargo_bin("peer").unwrap();
-    cmd.env_remove("PORT").env_remove("PEER_NAME").env_remove("RUST_LOG");
+    cmd.env_remove("PORT").env_remove("PEER_NAME").env_remove("RUST_LOG").env_remove("MESH_KEY");
     cmd
 }
 
@@ -98,6 +98,9 @@ fn bad_arguments_exit_2_with_a_clear_message() {
         (&["host:0"], "bad port"),
         (&["--heartbeat", "2s", "--timeout", "1s"], "--timeout (1s) must be longer than --heartbeat (2s)"),
         (&["--lab-cut", "x"], "--lab"),
+        (&["--lab", "--lab-cut", "x:sideways"], "sideways"),
+        (&["--history-bytes", "100"], "--history-bytes must be at least 8192"),
+        (&["--key-file", "/nonexistent/mesh.key"], "cannot read the mesh key /nonexistent/mesh.key"),
         (&["--frobnicate"], "unexpected argument"),
     ];
     for (args, message) in cases {
@@ -257,7 +260,7 @@ fn keygen_prints_a_fresh_mesh_key() {
 #[test]
 fn a_bad_mesh_key_is_one_clear_error() {
     let out = peer().args(["--port", "0"]).env("MESH_KEY", "not-a-key").stdin(Stdio::null()).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2), "a bad argument, as clap reports them");
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("bad mesh key in MESH_KEY: a mesh key is 64 hex characters"), "{stderr}");
 }

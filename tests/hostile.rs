@@ -272,3 +272,51 @@ fn a_bootstrap_name_that_does_not_resolve_warns_once_and_keeps_retrying() {
     assert_eq!(retries, 3, "it keeps retrying");
     assert!(still_running);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stdout_nobody_reads_neither_stalls_the_peer_nor_grows_its_memory() {
+    let _serial = support::shared();
+    let mut peer = Command::new(env!("CARGO_BIN_EXE_peer"))
+        .args(["--json", "--bind", "127.0.0.1", "--port", "0"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = support::TimedLines::new(peer.stderr.take().unwrap());
+    // The listening event, then stdout is never read again: the pipe fills after a few events.
+    let mut stdout = std::io::BufReader::new(peer.stdout.take().unwrap());
+    let mut listening = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut listening).unwrap();
+    let event: serde_json::Value = serde_json::from_str(&listening).unwrap();
+    let addr = event["addr"].as_str().unwrap().to_owned();
+    let mallory = hello(1, 1);
+    let Message::Hello(h) = &mallory else { unreachable!() };
+    let origin = h.id.clone();
+    let mut f = handshaken(&addr, mallory).await;
+    let _ = f.next().await.unwrap().unwrap(); // its hello
+    // 3,000 lines of control characters, 48 KB each as JSON events: 144 MB if all were queued.
+    let text = "\x01".repeat(8000);
+    for seq in 1..=3000 {
+        let chat = frame::Chat {
+            origin: origin.clone(),
+            name: "m".into(),
+            seq,
+            text: text.clone(),
+            sent_at_ms: 0,
+            catch_up: false,
+        };
+        f.send(Message::Chat(chat).encode()).await.unwrap();
+    }
+    while !stderr.next().contains("stdout is not being read: 2048 events dropped") {}
+    let rss_mib = support::rss_kib(peer.id()) / 1024;
+    // Still serving: a newcomer completes its handshake.
+    let mut g = handshaken(&addr, hello(1, 1)).await;
+    let answer = tokio::time::timeout(WITHIN, g.next()).await.expect("no answer").unwrap().unwrap();
+    let _ = peer.kill();
+    let _ = peer.wait();
+    drop(stdout);
+    assert!(matches!(Message::decode(&answer), Ok(Message::Hello(_))), "a newcomer gets a hello");
+    assert!(rss_mib < 48, "{rss_mib} MiB resident: the stdout queue is not bounded in bytes");
+}

@@ -196,14 +196,25 @@ async fn a_neighbour_flooding_lines_is_told_then_cut_off_and_nothing_is_lost() {
     lab.start(&["a"], &[], &flags).await.unwrap();
     lab.start(&["b"], &["a"], &[]).await.unwrap();
     lab.await_mesh(None, WITHIN).await.unwrap();
-    // b says 200 lines at once: a takes the first 50, tells b, and brings in the rest at 20 a
-    // second through catch-up. Nothing is lost, nothing shown twice.
+    // b says 200 lines at once: a takes the first 50, tells b, closes the connection when b
+    // keeps going, holds b off for a 10 s cool-down, then brings in the rest at 20 a second
+    // through catch-up. Nothing is lost, nothing shown twice.
     for i in 0..200 {
         lab.say("b", &format!("flood {i}")).await.unwrap();
     }
-    let (_, d) = lab.await_delivery(Duration::from_secs(30)).await.unwrap();
+    let (_, d) = lab.await_delivery(Duration::from_secs(60)).await.unwrap();
     assert_eq!((d.owed, d.shown), (200, 200));
     lab.await_log("a", "closing connection to b@", WITHIN).await.unwrap();
+    let at = |kind: &str| -> Vec<u64> {
+        lab.world().timeline.iter().filter(|m| m.peer == "a" && m.kind == kind).map(|m| m.at_ms).collect()
+    };
+    let (ups, downs) = (at("up"), at("down"));
+    assert_eq!((ups.len(), downs.len()), (2, 1), "b was cut off once, then admitted again");
+    assert!(
+        ups[1] - downs[0] >= 9_000,
+        "b was admitted again {} ms after the cut, within its cool-down",
+        ups[1] - downs[0]
+    );
     let told: Vec<_> = lab.world().timeline.iter().filter(|m| m.peer == "b" && m.kind == "notice").collect();
     assert!(!told.is_empty() && told[0].detail.starts_with("a: you send lines faster than 20 a second"), "{told:?}");
     lab.shutdown().await;

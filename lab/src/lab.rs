@@ -439,8 +439,8 @@ impl<B: Backend> Lab<B> {
     }
 
     /// Waits until `pending` returns None (the condition holds), recording observations as
-    /// they arrive. Past the deadline, fails with `expected` and the last reason `pending`
-    /// gave. A broken rule ends the wait at once.
+    /// they arrive. Past the deadline, fails with `expected` and the reason `pending` gives
+    /// then. A broken rule ends the wait at once.
     async fn wait_until(
         &mut self,
         deadline: Instant,
@@ -450,10 +450,9 @@ impl<B: Backend> Lab<B> {
         loop {
             self.pump();
             self.check_violations()?;
-            let reason = match pending(&self.world) {
-                None => return Ok(()),
-                Some(reason) => reason,
-            };
+            if pending(&self.world).is_none() {
+                return Ok(());
+            }
             match tokio::time::timeout_at(deadline.into(), self.events.recv()).await {
                 Ok(Some(o)) => self.record(o),
                 Ok(None) | Err(_) => {
@@ -461,7 +460,7 @@ impl<B: Backend> Lab<B> {
                     self.check_violations()?;
                     return match pending(&self.world) {
                         None => Ok(()),
-                        Some(_) => Err(LabError::Check { expected: expected.into(), seen: reason }),
+                        Some(seen) => Err(LabError::Check { expected: expected.into(), seen }),
                     };
                 }
             }

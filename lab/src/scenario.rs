@@ -280,12 +280,18 @@ impl RawStep {
             },
             "say" => {
                 let text = self.text.ok_or("a say step needs `text`")?;
-                if text.is_empty() || text.len() > MAX_TEXT || text.contains(['\n', '\r']) {
-                    return Err(format!("`text` must be one line of 1 to {MAX_TEXT} bytes"));
-                }
                 let count = self.count.unwrap_or(1);
                 if count == 0 {
                     return Err("`count` must be at least 1".into());
+                }
+                // As typed: a leading `/` is doubled, and `count` lines get a ` #N` suffix.
+                let escape = usize::from(text.starts_with('/'));
+                let suffix = if count > 1 { format!(" #{count}").len() } else { 0 };
+                let typed = text.len() + escape + suffix;
+                if text.trim().is_empty() || typed > MAX_TEXT || text.contains(['\n', '\r']) {
+                    return Err(format!(
+                        "`text` must be one line, not blank, of at most {MAX_TEXT} bytes as typed (here {typed})"
+                    ));
                 }
                 Action::Say { peer: self.say.expect("verb checked"), text, count }
             }
@@ -545,5 +551,19 @@ mod tests {
         assert!(error("[[step]]\nawait = \"everything\"\n").contains("unknown variant `everything`"));
         assert!(error("[[step]]\nsleep = \"soon\"\n").starts_with("t.toml:2: "));
         assert_eq!(error("name = \"x\"\n"), "t.toml:1: missing field `step`");
+    }
+
+    #[test]
+    fn say_text_is_checked_as_it_will_be_typed() {
+        let say = |text: &str, count: usize| {
+            format!("[[step]]\nstart = \"a\"\n[[step]]\nsay = \"a\"\ntext = \"{text}\"\ncount = {count}\n")
+        };
+        assert!(error(&say("   ", 1)).contains("not blank"));
+        assert!(parse(&say(&"x".repeat(MAX_TEXT), 1)).is_ok());
+        assert!(error(&say(&"x".repeat(MAX_TEXT), 2)).contains("(here 8195)"), "the ` #2` suffix counts");
+        assert!(
+            error(&say(&format!("/{}", "x".repeat(MAX_TEXT - 1)), 1)).contains("(here 8193)"),
+            "so does the escape"
+        );
     }
 }

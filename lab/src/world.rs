@@ -388,7 +388,7 @@ impl World {
 
     /// The name behind an id, if the lab has seen it.
     pub fn name_of(&self, id: &str) -> String {
-        self.names.get(id).cloned().unwrap_or_else(|| format!("{}…", &id[..id.len().min(8)]))
+        self.names.get(id).cloned().unwrap_or_else(|| format!("{}…", short(id)))
     }
 
     /// Every peer's stderr lines, each prefixed with its process's instance number.
@@ -436,10 +436,7 @@ impl World {
                 for extra in pa.neighbours.difference(&expected) {
                     let other = self.name_of(extra);
                     if !cuts.severed(a, &other) {
-                        problems.push(format!(
-                            "{a} lists {other} ({}) which is not a live member",
-                            &extra[..8.min(extra.len())]
-                        ));
+                        problems.push(format!("{a} lists {other} ({}) which is not a live member", short(extra)));
                     }
                 }
             }
@@ -549,6 +546,11 @@ impl World {
         catch_up.sort();
         (direct, catch_up)
     }
+}
+
+/// The first characters of an id printed by a peer (which may be anything).
+fn short(id: &str) -> String {
+    id.chars().take(8).collect()
 }
 
 /// Groups of peers that can reach each other over the links the cuts leave.

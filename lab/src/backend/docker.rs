@@ -113,11 +113,19 @@ impl DockerBackend {
     }
 
     /// The fixed address of a peer name on the run's subnet.
-    fn ip_of(&mut self, name: &str) -> Ipv4Addr {
-        let next = 2 + self.hosts.len() as u8; // .1 is the gateway
-        let host = *self.hosts.entry(name.to_owned()).or_insert(next);
+    fn ip_of(&mut self, name: &str) -> anyhow::Result<Ipv4Addr> {
+        let host = match self.hosts.get(name) {
+            Some(host) => *host,
+            None => {
+                let next = u8::try_from(2 + self.hosts.len()) // .1 is the gateway
+                    .ok()
+                    .filter(|h| *h < 255)
+                    .context("the docker backend runs at most 253 peer names (one /24 network)")?;
+                *self.hosts.entry(name.to_owned()).or_insert(next)
+            }
+        };
         let [a, b, c] = self.subnet;
-        Ipv4Addr::new(a, b, c, host)
+        Ok(Ipv4Addr::new(a, b, c, host))
     }
 
     fn container_name(&self, peer: &str) -> String {
@@ -140,7 +148,7 @@ impl DockerBackend {
     async fn apply_packet_filter(&mut self, name: &str, cuts: &[(String, bool, bool)]) -> anyhow::Result<()> {
         let mut rules = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
         for (other, inbound, outbound) in cuts {
-            let ip = self.ip_of(other);
+            let ip = self.ip_of(other)?;
             if *inbound {
                 rules.push_str(&format!("-A INPUT -s {ip}/32 -j DROP\n"));
             }
@@ -207,7 +215,7 @@ impl Backend for DockerBackend {
         if self.peers.contains_key(&spec.name) {
             bail!("{} is already running", spec.name);
         }
-        let ip = self.ip_of(&spec.name);
+        let ip = self.ip_of(&spec.name)?;
         let name = self.container_name(&spec.name);
         let binds = match spec.keep_state {
             true => Some(format!("{}:{STATE_MOUNT}", self.states.of(&spec.name)?.display())),

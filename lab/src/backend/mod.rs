@@ -89,9 +89,15 @@ pub const LAB_TIMING: &[(&str, &str)] = &[
 /// `defaults` (flag, value) pairs merged under `flags`: a default is dropped when `flags`
 /// sets the same option (clap refuses an option given twice).
 pub fn merge_flags(defaults: &[(&str, String)], flags: &[String]) -> Vec<String> {
+    /// The peer's short forms of long options.
+    const SHORT: &[(&str, &str)] = &[("--port", "-p")];
+    let sets = |f: &str, flag: &str| {
+        let short = SHORT.iter().find(|(long, _)| *long == flag).map(|(_, short)| *short);
+        f == flag || f.starts_with(&format!("{flag}=")) || short.is_some_and(|s| f.starts_with(s))
+    };
     let mut out = Vec::new();
     for (flag, value) in defaults {
-        if !flags.iter().any(|f| f == flag || f.starts_with(&format!("{flag}="))) {
+        if !flags.iter().any(|f| sets(f, flag)) {
             out.push(flag.to_string());
             out.push(value.clone());
         }
@@ -182,4 +188,20 @@ pub trait Backend {
 
     /// Removes everything the backend created. Safe to call more than once.
     async fn shutdown(&mut self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scenario_flag_replaces_the_default_in_any_spelling() {
+        let defaults = [("--port", "4000".to_string()), ("--heartbeat", "300ms".to_string())];
+        let merged = |flags: &[&str]| merge_flags(&defaults, &flags.iter().map(|f| f.to_string()).collect::<Vec<_>>());
+        assert_eq!(merged(&[]), ["--port", "4000", "--heartbeat", "300ms"]);
+        assert_eq!(merged(&["--port", "5"]), ["--heartbeat", "300ms", "--port", "5"]);
+        assert_eq!(merged(&["--port=5"]), ["--heartbeat", "300ms", "--port=5"]);
+        assert_eq!(merged(&["-p", "5"]), ["--heartbeat", "300ms", "-p", "5"]);
+        assert_eq!(merged(&["-p5", "--heartbeat=1s"]), ["-p5", "--heartbeat=1s"]);
+    }
 }

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -36,6 +37,9 @@ pub struct ProcessBackend {
 
 struct Proc {
     pid: u32,
+    /// A pidfd for the child: signals through it reach this process or nobody, even once the
+    /// pid is reaped and reused.
+    pidfd: OwnedFd,
     stdin: ChildStdin,
     exited: watch::Receiver<bool>,
     /// Cuts last sent through the hook.
@@ -190,24 +194,34 @@ impl Drop for ProcessBackend {
 }
 
 impl Proc {
-    /// Signals the process unless it already exited (its pid may then belong to another).
+    /// Signals the process; nothing happens if it already exited.
     fn signal(&self, signal: i32) {
-        if !*self.exited.borrow() {
-            send_signal(self.pid, signal);
+        // SAFETY: pidfd_send_signal(2) with a pidfd we own, no siginfo and no flags.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            );
         }
     }
 }
 
-fn port_is_free(ip: Ipv4Addr, port: u16) -> bool {
-    std::net::TcpListener::bind((ip, port)).is_ok()
+/// Opens a pidfd for a child not reaped yet (so the pid is still its own).
+fn pidfd_open(pid: u32) -> anyhow::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("pidfd_open (Linux 5.3 or later is needed)");
+    }
+    // SAFETY: the fd was just returned by the kernel and is owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-fn send_signal(pid: u32, signal: i32) {
-    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's, which is
-    // not reaped until its watcher sees it exit, so it cannot name another process.
-    unsafe {
-        libc::kill(pid as i32, signal);
-    }
+fn port_is_free(ip: Ipv4Addr, port: u16) -> bool {
+    std::net::TcpListener::bind((ip, port)).is_ok()
 }
 
 /// Spawns the readers of a child's stdout and stderr and the watcher of its exit.
@@ -219,6 +233,7 @@ fn watch_child(
     cuts: Vec<(String, bool, bool)>,
 ) -> anyhow::Result<Proc> {
     let pid = child.id().context("child has no pid")?;
+    let pidfd = pidfd_open(pid)?;
     let stdin = child.stdin.take().context("no stdin")?;
     let stdout = child.stdout.take().context("no stdout")?;
     let stderr = child.stderr.take().context("no stderr")?;
@@ -254,5 +269,5 @@ fn watch_child(
         let _ = events.send(observe(Observation::Exited(status)));
         let _ = exited_tx.send(true);
     });
-    Ok(Proc { pid, stdin, exited, cuts })
+    Ok(Proc { pid, pidfd, stdin, exited, cuts })
 }
