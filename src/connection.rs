@@ -8,9 +8,10 @@
 //! frame. When the mesh drops its queue sender, the writer flushes what is queued and the
 //! connection closes.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,13 +29,52 @@ use crate::noise::{Handshake, Keys, NoiseError, Opener, Sealer};
 use crate::outbox::{Drain, Outbox, outbox};
 
 /// Who opened the connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Role {
     /// We dialled this address.
-    Dialer {
-        target: String,
-    },
-    Acceptor,
+    Dialer { target: String },
+    /// It dialled us; it counts as half-open for its address until its hello is handled.
+    Acceptor(HalfOpen),
+}
+
+/// Most accepted connections from one IP address still in their handshake: a flood of silent
+/// sockets from one host cannot take every connection slot from the others.
+pub const MAX_HALF_OPEN_PER_IP: usize = 32;
+
+/// Accepted connections still in their handshake, per source address.
+#[derive(Debug, Default)]
+pub struct HalfOpenCounts(Mutex<HashMap<IpAddr, usize>>);
+
+/// One accepted connection counted as half-open until dropped.
+#[derive(Debug)]
+pub struct HalfOpen {
+    ip: IpAddr,
+    counts: Arc<HalfOpenCounts>,
+}
+
+impl HalfOpenCounts {
+    /// Counts a new connection from `ip`, unless that address already has too many.
+    pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<HalfOpen> {
+        let mut counts = self.0.lock().expect("never poisoned: nothing panics while holding it");
+        let n = counts.entry(ip).or_default();
+        if *n >= MAX_HALF_OPEN_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(HalfOpen { ip, counts: self.clone() })
+    }
+}
+
+impl Drop for HalfOpen {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().expect("never poisoned: nothing panics while holding it");
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// A connection whose handshake completed.
@@ -94,6 +134,7 @@ pub struct Context {
     /// The mesh key and our static key, in a private mesh.
     pub keys: Option<Keys>,
     pub reported: Reported,
+    pub half_open: Arc<HalfOpenCounts>,
     pub heartbeat: Duration,
     pub timeout: Duration,
     pub handshake_timeout: Duration,
@@ -113,14 +154,20 @@ pub struct Reported(std::sync::Mutex<std::collections::HashMap<String, Instant>>
 
 /// How long the same failure from the same place stays quiet after it was reported.
 const REPORT_EVERY: Duration = Duration::from_secs(60);
+/// Most failures remembered as reported.
+const MAX_REPORTED: usize = 1024;
 
 impl Reported {
     /// Whether `what` should be logged now.
     pub fn first(&self, what: String) -> bool {
         let mut seen = self.0.lock().expect("never poisoned: nothing panics while holding it");
         let now = Instant::now();
-        if seen.len() > 1024 {
+        if seen.len() >= MAX_REPORTED {
             seen.retain(|_, at| now.duration_since(*at) < REPORT_EVERY);
+            if seen.len() >= MAX_REPORTED {
+                // A storm of distinct failures: start over (some repeat early) rather than grow.
+                seen.clear();
+            }
         }
         match seen.get(&what) {
             Some(at) if now.duration_since(*at) < REPORT_EVERY => false,
@@ -206,9 +253,24 @@ enum HandshakeError {
 
 /// Dials `target` and runs the connection; reports a failed dial to the mesh.
 pub async fn dial(target: String, conn: ConnId, ctx: Arc<Context>) {
+    match reach(&target, &ctx).await {
+        Ok(stream) => run(stream, Role::Dialer { target }, conn, ctx).await,
+        Err((unresolved, error)) => {
+            let _ = ctx.events.send(ConnEvent::DialFailed { target, unresolved, error }).await;
+        }
+    }
+}
+
+/// Resolves `target` and connects to the first address that answers, each step bounded by the
+/// connect timeout. Fails with whether the name did not resolve, and why.
+async fn reach(target: &str, ctx: &Context) -> Result<TcpStream, (bool, String)> {
+    let limit = ctx.connect_timeout;
+    let addrs: Vec<SocketAddr> = match timeout(limit, tokio::net::lookup_host(target)).await {
+        Ok(Ok(addrs)) => addrs.collect(),
+        Ok(Err(e)) => return Err((true, e.to_string())),
+        Err(_) => return Err((true, format!("name lookup timed out after {limit:?}"))),
+    };
     let connect = async {
-        let addrs: Vec<SocketAddr> =
-            tokio::net::lookup_host(&target).await.map_err(|e| (true, e.to_string()))?.collect();
         let mut last = String::from("no address");
         for addr in addrs {
             match connect_from(ctx.source, addr).await {
@@ -218,16 +280,7 @@ pub async fn dial(target: String, conn: ConnId, ctx: Arc<Context>) {
         }
         Err((false, last))
     };
-    let result = match timeout(ctx.connect_timeout, connect).await {
-        Ok(r) => r,
-        Err(_) => Err((false, format!("connect timed out after {:?}", ctx.connect_timeout))),
-    };
-    match result {
-        Ok(stream) => run(stream, Role::Dialer { target }, conn, ctx).await,
-        Err((unresolved, error)) => {
-            let _ = ctx.events.send(ConnEvent::DialFailed { target, unresolved, error }).await;
-        }
-    }
+    timeout(limit, connect).await.unwrap_or_else(|_| Err((false, format!("connect timed out after {limit:?}"))))
 }
 
 /// Connects to `addr`, from `source` when it is set and of the same family, so that a peer
@@ -301,7 +354,9 @@ const LINGER: Duration = Duration::from_secs(2);
 async fn handshake_failed(e: HandshakeError, role: Role, observed: SocketAddr, ctx: &Context) {
     match (&e, &role) {
         (HandshakeError::ShuttingDown, _) => {}
-        (HandshakeError::Eof, Role::Acceptor) => tracing::debug!("connection from {observed} closed before its hello"),
+        (HandshakeError::Eof, Role::Acceptor(_)) => {
+            tracing::debug!("connection from {observed} closed before its hello")
+        }
         _ if ctx.reported.first(format!("{} {}: {e}", direction(&role), observed.ip())) => {
             tracing::warn!("closing connection {} {observed}: {e}", direction(&role))
         }
@@ -316,7 +371,7 @@ async fn handshake_failed(e: HandshakeError, role: Role, observed: SocketAddr, c
 fn direction(role: &Role) -> &'static str {
     match role {
         Role::Dialer { .. } => "to",
-        Role::Acceptor => "from",
+        Role::Acceptor(_) => "from",
     }
 }
 

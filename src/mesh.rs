@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::addr;
 use crate::config::Config;
-use crate::connection::{self, CloseReason, ConnEvent, Context, Ready, Role};
+use crate::connection::{self, CloseReason, ConnEvent, Context, MAX_HALF_OPEN_PER_IP, Ready, Role};
 use crate::console::{self, Input};
 use crate::dialbook::{DialBook, Hold};
 use crate::frame::{Hello, MAX_GOSSIP, Message, PROTOCOL_MAX, PROTOCOL_MIN, PeerInfo};
@@ -129,6 +129,7 @@ impl Mesh {
             source: Some(cfg.bind).filter(|ip| !ip.is_unspecified()),
             keys,
             reported: Default::default(),
+            half_open: Default::default(),
             heartbeat: cfg.heartbeat,
             timeout: cfg.timeout,
             handshake_timeout: cfg.handshake_timeout,
@@ -278,7 +279,7 @@ impl Mesh {
         let h = r.hello;
         let target = match r.role {
             Role::Dialer { target } => Some(target),
-            Role::Acceptor => None,
+            Role::Acceptor(_) => None,
         };
         if h.id == self.me {
             if let Some(t) = &target {
@@ -647,23 +648,36 @@ impl Mesh {
                 return;
             }
         };
-        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            let now = Instant::now();
-            if self.last_refusal_warning.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
-                tracing::warn!(
-                    "refusing connection from {from}: {} connections open (--max-conns)",
-                    self.cfg.max_conns
-                );
-                self.last_refusal_warning = Some(now);
-            }
-            return;
+        // Some connection slots are kept for our own dials, so that a flood of incoming
+        // connections cannot keep this peer from reaching the members.
+        let reserved = MAX_DIALS.min(self.cfg.max_conns as usize / 2);
+        let permit = match self.permits.available_permits() > reserved {
+            true => self.permits.clone().try_acquire_owned().ok(),
+            false => None,
+        };
+        let Some(permit) = permit else {
+            let why = format!("{} connections open (--max-conns)", self.cfg.max_conns);
+            return self.refuse_connection(from, why);
+        };
+        let Some(half_open) = self.ctx.half_open.enter(from.ip()) else {
+            let why = format!("{MAX_HALF_OPEN_PER_IP} connections from its address are still in their handshake");
+            return self.refuse_connection(from, why);
         };
         let conn = self.next_conn();
         let ctx = self.ctx.clone();
         self.tasks.spawn(async move {
-            connection::run(stream, Role::Acceptor, conn, ctx).await;
+            connection::run(stream, Role::Acceptor(half_open), conn, ctx).await;
             drop(permit);
         });
+    }
+
+    /// Closes a connection just accepted, with a warning at most every 5 s.
+    fn refuse_connection(&mut self, from: SocketAddr, why: String) {
+        let now = Instant::now();
+        if self.last_refusal_warning.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
+            tracing::warn!("refusing connection from {from}: {why}");
+            self.last_refusal_warning = Some(now);
+        }
     }
 
     fn dial_due(&mut self) {

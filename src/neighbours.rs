@@ -120,7 +120,8 @@ pub struct Neighbour {
 }
 
 impl Neighbour {
-    /// Queues a frame; a full queue marks the neighbour as lagging (catch-up repairs it).
+    /// Queues a frame; a full queue marks the neighbour as lagging (catch-up repairs it). A
+    /// closed queue needs nothing here: the connection's end is reported on its own.
     pub fn send(&mut self, frame: Bytes) {
         if self.outbox.push(frame) == Err(Refused::Full) {
             self.lagging = true;

@@ -36,6 +36,8 @@ pub enum Refused {
 }
 
 impl Outbox {
+    /// Queues a frame unless the queue is full in frames or bytes. Only the peer's one thread
+    /// pushes, so checking the byte count and then adding to it cannot overshoot.
     pub fn push(&self, frame: Bytes) -> Result<(), Refused> {
         let len = frame.len();
         if self.queued.load(Ordering::Relaxed) + len > MAX_BYTES {

@@ -374,8 +374,9 @@ impl Store {
         }
     }
 
-    /// Lines held in history (for tests and stats).
-    pub fn held(&self) -> usize {
+    /// Lines held in history.
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.lines
     }
 

@@ -28,10 +28,12 @@ fn loopback() -> String {
 struct Running {
     child: Child,
     events: TimedLines,
+    _serial: support::Serial,
 }
 
 impl Running {
     fn start(ip: &str, args: &[&str], stdin: Stdio) -> Running {
+        let _serial = support::shared();
         let mut child = peer()
             .args(["--json", "--bind", ip, "--port", "0"])
             .args(args)
@@ -41,7 +43,7 @@ impl Running {
             .spawn()
             .unwrap();
         let events = TimedLines::new(child.stdout.take().unwrap());
-        Running { child, events }
+        Running { child, events, _serial }
     }
 
     /// The next event, parsed; silence or the stream's end fails the test.
@@ -121,6 +123,7 @@ fn a_port_in_use_is_one_clear_line_and_a_failure() {
 
 #[test]
 fn the_port_comes_from_the_environment_like_the_prototype() {
+    let _serial = support::shared();
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut child = peer()
         .args(["--json", "--bind", "127.0.0.1"])

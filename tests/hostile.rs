@@ -194,6 +194,30 @@ async fn a_flood_of_connections_hits_the_cap_not_the_mesh() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_from_one_host_leave_room_for_newcomers_from_others() {
+    let _serial = support::shared();
+    let (mut lab, addr) = pair(&["--handshake-timeout", "60s"]).await;
+    let lab_ip = lab.backend().ip();
+    let attacker: std::net::IpAddr =
+        if lab_ip == std::net::Ipv4Addr::new(127, 0, 0, 1) { [127, 0, 0, 2] } else { [127, 0, 0, 1] }.into();
+    // More silent sockets than a has connection slots, all from one address, held open.
+    let mut flood = Vec::new();
+    for _ in 0..300 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((attacker, 0).into()).unwrap();
+        if let Ok(s) = socket.connect(addr.parse().unwrap()).await {
+            flood.push(s);
+        }
+    }
+    lab.await_log("a", "connections from its address are still in their handshake", WITHIN).await.unwrap();
+    // While they stay open, a newcomer from another address joins through a.
+    lab.start(&["c"], &["a"], &[]).await.unwrap();
+    lab.await_mesh(None, WITHIN).await.unwrap();
+    drop(flood);
+    still_fine(&mut lab).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_given_its_own_address_ignores_it() {
     let _serial = support::shared();
     let lab = new_lab();

@@ -195,7 +195,7 @@ async fn a_state_dir_peer_killed_right_after_meeting_remembers_whom_it_met() {
     for round in 0..5 {
         // Killed as soon as it has shown its neighbours up: lines said since are still owed.
         // (Later rounds first let c show what it caught up on: a kill in the microseconds
-        // between printing a line and recording it may show it again after the restart.)
+        // between recording a line as shown and printing it would hide that line for good.)
         if round == 0 {
             lab.start(&["b", "c"], &["a"], &[]).await.unwrap();
             lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();

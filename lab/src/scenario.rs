@@ -13,7 +13,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-/// Longest line a peer accepts on stdin.
+/// Longest line a peer accepts on stdin: the limit docs/protocol.md documents (the lab knows the
+/// peer by its contract alone, not by its code).
 const MAX_TEXT: usize = 8 * 1024;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 const DEFAULT_WITHIN: Duration = Duration::from_secs(10);

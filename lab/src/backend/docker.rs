@@ -35,7 +35,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
-use super::{Backend, PeerSpec, StateDirs, Stop, hook_commands, hook_flags, with_lab_timing};
+use super::{Backend, PeerSpec, StateDirs, Stop, hook_commands, hook_flags, stop_within, with_lab_timing};
 use crate::world::{Observation, Observed};
 
 /// The image scripts/build-image makes.
@@ -307,18 +307,13 @@ impl Backend for DockerBackend {
 
     async fn stop(&mut self, name: &str, how: Stop, grace: Duration) -> anyhow::Result<()> {
         let mut c = self.peers.remove(name).with_context(|| format!("{name} is not running"))?;
-        let signal = if how == Stop::Kill { "SIGKILL" } else { "SIGTERM" };
-        let kill = KillContainerOptionsBuilder::new().signal(signal).build();
-        self.docker.kill_container(&c.id, Some(kill)).await.with_context(|| format!("cannot signal {name}"))?;
-        let in_time = tokio::time::timeout(grace, c.exited.wait_for(|e| *e)).await.is_ok();
-        let result = if !in_time {
-            let kill = KillContainerOptionsBuilder::new().signal("SIGKILL").build();
-            let _ = self.docker.kill_container(&c.id, Some(kill)).await;
-            let _ = c.exited.wait_for(|e| *e).await;
-            Err(anyhow::anyhow!("{name} did not exit within {grace:?} of SIGTERM and was killed"))
-        } else {
-            Ok(())
+        let (docker, id) = (&self.docker, &c.id);
+        let signal = |how| async move {
+            let signal = if how == Stop::Kill { "SIGKILL" } else { "SIGTERM" };
+            let kill = KillContainerOptionsBuilder::new().signal(signal).build();
+            docker.kill_container(id, Some(kill)).await.with_context(|| format!("cannot signal {name}"))
         };
+        let result = stop_within(name, how, grace, &mut c.exited, signal).await;
         self.remove(&c.id).await;
         result
     }

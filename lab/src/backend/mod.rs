@@ -9,6 +9,7 @@ pub mod process;
 use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::watch;
 
 use crate::world::Observed;
 
@@ -73,6 +74,28 @@ pub enum Stop {
     Graceful,
     /// SIGKILL: the peer vanishes.
     Kill,
+}
+
+/// Stops a peer as both backends do: `signal` it as `how` says, wait up to `grace` for `exited`,
+/// then kill it and report that it had to be killed.
+pub async fn stop_within<F, Fut>(
+    name: &str,
+    how: Stop,
+    grace: Duration,
+    exited: &mut watch::Receiver<bool>,
+    mut signal: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut(Stop) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    signal(how).await?;
+    if tokio::time::timeout(grace, exited.wait_for(|e| *e)).await.is_ok() {
+        return Ok(());
+    }
+    let _ = signal(Stop::Kill).await;
+    let _ = exited.wait_for(|e| *e).await;
+    anyhow::bail!("{name} did not exit within {grace:?} of SIGTERM and was killed")
 }
 
 /// Timing flags the lab gives every peer unless a scenario sets them: heartbeats fast enough

@@ -22,7 +22,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
-use super::{Backend, PeerSpec, StateDirs, Stop, hook_commands, hook_flags, merge_flags, with_lab_timing};
+use super::{Backend, PeerSpec, StateDirs, Stop, hook_commands, hook_flags, merge_flags, stop_within, with_lab_timing};
 use crate::world::{Observation, Observed};
 
 pub struct ProcessBackend {
@@ -153,18 +153,12 @@ impl Backend for ProcessBackend {
 
     async fn stop(&mut self, name: &str, how: Stop, grace: Duration) -> anyhow::Result<()> {
         let mut proc = self.procs.remove(name).with_context(|| format!("{name} is not running"))?;
-        let signal = match how {
-            Stop::Graceful => libc::SIGTERM,
-            Stop::Kill => libc::SIGKILL,
+        let pidfd = &proc.pidfd;
+        let signal = |how| async move {
+            signal(pidfd, if how == Stop::Kill { libc::SIGKILL } else { libc::SIGTERM });
+            Ok(())
         };
-        proc.signal(signal);
-        let exited = proc.exited.wait_for(|e| *e);
-        if tokio::time::timeout(grace, exited).await.is_err() {
-            proc.signal(libc::SIGKILL);
-            let _ = proc.exited.wait_for(|e| *e).await;
-            bail!("{name} did not exit within {grace:?} of SIGTERM and was killed");
-        }
-        Ok(())
+        stop_within(name, how, grace, &mut proc.exited, signal).await
     }
 
     async fn set_cuts(&mut self, name: &str, cuts: &[(String, bool, bool)]) -> anyhow::Result<()> {
@@ -179,7 +173,7 @@ impl Backend for ProcessBackend {
 
     async fn shutdown(&mut self) {
         for (_, mut proc) in self.procs.drain() {
-            proc.signal(libc::SIGKILL);
+            signal(&proc.pidfd, libc::SIGKILL);
             let _ = proc.exited.wait_for(|e| *e).await;
         }
     }
@@ -188,24 +182,16 @@ impl Backend for ProcessBackend {
 impl Drop for ProcessBackend {
     fn drop(&mut self) {
         for proc in self.procs.values() {
-            proc.signal(libc::SIGKILL);
+            signal(&proc.pidfd, libc::SIGKILL);
         }
     }
 }
 
-impl Proc {
-    /// Signals the process; nothing happens if it already exited.
-    fn signal(&self, signal: i32) {
-        // SAFETY: pidfd_send_signal(2) with a pidfd we own, no siginfo and no flags.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                signal,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            );
-        }
+/// Signals a child through its pidfd; nothing happens if it already exited.
+fn signal(pidfd: &OwnedFd, signal: i32) {
+    // SAFETY: pidfd_send_signal(2) with a pidfd we own, no siginfo and no flags.
+    unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), signal, std::ptr::null::<libc::siginfo_t>(), 0);
     }
 }
 
