@@ -3,7 +3,7 @@
 mod support;
 
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use assert_cmd::prelude::*;
 use predicates::prelude::*;
@@ -26,7 +26,7 @@ fn loopback() -> String {
 
 /// A peer on a free loopback port with its stdout as a stream of JSON events.
 struct Running {
-    child: Child,
+    child: support::Reaped,
     events: TimedLines,
     _serial: support::Serial,
 }
@@ -34,14 +34,16 @@ struct Running {
 impl Running {
     fn start(ip: &str, args: &[&str], stdin: Stdio) -> Running {
         let _serial = support::shared();
-        let mut child = peer()
-            .args(["--json", "--bind", ip, "--port", "0"])
-            .args(args)
-            .stdin(stdin)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = support::Reaped(
+            peer()
+                .args(["--json", "--bind", ip, "--port", "0"])
+                .args(args)
+                .stdin(stdin)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         let events = TimedLines::new(child.stdout.take().unwrap());
         Running { child, events, _serial }
     }
@@ -69,13 +71,6 @@ impl Running {
         // SAFETY: kill(2) on our own child, which has not been reaped yet.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -125,17 +120,18 @@ fn a_port_in_use_is_one_clear_line_and_a_failure() {
 fn the_port_comes_from_the_environment_like_the_prototype() {
     let _serial = support::shared();
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = peer()
-        .args(["--json", "--bind", "127.0.0.1"])
-        .env("PORT", free.to_string())
-        .env("PEER_NAME", "from-env")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = support::Reaped(
+        peer()
+            .args(["--json", "--bind", "127.0.0.1"])
+            .env("PORT", free.to_string())
+            .env("PEER_NAME", "from-env")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let line = TimedLines::new(child.stdout.take().unwrap()).next();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let e: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(e["addr"], format!("127.0.0.1:{free}"));
     assert_eq!(e["name"], "from-env");
@@ -192,13 +188,15 @@ fn the_chat_view_shows_name_at_addr_and_notices_only() {
     let ip = loopback();
     let mut a = Running::start(&ip, &["--name", "a"], Stdio::piped());
     let addr = a.next()["addr"].as_str().unwrap().to_owned();
-    let mut b = peer()
-        .args(["--bind", &ip, "--port", "0", "--name", "b", &addr])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut b = support::Reaped(
+        peer()
+            .args(["--bind", &ip, "--port", "0", "--name", "b", &addr])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let view = TimedLines::new(b.stdout.take().unwrap());
     let line = view.next();
     assert!(line.starts_with(&format!("* a@{ip}:")) && line.ends_with(" joined"), "{line:?}");
@@ -208,8 +206,6 @@ fn the_chat_view_shows_name_at_addr_and_notices_only() {
     a.say("/quit");
     let line = view.next();
     assert!(line.starts_with("* a@") && line.ends_with(" left"), "{line:?}");
-    let _ = b.kill();
-    let _ = b.wait();
 }
 
 #[test]

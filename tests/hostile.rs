@@ -265,15 +265,17 @@ async fn floods_of_digests_and_absurd_sequence_numbers_do_no_harm() {
 #[test]
 fn a_bootstrap_name_that_does_not_resolve_warns_once_and_keeps_retrying() {
     let _serial = support::shared();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_peer"))
-        .args(["--bind", "127.0.0.1", "--port", "0", "--redial-max", "200ms", "nosuchhost.invalid:4000"])
-        .env_remove("PORT")
-        .env("RUST_LOG", "warn,meshlab::mesh=debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = support::Reaped(
+        Command::new(env!("CARGO_BIN_EXE_peer"))
+            .args(["--bind", "127.0.0.1", "--port", "0", "--redial-max", "200ms", "nosuchhost.invalid:4000"])
+            .env_remove("PORT")
+            .env("RUST_LOG", "warn,meshlab::mesh=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut warnings = 0;
     let mut retries = 0;
     let stderr = support::TimedLines::new(child.stderr.take().unwrap());
@@ -290,8 +292,6 @@ fn a_bootstrap_name_that_does_not_resolve_warns_once_and_keeps_retrying() {
         }
     }
     let still_running = child.try_wait().unwrap().is_none();
-    let _ = child.kill();
-    let _ = child.wait();
     assert_eq!(warnings, 1, "one clear warning, not one per retry");
     assert_eq!(retries, 3, "it keeps retrying");
     assert!(still_running);
@@ -300,14 +300,16 @@ fn a_bootstrap_name_that_does_not_resolve_warns_once_and_keeps_retrying() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stdout_nobody_reads_neither_stalls_the_peer_nor_grows_its_memory() {
     let _serial = support::shared();
-    let mut peer = Command::new(env!("CARGO_BIN_EXE_peer"))
-        .args(["--json", "--bind", "127.0.0.1", "--port", "0"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut peer = support::Reaped(
+        Command::new(env!("CARGO_BIN_EXE_peer"))
+            .args(["--json", "--bind", "127.0.0.1", "--port", "0"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let stderr = support::TimedLines::new(peer.stderr.take().unwrap());
     // The listening event, then stdout is never read again: the pipe fills after a few events.
     let mut stdout = std::io::BufReader::new(peer.stdout.take().unwrap());
@@ -338,8 +340,7 @@ async fn a_stdout_nobody_reads_neither_stalls_the_peer_nor_grows_its_memory() {
     // Still serving: a newcomer completes its handshake.
     let mut g = handshaken(&addr, hello(1, 1)).await;
     let answer = tokio::time::timeout(WITHIN, g.next()).await.expect("no answer").unwrap().unwrap();
-    let _ = peer.kill();
-    let _ = peer.wait();
+    drop(peer);
     drop(stdout);
     assert!(matches!(Message::decode(&answer), Ok(Message::Hello(_))), "a newcomer gets a hello");
     assert!(rss_mib < 48, "{rss_mib} MiB resident: the stdout queue is not bounded in bytes");
