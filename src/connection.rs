@@ -19,7 +19,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::frame::{self, Hello, Message, PROTOCOL_MAX, PROTOCOL_MIN, Preamble, Security};
@@ -37,9 +37,10 @@ pub enum Role {
     Acceptor(HalfOpen),
 }
 
-/// Most accepted connections from one IP address still in their handshake: a flood of silent
-/// sockets from one host cannot take every connection slot from the others.
-pub const MAX_HALF_OPEN_PER_IP: usize = 32;
+/// Most accepted connections from one host still in their handshake: a flood of silent sockets
+/// from one host cannot take every connection slot from the others. (Room for a 64-peer lab on
+/// one loopback address starting all at once.)
+pub const MAX_HALF_OPEN_PER_IP: usize = 64;
 
 /// Accepted connections still in their handshake, per source address.
 #[derive(Debug, Default)]
@@ -53,8 +54,9 @@ pub struct HalfOpen {
 }
 
 impl HalfOpenCounts {
-    /// Counts a new connection from `ip`, unless that address already has too many.
+    /// Counts a new connection from `ip`, unless its host already has too many.
     pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<HalfOpen> {
+        let ip = host_of(ip);
         let mut counts = self.0.lock().expect("never poisoned: nothing panics while holding it");
         let n = counts.entry(ip).or_default();
         if *n >= MAX_HALF_OPEN_PER_IP {
@@ -62,6 +64,18 @@ impl HalfOpenCounts {
         }
         *n += 1;
         Some(HalfOpen { ip, counts: self.clone() })
+    }
+}
+
+/// The host an address belongs to: an IPv4 address (also IPv4-mapped), or an IPv6 /64, since
+/// one IPv6 host usually holds a whole /64.
+fn host_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
     }
 }
 
@@ -261,11 +275,12 @@ pub async fn dial(target: String, conn: ConnId, ctx: Arc<Context>) {
     }
 }
 
-/// Resolves `target` and connects to the first address that answers, each step bounded by the
-/// connect timeout. Fails with whether the name did not resolve, and why.
+/// Resolves `target` and connects to the first address that answers, both within the connect
+/// timeout. Fails with whether the name did not resolve, and why.
 async fn reach(target: &str, ctx: &Context) -> Result<TcpStream, (bool, String)> {
     let limit = ctx.connect_timeout;
-    let addrs: Vec<SocketAddr> = match timeout(limit, tokio::net::lookup_host(target)).await {
+    let deadline = Instant::now() + limit;
+    let addrs: Vec<SocketAddr> = match timeout_at(deadline, tokio::net::lookup_host(target)).await {
         Ok(Ok(addrs)) => addrs.collect(),
         Ok(Err(e)) => return Err((true, e.to_string())),
         Err(_) => return Err((true, format!("name lookup timed out after {limit:?}"))),
@@ -280,7 +295,7 @@ async fn reach(target: &str, ctx: &Context) -> Result<TcpStream, (bool, String)>
         }
         Err((false, last))
     };
-    timeout(limit, connect).await.unwrap_or_else(|_| Err((false, format!("connect timed out after {limit:?}"))))
+    timeout_at(deadline, connect).await.unwrap_or_else(|_| Err((false, format!("connect timed out after {limit:?}"))))
 }
 
 /// Connects to `addr`, from `source` when it is set and of the same family, so that a peer
@@ -583,5 +598,32 @@ async fn write_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_open_connections_are_capped_per_host_and_released() {
+        let counts = Arc::new(HalfOpenCounts::default());
+        let one: IpAddr = "10.0.0.1".parse().unwrap();
+        let held: Vec<HalfOpen> = (0..MAX_HALF_OPEN_PER_IP).map(|_| counts.enter(one).unwrap()).collect();
+        assert!(counts.enter(one).is_none(), "the host is at its cap");
+        assert!(counts.enter("::ffff:10.0.0.1".parse().unwrap()).is_none(), "IPv4-mapped is the same host");
+        assert!(counts.enter("10.0.0.2".parse().unwrap()).is_some(), "other hosts still get in");
+        drop(held);
+        assert!(counts.enter(one).is_some(), "released when their handshakes end");
+        assert!(counts.0.lock().unwrap().len() <= 1, "no entry left for hosts with none open");
+    }
+
+    #[test]
+    fn an_ipv6_host_is_its_slash_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(host_of(a), host_of(b));
+        assert_ne!(host_of(a), host_of(other));
     }
 }

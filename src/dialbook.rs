@@ -156,7 +156,6 @@ impl DialBook {
     pub fn connected(&mut self, addr: &str, id: &PeerId) {
         if let Some(e) = self.entries.get_mut(addr) {
             e.in_flight = false;
-            e.failures = 0;
             e.next = None;
             e.expires = None;
             e.id = Some(id.clone());
@@ -183,14 +182,18 @@ impl DialBook {
         }
     }
 
-    /// `id` was lost without a goodbye: redial it (by every address it was reached at).
-    pub fn lost(&mut self, id: &PeerId, addr: &str, first: bool, now: Instant) {
-        let delay = if first { self.schedule.base } else { self.schedule.polite.max(self.schedule.base) };
+    /// `id` was lost without a goodbye: redial it (by every address it was reached at). A
+    /// connection that was not `stable` (it ended soon after it came up) counts as a failed dial,
+    /// so a peer that closes every connection right after the handshake (one holding us off, say)
+    /// is retried with growing backoff rather than in a tight loop.
+    pub fn lost(&mut self, id: &PeerId, addr: &str, first: bool, stable: bool, now: Instant) {
+        let usual = if first { self.schedule.base } else { self.schedule.polite.max(self.schedule.base) };
         let mut found = false;
         for e in self.entries.values_mut().filter(|e| e.id.as_ref() == Some(id)) {
             found = true;
+            e.failures = if stable { 0 } else { e.failures.saturating_add(1) };
+            let delay = if stable { usual } else { usual.max(backoff(&self.schedule, e.failures)) };
             e.next = Some(now + delay);
-            e.failures = 0;
             if e.kind == Kind::Learned {
                 e.expires = Some(now + self.schedule.give_up);
             }
@@ -254,12 +257,13 @@ impl DialBook {
     }
 }
 
-/// Delay before the next try after `failures` failures: doubling from the base, with ±20%
-/// jitter so that peers cut off together do not retry in lockstep, and never over the cap.
+/// Delay before the next try after `failures` failures: doubling from the base up to the cap,
+/// less up to 20% of jitter so that peers cut off together do not retry in lockstep (also once
+/// they all reach the cap).
 fn backoff(s: &Schedule, failures: u32) -> Duration {
     let exp = s.base.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-    let jitter = 0.8 + (random_u64() % 401) as f64 / 1000.0;
-    exp.mul_f64(jitter).min(s.cap)
+    let jitter = 0.8 + (random_u64() % 201) as f64 / 1000.0;
+    exp.min(s.cap).mul_f64(jitter)
 }
 
 impl Entry {
@@ -286,12 +290,14 @@ mod tests {
     #[test]
     fn backoff_doubles_up_to_the_cap() {
         let d1 = backoff(&S, 1);
-        assert!(d1 >= Duration::from_millis(80) && d1 <= Duration::from_millis(120));
+        assert!(d1 >= Duration::from_millis(80) && d1 <= Duration::from_millis(100));
         let d3 = backoff(&S, 3);
-        assert!(d3 >= Duration::from_millis(320) && d3 <= Duration::from_millis(480));
+        assert!(d3 >= Duration::from_millis(320) && d3 <= Duration::from_millis(400));
         for n in [7, 30, u32::MAX] {
-            assert!(backoff(&S, n) <= S.cap);
+            assert!(backoff(&S, n) <= S.cap && backoff(&S, n) >= S.cap.mul_f64(0.8));
         }
+        let at_cap: std::collections::HashSet<Duration> = (0..20).map(|_| backoff(&S, 30)).collect();
+        assert!(at_cap.len() > 1, "peers at the cap still retry at different moments");
     }
 
     #[test]
@@ -388,8 +394,27 @@ mod tests {
         b.is_self("me:1");
         b.isolated(now);
         assert!(b.due(now + S.cap, 10, |_| false).is_empty());
-        b.lost(&id('c'), "h:3", true, now);
+        b.lost(&id('c'), "h:3", true, true, now);
         assert_eq!(b.due(now + S.base, 10, |_| false), vec!["h:3".to_string()]);
+    }
+
+    #[test]
+    fn a_peer_that_keeps_closing_right_after_the_handshake_is_retried_with_growing_backoff() {
+        let mut now = Instant::now();
+        let mut b = DialBook::new(S);
+        b.learn("h:1", &id('b'), true, now);
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            let due = b.next_due().unwrap();
+            now = due;
+            assert_eq!(b.due(now, 10, |_| false).len(), 1);
+            b.connected("h:1", &id('b'));
+            b.lost(&id('b'), "h:1", true, false, now);
+            delays.push(b.next_due().unwrap() - now);
+        }
+        assert!(delays[7] >= S.cap.mul_f64(0.8), "{delays:?}");
+        b.lost(&id('b'), "h:1", true, true, now);
+        assert_eq!(b.next_due().unwrap() - now, S.base, "a stable connection's loss starts over");
     }
 
     #[test]

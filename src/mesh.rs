@@ -35,6 +35,8 @@ use crate::store::{Delivery, Received, Store};
 const MAX_DIALS: usize = 16;
 /// How long a peer whose connection was closed as a duplicate counts as up without one.
 const SWAP_GRACE: Duration = Duration::from_secs(2);
+/// A connection that ends sooner than this after it came up counts as a failed dial.
+const STABLE: Duration = Duration::from_secs(1);
 /// Connection events handled in one go before the loop looks at its other sources.
 const EVENT_BATCH: usize = 256;
 /// After a failed accept (out of file descriptors, say), accepting pauses this long.
@@ -320,6 +322,7 @@ impl Mesh {
             digest_sent: None,
             lagging: false,
             bucket: Bucket::new(self.cfg.line_rate, self.cfg.line_burst, now),
+            up_since: now,
         };
         let announce = match self.table.admit(neighbour) {
             Admission::Rejected(loser) => return close_as_duplicate(loser),
@@ -553,7 +556,8 @@ impl Mesh {
                 CloseReason::Closed | CloseReason::Violation | CloseReason::Local => DownReason::Closed,
             };
             self.out.emit(&Event::PeerDown { peer: &n.info, reason });
-            self.book.lost(&id, &n.info.addr, self.me < id, now);
+            let stable = now.duration_since(n.up_since) >= STABLE;
+            self.book.lost(&id, &n.info.addr, self.me < id, stable, now);
         }
         if self.table.is_empty() {
             self.book.isolated(now);
@@ -660,7 +664,7 @@ impl Mesh {
             return self.refuse_connection(from, why);
         };
         let Some(half_open) = self.ctx.half_open.enter(from.ip()) else {
-            let why = format!("{MAX_HALF_OPEN_PER_IP} connections from its address are still in their handshake");
+            let why = format!("{MAX_HALF_OPEN_PER_IP} connections from its host are still in their handshake");
             return self.refuse_connection(from, why);
         };
         let conn = self.next_conn();
@@ -707,7 +711,7 @@ impl Mesh {
         self.book.expire(now);
         for info in self.table.expired_swaps(now) {
             self.out.emit(&Event::PeerDown { peer: &info, reason: DownReason::Closed });
-            self.book.lost(&info.id, &info.addr, self.me < info.id, now);
+            self.book.lost(&info.id, &info.addr, self.me < info.id, true, now);
         }
         if self.table.is_empty() {
             self.book.isolated(now);

@@ -117,6 +117,8 @@ pub struct Neighbour {
     pub lagging: bool,
     /// Limits the lines of its own it may send.
     pub bucket: Bucket,
+    /// When this connection was admitted.
+    pub up_since: Instant,
 }
 
 impl Neighbour {
@@ -262,6 +264,7 @@ mod tests {
             digest_sent: None,
             lagging: false,
             bucket: Bucket::new(10.0, 10.0, Instant::now()),
+            up_since: Instant::now(),
         }
     }
 

@@ -209,7 +209,7 @@ async fn silent_connections_from_one_host_leave_room_for_newcomers_from_others()
             flood.push(s);
         }
     }
-    lab.await_log("a", "connections from its address are still in their handshake", WITHIN).await.unwrap();
+    lab.await_log("a", "connections from its host are still in their handshake", WITHIN).await.unwrap();
     // While they stay open, a newcomer from another address joins through a.
     lab.start(&["c"], &["a"], &[]).await.unwrap();
     lab.await_mesh(None, WITHIN).await.unwrap();
@@ -343,5 +343,5 @@ async fn a_stdout_nobody_reads_neither_stalls_the_peer_nor_grows_its_memory() {
     drop(peer);
     drop(stdout);
     assert!(matches!(Message::decode(&answer), Ok(Message::Hello(_))), "a newcomer gets a hello");
-    assert!(rss_mib < 48, "{rss_mib} MiB resident: the stdout queue is not bounded in bytes");
+    assert!(rss_mib < 64, "{rss_mib} MiB resident: the stdout queue is not bounded in bytes");
 }
