@@ -392,8 +392,10 @@ impl Mesh {
                 {
                     return self.refuse_line(conn, first);
                 }
-                if let Received::Delivered(lines) = self.store.receive(chat, from, now) {
-                    self.show(lines);
+                match self.store.receive(chat, from, now) {
+                    Received::Delivered(lines) => self.show(lines),
+                    Received::Ignored => self.needs_digest_round(conn),
+                    Received::Duplicate | Received::Buffered => {}
                 }
             }
             Message::Notice { text } => {
@@ -418,6 +420,7 @@ impl Mesh {
     /// entropy brings it back later, at the allowed pace); the neighbour is told, and if it
     /// floods it is disconnected and held off (neither dialled nor admitted) for a while.
     fn refuse_line(&mut self, conn: ConnId, first: bool) {
+        self.needs_digest_round(conn);
         let rate = self.cfg.line_rate;
         let Some(n) = self.table.by_conn_mut(conn) else { return };
         if first {
@@ -436,6 +439,14 @@ impl Mesh {
                 self.out.emit(&Event::PeerDown { peer: &n.info, reason: DownReason::Closed });
                 self.book.left(&n.info.id, Hold::Flooded, Instant::now());
             }
+        }
+    }
+
+    /// A line from this neighbour was dropped (over its rate, or too far ahead): exchange digests
+    /// at the next tick even if nothing changed here, or neither side would ask for it again.
+    fn needs_digest_round(&mut self, conn: ConnId) {
+        if let Some(n) = self.table.by_conn_mut(conn) {
+            n.lagging = true;
         }
     }
 
