@@ -262,20 +262,25 @@ async fn floods_of_digests_and_absurd_sequence_numbers_do_no_harm() {
     still_fine(&mut lab).await;
 }
 
+/// A peer outside any lab, with no stdin, `RUST_LOG=log` and its stderr piped.
+fn lone_peer(args: &[&str], log: &str, stdout: Stdio) -> support::Reaped {
+    let child = Command::new(env!("CARGO_BIN_EXE_peer"))
+        .args(args)
+        .env_remove("PORT")
+        .env("RUST_LOG", log)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    support::Reaped(child)
+}
+
 #[test]
 fn a_bootstrap_name_that_does_not_resolve_warns_once_and_keeps_retrying() {
     let _serial = support::shared();
-    let mut child = support::Reaped(
-        Command::new(env!("CARGO_BIN_EXE_peer"))
-            .args(["--bind", "127.0.0.1", "--port", "0", "--redial-max", "200ms", "nosuchhost.invalid:4000"])
-            .env_remove("PORT")
-            .env("RUST_LOG", "warn,meshlab::mesh=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let args = ["--bind", "127.0.0.1", "--port", "0", "--redial-max", "200ms", "nosuchhost.invalid:4000"];
+    let mut child = lone_peer(&args, "warn,meshlab::mesh=debug", Stdio::null());
     let mut warnings = 0;
     let mut retries = 0;
     let stderr = support::TimedLines::new(child.stderr.take().unwrap());
@@ -300,16 +305,7 @@ fn a_bootstrap_name_that_does_not_resolve_warns_once_and_keeps_retrying() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stdout_nobody_reads_neither_stalls_the_peer_nor_grows_its_memory() {
     let _serial = support::shared();
-    let mut peer = support::Reaped(
-        Command::new(env!("CARGO_BIN_EXE_peer"))
-            .args(["--json", "--bind", "127.0.0.1", "--port", "0"])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut peer = lone_peer(&["--json", "--bind", "127.0.0.1", "--port", "0"], "warn", Stdio::piped());
     let stderr = support::TimedLines::new(peer.stderr.take().unwrap());
     // The listening event, then stdout is never read again: the pipe fills after a few events.
     let mut stdout = std::io::BufReader::new(peer.stdout.take().unwrap());
