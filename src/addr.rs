@@ -48,6 +48,23 @@ pub fn dialable(observed: IpAddr, port: u16) -> String {
     SocketAddr::new(observed.to_canonical(), port).to_string()
 }
 
+/// The host an address belongs to, for per-host limits: an IPv4 address (also IPv4-mapped), or
+/// an IPv6 /64, since one IPv6 host usually holds a whole /64.
+pub fn host_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
+/// The host of a dialable address, when it is an IP literal (names are resolved at each dial).
+pub fn host_of_addr(addr: &str) -> Option<IpAddr> {
+    addr.parse::<SocketAddr>().ok().map(|s| host_of(s.ip()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,6 +83,18 @@ mod tests {
             assert!(parse(bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(parse(&format!("{}:1", "a".repeat(300))), Err(AddrError::TooLong));
+    }
+
+    #[test]
+    fn an_ipv6_host_is_its_slash_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(host_of(a), host_of(b));
+        assert_ne!(host_of(a), host_of(other));
+        assert_eq!(host_of("::ffff:10.0.0.1".parse().unwrap()), host_of("10.0.0.1".parse().unwrap()));
+        assert_eq!(host_of_addr("[2001:db8:1:2::7]:4000"), Some(host_of(a)));
+        assert_eq!(host_of_addr("peer1:4000"), None);
     }
 
     #[test]

@@ -100,9 +100,20 @@ pub struct Config {
     #[arg(long, default_value_t = 10_000.0)]
     pub line_burst: f64,
 
-    /// Most open connections, incoming and outgoing together.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    /// Most open connections, incoming and outgoing together. A quarter of them are kept for
+    /// members met before (strangers cannot take them), and 16 for this peer's own dials.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(4..=65536))]
     pub max_conns: u32,
+
+    /// Most connections from one host (an IPv4 address or an IPv6 /64).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_conns_per_host: u32,
+
+    /// The memory this peer may use for what others send it or make it queue: history, early
+    /// lines, frames queued towards neighbours and stdout, whatever its neighbours do. Written
+    /// in bytes, or with a suffix: 64MiB, 512KiB, 1GiB.
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    pub max_memory: usize,
 
     /// Lines kept for catch-up.
     #[arg(long, default_value_t = 10_000)]
@@ -165,11 +176,28 @@ impl Config {
         if self.history_bytes < crate::frame::MAX_TEXT {
             return Err(format!("--history-bytes must be at least {} (the longest line)", crate::frame::MAX_TEXT));
         }
+        if self.max_memory < 8 << 20 {
+            return Err("--max-memory must be at least 8MiB".into());
+        }
+        if self.history_bytes > self.max_memory / 8 {
+            return Err(format!(
+                "--history-bytes ({}) may be at most an eighth of --max-memory ({}): the early-line buffer takes as much again",
+                self.history_bytes, self.max_memory
+            ));
+        }
         Ok(())
     }
 
     pub fn retention(&self) -> Retention {
         Retention { lines: self.history_lines, bytes: self.history_bytes, age: self.history_age }
+    }
+
+    /// How --max-memory is shared out: the history and the early-line buffer take
+    /// --history-bytes each (at most an eighth each), frames queued towards neighbours a
+    /// quarter, stdout an eighth; the rest is for connections (a frame of 64 KiB being read on
+    /// each at most) and the program itself.
+    pub fn limits(&self) -> Limits {
+        Limits { queued_bytes: self.max_memory / 4, stdout_bytes: self.max_memory / 8 }
     }
 
     pub fn schedule(&self) -> Schedule {
@@ -206,16 +234,54 @@ impl Config {
     }
 }
 
+/// Shares of --max-memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Frames queued towards all neighbours together.
+    pub queued_bytes: usize,
+    /// Events queued for stdout.
+    pub stdout_bytes: usize,
+}
+
+/// A size in bytes: a number, optionally followed by KiB, MiB or GiB (or K, M, G, the same).
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?}: use KiB, MiB or GiB")),
+    };
+    let n: usize = digits.parse().map_err(|_| format!("{s:?} is not a size such as 64MiB"))?;
+    n.checked_mul(scale).ok_or_else(|| format!("{s:?} is too large"))
+}
+
 fn parse_addr(s: &str) -> Result<String, String> {
     crate::addr::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_name(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.len() > MAX_NAME {
-        return Err(format!("a name must be 1 to {MAX_NAME} bytes"));
+    match crate::frame::check_name(s) {
+        Ok(()) => Ok(s.to_owned()),
+        Err(e) => Err(format!("{e} (a name is 1 to {MAX_NAME} bytes of printable text, without [, ] or @)")),
     }
-    if s.chars().any(char::is_control) {
-        return Err("a name cannot contain control characters".into());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("512 KiB"), Ok(512 << 10));
+        assert_eq!(parse_bytes("1G"), Ok(1 << 30));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5TB").is_err());
+        assert!(parse_bytes("99999999999999999999GiB").is_err());
     }
-    Ok(s.to_owned())
 }

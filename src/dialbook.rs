@@ -17,8 +17,11 @@ use tokio::time::Instant;
 
 use crate::id::{PeerId, random_u64};
 
-/// Most learned addresses kept.
+/// Most learned addresses kept (new ones are dropped when full: none displaces another).
 pub const MAX_LEARNED: usize = 1024;
+/// Most learned addresses on one host (an IPv4 address or an IPv6 /64): a member cannot point
+/// the mesh at hundreds of listeners of its own.
+pub const MAX_LEARNED_PER_HOST: usize = 32;
 
 /// Most held-off ids kept (the oldest hold goes first).
 const MAX_HELD: usize = 1024;
@@ -30,6 +33,9 @@ pub enum Hold {
     Left,
     /// It was closed for flooding: neither dial it nor admit it, for a cool-down.
     Flooded,
+    /// It relayed lines (or a gone statement) their sender did not sign: neither dial it nor
+    /// admit it for a while.
+    Forged,
 }
 
 impl Hold {
@@ -39,6 +45,7 @@ impl Hold {
         match self {
             Hold::Left => Duration::from_secs(60),
             Hold::Flooded => Duration::from_secs(10),
+            Hold::Forged => Duration::from_secs(60),
         }
     }
 }
@@ -97,30 +104,49 @@ impl DialBook {
     }
 
     /// A member told us of `id` at `addr`. `first` is whether this side should dial first.
-    pub fn learn(&mut self, addr: &str, id: &PeerId, first: bool, now: Instant) {
+    /// Returns false when the address was not taken (a hold, or no room).
+    pub fn learn(&mut self, addr: &str, id: &PeerId, first: bool, now: Instant) -> bool {
         if self.hold_of(id, now).is_some() {
-            return;
+            return false;
         }
         let at = if first { now } else { now + self.schedule.polite };
         let learned = self.learned;
+        let room = learned < MAX_LEARNED && !self.entries.contains_key(addr) && self.room_on_host(addr);
         match self.entries.get_mut(addr) {
             Some(e) => {
-                e.id = Some(id.clone());
+                e.id = Some(*id);
                 if e.next.is_none() && !e.is_self {
                     e.next = Some(at);
                 }
                 if e.kind == Kind::Learned {
                     e.expires = Some(now + self.schedule.give_up);
                 }
+                true
             }
-            None if learned < MAX_LEARNED => {
-                let mut e = Entry::new(Kind::Learned, Some(id.clone()), Some(at));
+            None if room => {
+                let mut e = Entry::new(Kind::Learned, Some(*id), Some(at));
                 e.expires = Some(now + self.schedule.give_up);
                 self.entries.insert(addr.to_owned(), e);
                 self.learned += 1;
+                true
             }
-            None => {}
+            None => false,
         }
+    }
+
+    fn room_on_host(&self, addr: &str) -> bool {
+        let Some(host) = crate::addr::host_of_addr(addr) else { return true };
+        let on_host = self
+            .entries
+            .iter()
+            .filter(|(a, e)| e.kind == Kind::Learned && crate::addr::host_of_addr(a) == Some(host))
+            .count();
+        on_host < MAX_LEARNED_PER_HOST
+    }
+
+    /// The ids this peer is dialling or means to (for the filter of members it knows).
+    pub fn known_ids(&self) -> impl Iterator<Item = &PeerId> {
+        self.entries.values().filter(|e| e.next.is_some() || e.in_flight).filter_map(|e| e.id.as_ref())
     }
 
     /// Addresses due for a dial now, at most `limit`, skipping those whose peer is up.
@@ -158,7 +184,7 @@ impl DialBook {
             e.in_flight = false;
             e.next = None;
             e.expires = None;
-            e.id = Some(id.clone());
+            e.id = Some(*id);
         }
     }
 
@@ -214,11 +240,11 @@ impl DialBook {
         }
         self.held.retain(|_, (_, until)| *until > now);
         if self.held.len() >= MAX_HELD
-            && let Some(oldest) = self.held.iter().min_by_key(|(_, (_, until))| *until).map(|(id, _)| id.clone())
+            && let Some(oldest) = self.held.iter().min_by_key(|(_, (_, until))| *until).map(|(id, _)| *id)
         {
             self.held.remove(&oldest);
         }
-        self.held.insert(id.clone(), (why, now + why.duration()));
+        self.held.insert(*id, (why, now + why.duration()));
     }
 
     /// Whether `id` is held off, and why.
@@ -284,7 +310,7 @@ mod tests {
     };
 
     fn id(c: char) -> PeerId {
-        c.to_string().repeat(32).parse().unwrap()
+        c.to_string().repeat(64).parse().unwrap()
     }
 
     #[test]
@@ -379,10 +405,10 @@ mod tests {
         let now = Instant::now();
         let mut b = DialBook::new(S);
         for i in 0..(MAX_HELD + 10) {
-            b.left(&format!("{i:032x}").parse().unwrap(), Hold::Left, now + Duration::from_millis(i as u64));
+            b.left(&format!("{i:064x}").parse().unwrap(), Hold::Left, now + Duration::from_millis(i as u64));
         }
         assert_eq!(b.held.len(), MAX_HELD);
-        assert_eq!(b.hold_of(&format!("{:032x}", 0).parse().unwrap(), now), None, "the oldest went first");
+        assert_eq!(b.hold_of(&format!("{:064x}", 0).parse().unwrap(), now), None, "the oldest went first");
     }
 
     #[test]
@@ -418,12 +444,17 @@ mod tests {
     }
 
     #[test]
-    fn learned_addresses_are_capped() {
+    fn learned_addresses_are_capped_in_all_and_per_host() {
         let now = Instant::now();
         let mut b = DialBook::new(S);
         for i in 0..(MAX_LEARNED + 50) {
-            b.learn(&format!("10.0.{}.{}:1", i / 256, i % 256), &id('b'), true, now);
+            b.learn(&format!("10.{}.{}.1:1", i / 256, i % 256), &id('b'), true, now);
         }
         assert_eq!(b.len(), MAX_LEARNED);
+        let mut b = DialBook::new(S);
+        let taken = (1..=300).filter(|port| b.learn(&format!("10.9.9.9:{port}"), &id('b'), true, now)).count();
+        assert_eq!(taken, MAX_LEARNED_PER_HOST, "300 listeners on one host");
+        assert!(b.learn("10.9.9.10:1", &id('c'), true, now), "another host still gets in");
+        assert!(b.learn("attacker.example:1", &id('c'), true, now), "names are resolved at each dial");
     }
 }

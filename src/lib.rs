@@ -1,17 +1,23 @@
 //! meshlab's peer: a full-mesh peer-to-peer chat peer.
 //!
 //! `main` parses the command line ([`config`]) and calls [`run`]. The [`mesh`] task owns all
-//! state; [`connection`] tasks speak the wire protocol ([`frame`]) to neighbours; [`console`]
-//! reads stdin and [`output`] writes the chat view or JSON events.
+//! state; [`connection`] tasks speak the wire protocol ([`frame`]) to neighbours, starting with
+//! the [`handshake`]; [`console`] reads stdin and [`output`] writes the chat view or JSON events.
+//! A peer is its [`identity`] (an Ed25519 key); its lines form a signed [`chain`].
 
 pub mod addr;
+pub mod chain;
 pub mod config;
 pub mod connection;
 pub mod console;
 pub mod dialbook;
+pub mod flood;
 pub mod frame;
+pub mod handshake;
 pub mod hook;
 pub mod id;
+pub mod identity;
+pub mod known;
 pub mod mesh;
 pub mod neighbours;
 pub mod noise;
@@ -20,7 +26,6 @@ pub mod output;
 pub mod shutdown;
 pub mod state;
 pub mod store;
-pub mod x25519;
 
 pub use mesh::run;
 

@@ -6,8 +6,10 @@
 //! waits on a single neighbour: frames are queued with `try_send`, and a neighbour whose queue
 //! is full is repaired by the next anti-entropy round instead.
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -17,19 +19,24 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::task::TaskTracker;
 
 use crate::addr;
+use crate::chain::{self, ChainHash};
 use crate::config::Config;
 use crate::connection::{self, CloseReason, ConnEvent, Context, MAX_HALF_OPEN_PER_IP, Ready, Role};
 use crate::console::{self, Input};
 use crate::dialbook::{DialBook, Hold};
-use crate::frame::{Hello, MAX_GOSSIP, Message, PROTOCOL_MAX, PROTOCOL_MIN, PeerInfo};
+use crate::flood::{Buckets, Verdict};
+use crate::frame::{Gone, Hello, Lines, MAX_GOSSIP, Message, PROTOCOL_MAX, PeerInfo};
+use crate::handshake::Local;
 use crate::hook::{self, Hook};
 use crate::id::{PeerId, random_u64};
-use crate::neighbours::{Admission, Bucket, ConnId, Link, Neighbour, Table, Verdict};
-use crate::noise::{Keys, StaticKey};
+use crate::identity::{Domain, Identity};
+use crate::known::Known;
+use crate::neighbours::{Admission, ConnId, Link, Neighbour, Table};
 use crate::output::{DownReason, Event, HELP, Output, msg_id};
+use crate::outbox::Budget;
 use crate::shutdown::Shutdown;
-use crate::state::{Identity, OwnLine, Restored, StateDir};
-use crate::store::{Delivery, Received, Store};
+use crate::state::{Restored, StateDir};
+use crate::store::{Delivery, Met, Outcome, Received, Store};
 
 /// Most dials in progress at once.
 const MAX_DIALS: usize = 16;
@@ -43,6 +50,10 @@ const EVENT_BATCH: usize = 256;
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// How long leaving waits for goodbyes to be flushed.
 const LEAVE_FLUSH: Duration = Duration::from_millis(500);
+/// Members a neighbour may tell us of at once (a newcomer learns a whole mesh from its first
+/// neighbour), and how many a second after that.
+const GOSSIP_BURST: f64 = 512.0;
+const GOSSIP_RATE: f64 = 32.0;
 
 /// Runs a peer until it is told to leave.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -65,6 +76,12 @@ struct Mesh {
     out: Output,
     hook: Option<Hook>,
     permits: Arc<Semaphore>,
+    /// Bytes queued towards all neighbours together.
+    budget: Arc<Budget>,
+    /// How many lines of its own each member may still send.
+    lines: Buckets,
+    /// How many members each neighbour may still tell us of.
+    gossip: Buckets,
     tasks: TaskTracker,
     next_conn: ConnId,
     last_refusal_warning: Option<Instant>,
@@ -87,51 +104,24 @@ impl Mesh {
         let now = Instant::now();
         let name = cfg.name();
         let mesh_key = cfg.mesh_key()?;
-        let fresh = || match mesh_key {
-            Some(_) => {
-                let key = StaticKey::generate();
-                Identity { id: key.id(), static_key: Some(key.to_hex()) }
-            }
-            None => Identity { id: PeerId::random(), static_key: None },
-        };
         let (state, identity, restored) = match &cfg.state_dir {
             Some(dir) => {
-                let (state, identity, restored) = StateDir::open(dir, fresh)?;
+                let (state, identity, restored) = StateDir::open(dir)?;
                 (Some(state), identity, restored)
             }
-            None => (None, fresh(), Restored::default()),
+            None => (None, Identity::generate(), Restored::default()),
         };
-        let keys = match (mesh_key, &identity.static_key) {
-            (None, _) => None,
-            (Some(mesh), Some((private, public))) => {
-                let local =
-                    StaticKey::from_hex(private, public).context("the state directory's static key is damaged")?;
-                anyhow::ensure!(local.id() == identity.id, "the state directory's id does not match its static key");
-                Some(Keys { mesh, local })
-            }
-            (Some(_), None) => anyhow::bail!(
-                "the state directory holds an open-mesh identity, whose id no key proves: use another --state-dir for a private mesh"
-            ),
-        };
-        if let Some(keys) = &keys {
-            keys.warm_up();
-        }
-        let me = identity.id;
-        let my_seq = restored.my_seq.max(restored.marks.get(&me).copied().unwrap_or(0));
-        let mut store = Store::new(me.clone(), my_seq, cfg.retention(), now);
-        for line in restored.own {
-            store.restore_own(&name, line, now);
-        }
-        for (id, mark) in restored.marks {
-            store.restore_mark(id, mark, now);
-        }
+        let me = identity.id();
+        let limits = cfg.limits();
+        let store = restore(&identity, restored, cfg.retention(), now);
         let (events_tx, events) = mpsc::channel(1024);
         let ctx = Arc::new(Context {
             events: events_tx,
             source: Some(cfg.bind).filter(|ip| !ip.is_unspecified()),
-            keys,
+            local: Local { identity, mesh_key },
             reported: Default::default(),
             half_open: Default::default(),
+            own_seq: Arc::new(AtomicU64::new(store.my_seq())),
             heartbeat: cfg.heartbeat,
             timeout: cfg.timeout,
             handshake_timeout: cfg.handshake_timeout,
@@ -141,15 +131,13 @@ impl Mesh {
         for b in &cfg.bootstrap {
             book.add_bootstrap(b, now);
         }
-        let hook = if cfg.lab {
+        let hook = cfg.lab.then(|| {
             let mut hook = Hook::default();
             for cut in &cfg.lab_cut {
                 hook.apply(cut.clone());
             }
-            Some(hook)
-        } else {
-            None
-        };
+            hook
+        });
         Ok(Mesh {
             store,
             me,
@@ -161,9 +149,12 @@ impl Mesh {
             events,
             table: Table::default(),
             book,
-            out: Output::new(cfg.json),
+            out: Output::new(cfg.json, limits.stdout_bytes),
             hook,
             permits: Arc::new(Semaphore::new(cfg.max_conns as usize)),
+            budget: Budget::new(limits.queued_bytes),
+            lines: Buckets::new(cfg.line_rate, cfg.line_burst),
+            gossip: Buckets::new(GOSSIP_RATE, GOSSIP_BURST),
             tasks: TaskTracker::new(),
             next_conn: 0,
             last_refusal_warning: None,
@@ -172,6 +163,10 @@ impl Mesh {
             unshown: Vec::new(),
             cfg,
         })
+    }
+
+    fn identity(&self) -> &Identity {
+        &self.ctx.local.identity
     }
 
     async fn run(mut self) -> anyhow::Result<()> {
@@ -183,9 +178,9 @@ impl Mesh {
             advertise: self.cfg.advertise.as_deref(),
             protocol: PROTOCOL_MAX,
             events: crate::output::EVENTS_VERSION,
-            security: self.ctx.security(),
+            security: self.ctx.local.security(),
         });
-        if self.ctx.keys.is_none() {
+        if self.ctx.local.mesh_key.is_none() {
             eprintln!(
                 "* open mesh: anyone who can reach this peer can join and read the chat (--key-file or MESH_KEY makes it private)"
             );
@@ -241,9 +236,6 @@ impl Mesh {
 
     fn on_conn_event(&mut self, event: ConnEvent) {
         match event {
-            ConnEvent::HelloWanted(reply) => {
-                let _ = reply.send(self.hello());
-            }
             ConnEvent::Ready(ready) => self.on_ready(*ready),
             ConnEvent::Received { conn, msg } => self.on_message(conn, msg),
             ConnEvent::Closed { conn, reason } => self.on_closed(conn, reason),
@@ -257,18 +249,21 @@ impl Mesh {
         }
     }
 
+    /// Our hello for a new connection: who we are, where our chain stands, whom we know.
     fn hello(&self) -> Hello {
+        let mut known: Vec<PeerId> = self.table.iter().map(|n| n.info.id).collect();
+        known.extend(self.book.known_ids().copied());
+        known.sort_unstable();
+        known.dedup();
         Hello {
-            min_version: PROTOCOL_MIN,
-            max_version: PROTOCOL_MAX,
-            id: self.me.clone(),
+            id: self.me,
             incarnation: self.incarnation,
-            nonce: 0,
             name: self.name.clone(),
             port: self.local.port(),
             advertise: self.cfg.advertise.clone(),
             seq: self.store.my_seq(),
-            peers: self.table.iter().take(MAX_GOSSIP).map(|n| n.info.clone()).collect(),
+            head: self.store.my_head(),
+            known: Known::of(known.iter()),
         }
     }
 
@@ -278,7 +273,8 @@ impl Mesh {
 
     fn on_ready(&mut self, r: Ready) {
         let now = Instant::now();
-        let h = r.hello;
+        let e = r.established;
+        let h = e.hello;
         let target = match r.role {
             Role::Dialer { target } => Some(target),
             Role::Acceptor(_) => None,
@@ -290,8 +286,8 @@ impl Mesh {
             }
             return;
         }
-        if self.is_cut(&h.name) || self.book.hold_of(&h.id, now) == Some(Hold::Flooded) {
-            tracing::debug!(peer = %h.id.short(), "not admitted: cut off or held off for flooding");
+        if let Some(why) = self.not_admitted(&h, r.observed.ip(), now) {
+            tracing::debug!(peer = %h.id.short(), "not admitted: {why}");
             if let Some(t) = &target {
                 self.book.failed(t, false, now);
             }
@@ -302,16 +298,17 @@ impl Mesh {
             self.book.connected(t, &h.id);
         }
         let info = PeerInfo {
-            id: h.id.clone(),
+            id: h.id,
             name: h.name.clone(),
             addr: h.advertise.clone().unwrap_or_else(|| addr::dialable(r.observed.ip(), h.port)),
         };
         let link = match target {
-            Some(_) => Link { dialer: self.me.clone(), nonce: r.our_nonce },
-            None => Link { dialer: h.id.clone(), nonce: h.nonce },
+            Some(_) => Link { dialer: self.me, nonce: e.our_nonce },
+            None => Link { dialer: h.id, nonce: e.their_nonce },
         };
         let neighbour = Neighbour {
             info: info.clone(),
+            key: e.key,
             conn: r.conn,
             outbox: r.outbox,
             drops: r.drops,
@@ -321,8 +318,9 @@ impl Mesh {
             leaving: false,
             digest_sent: None,
             lagging: false,
-            bucket: Bucket::new(self.cfg.line_rate, self.cfg.line_burst, now),
             up_since: now,
+            host: addr::host_of(r.observed.ip()),
+            stranger: !self.store.knows(&h.id),
         };
         let announce = match self.table.admit(neighbour) {
             Admission::Rejected(loser) => return close_as_duplicate(loser),
@@ -337,104 +335,180 @@ impl Mesh {
             Admission::Resumed => false,
             Admission::New => true,
         };
-        if self.store.meet(&info, h.seq, now) {
+        let table = &self.table;
+        let met = Met { info: &info, seq: h.seq, head: h.head, key: e.key, host: r.observed.ip() };
+        if self.store.meet(met, |id| table.is_up(id), now) {
             self.record_met(&info.id);
         }
         if announce {
-            self.out.emit(&Event::PeerUp { peer: &info, seq: h.seq, protocol: r.version });
-            self.gossip(&info);
+            self.out.emit(&Event::PeerUp { peer: &info, seq: h.seq, protocol: e.version });
         }
+        self.tell_members(&info.id, &h.known);
         self.send_digest(&h.id);
-        for p in &h.peers {
-            self.consider(p, now);
-        }
     }
 
-    /// Tells every other neighbour about a newly met peer, and the newcomer about every member:
-    /// the hello was a snapshot (of at most 64) taken before others may have joined.
-    fn gossip(&mut self, info: &PeerInfo) {
-        let frame = Message::Peers { peers: vec![info.clone()] }.encode();
-        for n in self.table.iter_mut().filter(|n| n.info.id != info.id) {
-            n.send(frame.clone());
+    /// Why a connection that completed its handshake is not admitted, if it is not: the lab
+    /// hook cuts it, it is held off, its host has too many connections, or it is a stranger and
+    /// the slots left are kept for known members.
+    fn not_admitted(&self, h: &Hello, ip: IpAddr, now: Instant) -> Option<String> {
+        if self.is_cut(&h.name) {
+            return Some("cut off by the lab hook".into());
         }
-        let members: Vec<PeerInfo> =
-            self.table.iter().filter(|n| n.info.id != info.id).map(|n| n.info.clone()).collect();
-        if let Some(newcomer) = self.table.get_mut(&info.id) {
-            for chunk in members.chunks(MAX_GOSSIP) {
-                newcomer.send(Message::Peers { peers: chunk.to_vec() }.encode());
+        if let Some(hold @ (Hold::Flooded | Hold::Forged)) = self.book.hold_of(&h.id, now) {
+            return Some(format!("held off ({hold:?})"));
+        }
+        if self.table.is_up(&h.id) {
+            return None; // a second connection of a neighbour: the pair rule picks one
+        }
+        let host = addr::host_of(ip);
+        let on_host = self.table.iter().filter(|n| n.host == host).count();
+        if on_host >= self.cfg.max_conns_per_host as usize {
+            return self.refusal(format!("{on_host} connections from its host (--max-conns-per-host)"), now);
+        }
+        let strangers = self.table.iter().filter(|n| n.stranger).count();
+        let stranger_slots = self.cfg.max_conns as usize - self.cfg.max_conns as usize / 4;
+        if !self.store.knows(&h.id) && strangers >= stranger_slots {
+            return self.refusal(format!("{strangers} strangers connected: the other slots are kept for known members"), now);
+        }
+        None
+    }
+
+    /// A refusal after the handshake: logged at most every 5 s.
+    fn refusal(&self, why: String, now: Instant) -> Option<String> {
+        if self.last_refusal_warning.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
+            tracing::warn!("refusing a connection: {why}");
+        }
+        Some(why)
+    }
+
+    /// Tells a newly admitted neighbour of every member we know that its filter lacks.
+    fn tell_members(&mut self, to: &PeerId, known: &Known) {
+        let theirs = known.reader();
+        let lacking: Vec<PeerInfo> = self
+            .table
+            .iter()
+            .filter(|n| n.info.id != *to && !theirs.contains(&n.info.id))
+            .map(|n| n.info.clone())
+            .collect();
+        if let Some(n) = self.table.get_mut(to) {
+            for chunk in lacking.chunks(MAX_GOSSIP) {
+                n.send(Message::Peers { peers: chunk.to_vec() }.encode());
             }
         }
     }
 
-    /// A member told us of `p`: dial it unless already connected.
+    /// A member told us of `p`: dial it at once unless already connected. (Members told of a
+    /// newcomer are not told of it in turn: the newcomer dials them, so there is no race to
+    /// avoid by letting one side wait; two sides told of each other by one bridge may both dial,
+    /// and the pair rule keeps one connection.)
     fn consider(&mut self, p: &PeerInfo, now: Instant) {
         if p.id == self.me || self.table.is_up(&p.id) || self.is_cut(&p.name) {
             return;
         }
-        self.book.learn(&p.addr, &p.id, self.me < p.id, now);
+        self.book.learn(&p.addr, &p.id, true, now);
     }
 
     fn on_message(&mut self, conn: ConnId, msg: Message) {
         let now = Instant::now();
         let Some(n) = self.table.by_conn_mut(conn) else { return };
-        let from = n.info.id.clone();
+        let from = n.info.id;
         match msg {
             Message::Dup => n.superseded = true,
-            Message::Goodbye => n.leaving = true,
+            Message::Goodbye { sig } => {
+                if n.key.verify(Domain::Goodbye, &[&n.incarnation.to_be_bytes()], &sig) {
+                    n.leaving = true;
+                } else {
+                    tracing::warn!("ignoring a goodbye from {} that its key did not sign", n.info.name);
+                }
+            }
             Message::Peers { peers } => {
-                for p in &peers {
+                let gossip = self.gossip.of(&from, now);
+                let allowed = peers.iter().take_while(|_| gossip.take(now, 1.0, false) == Verdict::Accept).count();
+                if allowed < peers.len() {
+                    tracing::debug!(peer = %from.short(), "it tells of members faster than allowed: {} ignored", peers.len() - allowed);
+                }
+                for p in &peers[..allowed] {
                     self.consider(p, now);
                 }
             }
-            Message::Chat(chat) => {
-                if chat.origin == from
-                    && let Verdict::Refuse { first } = n.bucket.take(now, !chat.catch_up)
-                {
-                    return self.refuse_line(conn, first);
+            Message::Lines(batch) => self.on_lines(conn, from, batch, now),
+            Message::Notice { text, sig } => {
+                if n.key.verify(Domain::Notice, &[self.me.as_bytes(), text.as_bytes()], &sig) {
+                    let from = n.info.clone();
+                    self.out.emit(&Event::Notice { from: &from, text: &text });
                 }
-                match self.store.receive(chat, from, now) {
-                    Received::Delivered(lines) => self.show(lines),
-                    Received::Ignored => self.needs_digest_round(conn),
-                    Received::Duplicate | Received::Buffered => {}
-                }
-            }
-            Message::Notice { text } => {
-                let from = n.info.clone();
-                self.out.emit(&Event::Notice { from: &from, text: &text });
             }
             Message::Digest { have } => self.answer_digest(&from, &have),
-            Message::Gap { origin, from: first, upto } => {
-                tracing::debug!(origin = %origin.short(), first, upto, via = %from.short(), "gap received");
-                if let Some((missed, lines)) = self.store.skip(&origin, first, upto, now) {
-                    if missed > 0 {
-                        self.unshown.push(Unshown::Gap { origin, missed, upto });
-                    }
-                    self.show(lines);
-                }
-            }
-            Message::Hello(_) | Message::Refuse { .. } | Message::Ping => {}
+            Message::Gone(gone) => self.on_gone(from, gone, now),
+            Message::Ping { .. } | Message::Pong { .. } => {}
+            Message::Hello(_) | Message::Auth { .. } | Message::Refuse { .. } => {}
         }
     }
 
-    /// A neighbour sent a line of its own over its rate: the line is dropped for now (anti-
-    /// entropy brings it back later, at the allowed pace); the neighbour is told, and if it
-    /// floods it is disconnected and held off (neither dialled nor admitted) for a while.
-    fn refuse_line(&mut self, conn: ConnId, first: bool) {
+    fn on_lines(&mut self, conn: ConnId, from: PeerId, batch: Lines, now: Instant) {
+        if batch.origin == from {
+            let bucket = self.lines.of(&from, now);
+            if let Verdict::Refuse { first } = bucket.take(now, batch.lines.len() as f64, !batch.catch_up) {
+                let flooding = bucket.flooding();
+                return self.refuse_lines(conn, first, flooding);
+            }
+        }
+        let r = self.store.receive(batch, from, now);
+        if r.outcome == Outcome::Ignored {
+            self.needs_digest_round(conn);
+        }
+        self.received(r, now);
+    }
+
+    fn on_gone(&mut self, from: PeerId, gone: Gone, now: Instant) {
+        let origin = gone.origin;
+        let upto = gone.upto;
+        match self.store.skip(gone, from, now) {
+            Ok(Some((missed, r))) => {
+                tracing::debug!(origin = %origin.short(), upto, via = %from.short(), "lines gone");
+                self.unshown.push(Unshown::Gap { origin, missed, upto });
+                self.received(r, now);
+            }
+            Ok(None) => {}
+            Err(()) => self.forged(&from, now),
+        }
+    }
+
+    /// Shows what arrived, and deals with neighbours that relayed forgeries.
+    fn received(&mut self, r: Received, now: Instant) {
+        self.unshown.extend(r.delivered.into_iter().map(Unshown::Line));
+        for via in r.forged_by {
+            self.forged(&via, now);
+        }
+    }
+
+    /// A neighbour relayed lines or a gone statement their sender did not sign: it is
+    /// disconnected and held off.
+    fn forged(&mut self, via: &PeerId, now: Instant) {
+        let Some(n) = self.table.get_mut(via) else { return };
+        let conn = n.conn;
+        tracing::warn!("closing connection to {}@{}: it relayed lines their sender did not sign", n.info.name, n.info.addr);
+        if let Some(n) = self.table.remove_conn(conn) {
+            self.out.emit(&Event::PeerDown { peer: &n.info, reason: DownReason::Closed });
+            self.book.left(&n.info.id, Hold::Forged, now);
+        }
+    }
+
+    /// A neighbour sent lines of its own over its rate: they are dropped for now (anti-entropy
+    /// brings them back later, at the allowed pace); the neighbour is told, and if it floods it
+    /// is disconnected and held off (neither dialled nor admitted) for a while.
+    fn refuse_lines(&mut self, conn: ConnId, first: bool, flooding: bool) {
         self.needs_digest_round(conn);
         let rate = self.cfg.line_rate;
         let Some(n) = self.table.by_conn_mut(conn) else { return };
         if first {
-            let text = format!(
-                "you send lines faster than {rate} a second: the excess is refused and will be caught up later"
-            );
-            n.send(Message::Notice { text }.encode());
+            let text =
+                format!("you send lines faster than {rate} a second: the excess is refused and will be caught up later");
+            let sig = self.ctx.local.identity.sign(Domain::Notice, &[n.info.id.as_bytes(), text.as_bytes()]);
+            n.send(Message::Notice { text, sig }.encode());
         }
-        if n.bucket.flooding() {
-            tracing::warn!(
-                "closing connection to {}@{}: it floods lines over the rate limit",
-                n.info.name,
-                n.info.addr
-            );
+        if flooding {
+            tracing::warn!("closing connection to {}@{}: it floods lines over the rate limit", n.info.name, n.info.addr);
             if let Some(n) = self.table.remove_conn(conn) {
                 self.out.emit(&Event::PeerDown { peer: &n.info, reason: DownReason::Closed });
                 self.book.left(&n.info.id, Hold::Flooded, Instant::now());
@@ -454,13 +528,9 @@ impl Mesh {
     /// is printed: after a crash and a restart, the lines it said since are still owed.
     fn record_met(&mut self, id: &PeerId) {
         let (Some(state), Some(mark)) = (&mut self.state, self.store.mark(id)) else { return };
-        if let Err(e) = state.marks([(id.clone(), mark)].into()).and_then(|_| state.sync()) {
+        if let Err(e) = state.marks([(*id, mark)].into()).and_then(|_| state.sync()) {
             tracing::error!("cannot write the state directory: {e}");
         }
-    }
-
-    fn show(&mut self, lines: Vec<Delivery>) {
-        self.unshown.extend(lines.into_iter().map(Unshown::Line));
     }
 
     /// Shows what was decided since the last commit. With a state directory, the watermarks
@@ -502,8 +572,8 @@ impl Mesh {
             }
             return;
         };
-        let moved: std::collections::BTreeMap<PeerId, u64> =
-            infos.iter().filter_map(|p| Some((p.id.clone(), self.store.mark(&p.id)?))).collect();
+        let moved: BTreeMap<PeerId, (u64, ChainHash)> =
+            infos.iter().filter_map(|p| Some((p.id, self.store.mark(&p.id)?))).collect();
         if let Err(e) = state.marks(moved).and_then(|_| state.flush()) {
             tracing::error!("cannot write the state directory: {e}");
         }
@@ -512,7 +582,7 @@ impl Mesh {
             tracing::error!("cannot write the state directory: {e}");
         }
         if state.wants_compaction()
-            && let Err(e) = state.compact(&self.store.own_lines(), &self.store.marks())
+            && let Err(e) = state.compact(&self.store.own_lines(), self.store.own_floor(), &self.store.marks())
         {
             tracing::error!("cannot compact the state directory: {e}");
         }
@@ -520,15 +590,10 @@ impl Mesh {
 
     /// Sends a neighbour what its digest says it lacks (as much as its queue has room for; the
     /// rest in later rounds), and our digest if it has more.
-    fn answer_digest(&mut self, from: &PeerId, have: &std::collections::BTreeMap<PeerId, u64>) {
+    fn answer_digest(&mut self, from: &PeerId, have: &BTreeMap<PeerId, u64>) {
         let Some(room) = self.table.get_mut(from).map(|n| n.outbox.catch_up_room()) else { return };
-        let catch_up = self.store.catch_up_for(have, room);
-        for m in &catch_up.messages {
-            if let Message::Gap { origin, from: first, upto } = m {
-                let theirs = have.get(origin).copied().unwrap_or_default();
-                tracing::debug!(origin = %origin.short(), first, upto, theirs, to = %from.short(), "gap sent");
-            }
-        }
+        let identity = self.ctx.local.identity.clone();
+        let catch_up = self.store.catch_up_for(from, have, room, &identity);
         let Some(n) = self.table.get_mut(from) else { return };
         for m in catch_up.messages {
             n.send(m.encode());
@@ -553,7 +618,7 @@ impl Mesh {
     fn on_closed(&mut self, conn: ConnId, reason: CloseReason) {
         let now = Instant::now();
         let Some(n) = self.table.remove_conn(conn) else { return };
-        let id = n.info.id.clone();
+        let id = n.info.id;
         if n.leaving {
             self.out.emit(&Event::PeerDown { peer: &n.info, reason: DownReason::Goodbye });
             self.book.left(&id, Hold::Left, now);
@@ -576,7 +641,7 @@ impl Mesh {
     }
 
     /// Handles a batch of stdin inputs in order; consecutive lines are said together (one
-    /// write to the state directory for all of them).
+    /// write to the state directory and one signature for all of them).
     fn on_inputs(&mut self, inputs: Vec<Input>) -> Flow {
         let mut lines = Vec::new();
         for input in inputs {
@@ -598,40 +663,38 @@ impl Mesh {
         Flow::Continue
     }
 
-    /// Says lines: recorded in the state directory first (if any), then acknowledged (`sent`)
-    /// and sent to every neighbour. Nothing leaves this peer before it is recorded, so a restart
-    /// never reuses a sequence number another peer has seen.
+    /// Says lines: signed in batches, recorded in the state directory first (if any), then
+    /// acknowledged (`sent`) and sent to every neighbour. Nothing leaves this peer before it is
+    /// recorded, so a restart never reuses a sequence number another peer has seen.
     fn say(&mut self, texts: Vec<String>) {
         if texts.is_empty() {
             return;
         }
-        let sent_at_ms = unix_ms();
-        let first = self.store.my_seq() + 1;
-        let own: Vec<OwnLine> =
-            texts.into_iter().zip(first..).map(|(text, seq)| OwnLine { seq, text, sent_at_ms }).collect();
+        let batches = self.store.compose(self.identity(), &self.name, texts, unix_ms());
         if let Some(state) = &mut self.state {
-            let written = own.iter().try_for_each(|l| state.said(l)).and_then(|_| state.sync());
+            let lines = batches.iter().flat_map(|b| &b.lines);
+            let written = lines.clone().try_for_each(|l| state.said(l)).and_then(|_| state.sync());
             if let Err(e) = written {
                 tracing::error!("cannot write the state directory: {e}");
-                let message = format!("cannot record {} lines in the state directory ({e}): not sent", own.len());
+                let message = format!("cannot record {} lines in the state directory ({e}): not sent", lines.count());
                 self.out.emit(&Event::Error { message });
                 return;
             }
         }
         let now = Instant::now();
-        for own in own {
-            let line = self.store.say(&self.name, own.text, own.sent_at_ms, now);
-            self.out.emit(&Event::Sent {
-                msg_id: msg_id(&self.me, line.seq),
-                seq: line.seq,
-                text: &line.text,
-                queued: self.table.is_empty(),
-            });
-            let frame = line.to_message(false).encode();
+        let queued = self.table.is_empty();
+        for batch in batches {
+            let sent = self.store.said(batch, now);
+            for line in &sent.lines {
+                let msg_id = msg_id(&self.me, line.seq);
+                self.out.emit(&Event::Sent { msg_id, seq: line.seq, text: &line.text, queued });
+            }
+            let frame = Message::Lines(sent).encode();
             for n in self.table.iter_mut() {
                 n.send(frame.clone());
             }
         }
+        self.ctx.own_seq.store(self.store.my_seq(), Ordering::Relaxed);
     }
 
     fn apply_lab(&mut self, cmd: hook::LabCommand) {
@@ -680,8 +743,10 @@ impl Mesh {
         };
         let conn = self.next_conn();
         let ctx = self.ctx.clone();
+        let hello = self.hello();
+        let budget = self.budget.clone();
         self.tasks.spawn(async move {
-            connection::run(stream, Role::Acceptor(half_open), conn, ctx).await;
+            connection::run(stream, Role::Acceptor(half_open), hello, conn, ctx, budget).await;
             drop(permit);
         });
     }
@@ -702,15 +767,22 @@ impl Mesh {
         }
         let now = Instant::now();
         let table = &self.table;
-        for target in self.book.due(now, room, |id| table.is_up(id)) {
+        let due = self.book.due(now, room, |id| table.is_up(id));
+        if due.is_empty() {
+            return;
+        }
+        let hello = self.hello();
+        for target in due {
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 self.book.failed(&target, false, now);
                 continue;
             };
             let conn = self.next_conn();
             let ctx = self.ctx.clone();
+            let hello = hello.clone();
+            let budget = self.budget.clone();
             self.tasks.spawn(async move {
-                connection::dial(target, conn, ctx).await;
+                connection::dial(target, hello, conn, ctx, budget).await;
                 drop(permit);
             });
         }
@@ -732,7 +804,7 @@ impl Mesh {
             .table
             .iter()
             .filter(|n| n.lagging || n.digest_sent != Some(version))
-            .map(|n| n.info.id.clone())
+            .map(|n| n.info.id)
             .collect();
         for id in stale {
             if let Some(n) = self.table.get_mut(&id) {
@@ -747,9 +819,11 @@ impl Mesh {
         self.next_conn
     }
 
-    /// Says goodbye to every neighbour and waits (briefly) for the goodbyes to go out.
+    /// Says goodbye to every neighbour (signed: nobody else can say it for us) and waits
+    /// (briefly) for the goodbyes to go out.
     async fn leave(mut self) {
-        let bye = Message::Goodbye.encode();
+        let sig = self.identity().sign(Domain::Goodbye, &[&self.incarnation.to_be_bytes()]);
+        let bye = Message::Goodbye { sig }.encode();
         for mut n in self.table.drain() {
             n.send(bye.clone());
         }
@@ -758,6 +832,22 @@ impl Mesh {
         let _ = tokio::time::timeout(LEAVE_FLUSH, self.tasks.wait()).await;
         self.out.close(LEAVE_FLUSH);
     }
+}
+
+/// The store as a previous run left it (its own chain, lines and watermarks), or a fresh one.
+fn restore(identity: &Identity, restored: Restored, retention: crate::store::Retention, now: Instant) -> Store {
+    let me = identity.id();
+    let (mut seq, mut head) = restored.floor.unwrap_or((0, chain::genesis(&me)));
+    if let Some(last) = restored.own.last().filter(|l| l.seq > seq) {
+        (seq, head) = (last.seq, last.hash);
+    }
+    let floor = restored.floor.unwrap_or((0, chain::genesis(&me)));
+    let mut store = Store::new(me, seq, head, retention, now);
+    store.restore_own(restored.own, floor, now);
+    for (id, (mark, head)) in restored.marks {
+        store.restore_mark(id, mark, head, now);
+    }
+    store
 }
 
 #[derive(Debug, PartialEq, Eq)]

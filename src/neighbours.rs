@@ -8,14 +8,16 @@
 //! as a departure.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::frame::PeerInfo;
+use crate::frame::{Nonce, PeerInfo};
 use crate::id::PeerId;
+use crate::identity::PublicKey;
 use crate::outbox::{Outbox, Refused};
 
 /// Identifies one connection task.
@@ -35,73 +37,20 @@ impl Drops {
     }
 }
 
-/// A token bucket: how many lines of its own a neighbour may still send.
-#[derive(Debug)]
-pub struct Bucket {
-    tokens: f64,
-    last: Instant,
-    rate: f64,
-    burst: f64,
-    /// Live lines (not catch-up) refused in the current window.
-    refused_live: u64,
-    window: Instant,
-}
-
-/// Refusals of live lines are counted over windows this long.
-const FLOOD_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// What the bucket says of one line.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Accept,
-    /// Refused; `first` is the first live refusal of the window (tell the sender).
-    Refuse {
-        first: bool,
-    },
-}
-
-impl Bucket {
-    pub fn new(rate: f64, burst: f64, now: Instant) -> Bucket {
-        Bucket { tokens: burst, last: now, rate, burst, refused_live: 0, window: now }
-    }
-
-    /// Takes a token for a line if there is one. Catch-up lines (sent because we asked) are
-    /// limited alike but never count as flooding.
-    pub fn take(&mut self, now: Instant, live: bool) -> Verdict {
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            return Verdict::Accept;
-        }
-        if !live {
-            return Verdict::Refuse { first: false };
-        }
-        if now.duration_since(self.window) > FLOOD_WINDOW {
-            self.window = now;
-            self.refused_live = 0;
-        }
-        self.refused_live += 1;
-        Verdict::Refuse { first: self.refused_live == 1 }
-    }
-
-    /// The neighbour floods: more live lines refused in one window than a whole burst.
-    pub fn flooding(&self) -> bool {
-        self.refused_live as f64 > self.burst
-    }
-}
-
 /// Which of two connections between the same pair wins: the smaller link.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Link {
     pub dialer: PeerId,
-    pub nonce: u64,
+    /// The dialler's preamble nonce on that connection.
+    pub nonce: Nonce,
 }
 
 /// A directly connected peer.
 #[derive(Debug)]
 pub struct Neighbour {
     pub info: PeerInfo,
+    /// Its public key (its id), decoded once: checks its goodbye and notices.
+    pub key: PublicKey,
     pub conn: ConnId,
     pub outbox: Outbox,
     pub drops: Arc<Drops>,
@@ -115,10 +64,12 @@ pub struct Neighbour {
     pub digest_sent: Option<u64>,
     /// A frame could not be queued: it needs a digest round to catch up.
     pub lagging: bool,
-    /// Limits the lines of its own it may send.
-    pub bucket: Bucket,
     /// When this connection was admitted.
     pub up_since: Instant,
+    /// The host it connects from (for per-host limits).
+    pub host: IpAddr,
+    /// Its id was unknown when it was admitted (for the slots kept for known members).
+    pub stranger: bool,
 }
 
 impl Neighbour {
@@ -247,24 +198,26 @@ mod tests {
     use super::*;
 
     fn id(c: char) -> PeerId {
-        c.to_string().repeat(32).parse().unwrap()
+        c.to_string().repeat(64).parse().unwrap()
     }
 
-    fn neighbour(conn: ConnId, dialer: char, nonce: u64, incarnation: u64) -> Neighbour {
-        let (outbox, _drain) = crate::outbox::outbox();
+    fn neighbour(conn: ConnId, dialer: char, nonce: u8, incarnation: u64) -> Neighbour {
+        let (outbox, _drain) = crate::outbox::outbox(crate::outbox::Budget::new(1 << 20));
         Neighbour {
             info: PeerInfo { id: id('b'), name: "b".into(), addr: "127.0.0.1:2".into() },
+            key: PublicKey::of(&crate::identity::Identity::generate().id()).unwrap(),
             conn,
             outbox,
             drops: Arc::default(),
             incarnation,
-            link: Link { dialer: id(dialer), nonce },
+            link: Link { dialer: id(dialer), nonce: crate::id::Hex([nonce; 32]) },
             superseded: false,
             leaving: false,
             digest_sent: None,
             lagging: false,
-            bucket: Bucket::new(10.0, 10.0, Instant::now()),
             up_since: Instant::now(),
+            host: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            stranger: false,
         }
     }
 
@@ -306,35 +259,6 @@ mod tests {
         assert!(t.is_up(&id('b')));
         assert!(matches!(t.admit(neighbour(2, 'a', 1, 0)), Admission::Resumed));
         assert!(t.expired_swaps(now + std::time::Duration::from_secs(2)).is_empty());
-    }
-
-    #[test]
-    fn the_bucket_allows_a_burst_then_the_rate() {
-        let t0 = Instant::now();
-        let mut b = Bucket::new(10.0, 5.0, t0);
-        let verdicts: Vec<Verdict> = (0..7).map(|_| b.take(t0, true)).collect();
-        assert_eq!(verdicts.iter().filter(|v| **v == Verdict::Accept).count(), 5);
-        assert_eq!(verdicts[5], Verdict::Refuse { first: true });
-        assert_eq!(verdicts[6], Verdict::Refuse { first: false });
-        assert_eq!(
-            b.take(t0 + std::time::Duration::from_millis(100), true),
-            Verdict::Accept,
-            "a tenth of a second later"
-        );
-        assert!(!b.flooding());
-        for _ in 0..5 {
-            b.take(t0 + std::time::Duration::from_millis(100), true);
-        }
-        assert!(b.flooding());
-    }
-
-    #[test]
-    fn catch_up_we_asked_for_is_limited_but_never_flooding() {
-        let t0 = Instant::now();
-        let mut b = Bucket::new(10.0, 5.0, t0);
-        let accepted = (0..1000).filter(|_| b.take(t0, false) == Verdict::Accept).count();
-        assert_eq!(accepted, 5);
-        assert!(!b.flooding());
     }
 
     #[test]

@@ -1,24 +1,26 @@
-//! The private mesh: a pre-shared mesh key and the Noise handshake that checks it.
+//! The private mesh: a pre-shared mesh key, and the Noise handshake that checks it.
 //!
-//! With a mesh key, every connection runs `Noise_XXpsk0_25519_ChaChaPoly_BLAKE2s` right after
-//! the preambles: the dialler is the initiator and both sides prove their static key. The mesh
-//! key is mixed in from the first message, so a peer without it (or with another) is refused at
-//! that message, before any Diffie-Hellman work and before a single byte of the mesh (hello,
-//! peers, lines) is sent to it; and because everything after it is encrypted under the mesh key,
-//! the two hellos travel inside the second and third handshake messages (three hops for a keyed
-//! connection). Afterwards every frame is encrypted and authenticated, with an explicit nonce
-//! per direction, so the reader and the writer of a connection need not share a lock. A peer's
-//! id is derived from its static public key, so nobody can claim another's id in a handshake.
+//! With a mesh key, every connection runs `Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s` (snow) right
+//! after the preambles: the mesh key is mixed in from the first message, so a peer without it
+//! (or with another) is refused at that message, before any Diffie-Hellman work and before a
+//! single byte of the mesh is sent to it; everything after it is encrypted and authenticated.
+//! The pattern has no static keys: who each side is, is proven by its Ed25519 signature over the
+//! Noise handshake hash (the Noise specification's channel binding, section 11.2), the same
+//! signed hello as in an open mesh (see crate::handshake). That costs each side one key
+//! generation and one Diffie-Hellman, where an XX pattern costs four.
+//!
+//! After the handshake every frame is sealed with an explicit nonce per direction, so the reader
+//! and the writer of a connection need not share a lock.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use snow::{Builder, HandshakeState, StatelessTransportState};
 
-use crate::id::{PeerId, hex, random_bytes};
+use crate::id::{hex, random_bytes, unhex};
 
-const PATTERN: &str = "Noise_XXpsk0_25519_ChaChaPoly_BLAKE2s";
-const PROLOGUE: &[u8] = b"meshlab/1";
+const PATTERN: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
+const PROLOGUE: &[u8] = b"meshlab/2";
 /// Bytes an encrypted frame adds to its plaintext.
 pub const TAG: usize = 16;
 
@@ -59,69 +61,8 @@ impl std::fmt::Debug for MeshKey {
     }
 }
 
-/// A peer's long-term Noise key pair, and the id derived from it.
-#[derive(Clone)]
-pub struct StaticKey {
-    pub private: Vec<u8>,
-    pub public: Vec<u8>,
-}
-
-impl StaticKey {
-    pub fn generate() -> StaticKey {
-        let pair = builder().generate_keypair().expect("the default resolver generates 25519 keys");
-        StaticKey { private: pair.private, public: pair.public }
-    }
-
-    pub fn id(&self) -> PeerId {
-        PeerId::from_key(&self.public)
-    }
-
-    /// The pair in hex, for the state directory.
-    pub fn to_hex(&self) -> (String, String) {
-        (hex(&self.private), hex(&self.public))
-    }
-
-    pub fn from_hex(private: &str, public: &str) -> Option<StaticKey> {
-        let (private, public) = (unhex(private)?, unhex(public)?);
-        (private.len() == 32 && public.len() == 32).then_some(StaticKey { private, public })
-    }
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
-}
-
-impl Keys {
-    /// Runs one whole handshake in memory, so that the first real one does not pay for cold
-    /// code and tables. Called before the peer announces that it listens.
-    pub fn warm_up(&self) {
-        let other = Keys { mesh: self.mesh.clone(), local: StaticKey::generate() };
-        let (Ok(mut i), Ok(mut r)) = (Handshake::new(self, true), Handshake::new(&other, false)) else { return };
-        let _ = i.write(b"").and_then(|m| r.read(&m)).and_then(|_| r.write(b"")).and_then(|m| i.read(&m));
-        let _ = i.write(b"").and_then(|m| r.read(&m));
-        let _ = i.finish();
-    }
-}
-
-/// What a keyed connection needs: the mesh key and our static key.
-#[derive(Clone)]
-pub struct Keys {
-    pub mesh: MeshKey,
-    pub local: StaticKey,
-}
-
-fn builder<'a>() -> Builder<'a> {
-    Builder::with_resolver(PATTERN.parse().expect("a valid Noise pattern"), Box::new(crate::x25519::Resolver))
-}
-
-/// Room a handshake message needs beyond its payload (keys and tags).
-const HANDSHAKE_OVERHEAD: usize = 128;
-
 /// One side of a Noise handshake in progress.
-pub struct Handshake(HandshakeState);
+pub struct Noise(HandshakeState);
 
 #[derive(Debug, thiserror::Error)]
 #[error("noise handshake: {0}")]
@@ -133,10 +74,13 @@ impl From<snow::Error> for NoiseError {
     }
 }
 
-impl Handshake {
-    pub fn new(keys: &Keys, initiator: bool) -> Result<Handshake, NoiseError> {
-        let b = builder().local_private_key(&keys.local.private).psk(0, &keys.mesh.0).prologue(PROLOGUE);
-        Ok(Handshake(if initiator { b.build_initiator()? } else { b.build_responder()? }))
+/// Room a handshake message needs beyond its payload (an ephemeral key and a tag).
+const HANDSHAKE_OVERHEAD: usize = 64;
+
+impl Noise {
+    pub fn new(mesh: &MeshKey, initiator: bool) -> Result<Noise, NoiseError> {
+        let b = Builder::new(PATTERN.parse().expect("a valid Noise pattern")).psk(0, &mesh.0).prologue(PROLOGUE);
+        Ok(Noise(if initiator { b.build_initiator()? } else { b.build_responder()? }))
     }
 
     /// The next handshake message to send, carrying `payload` (encrypted under the mesh key).
@@ -147,8 +91,8 @@ impl Handshake {
         Ok(Bytes::from(buf))
     }
 
-    /// Reads the other side's handshake message and returns its payload. With XXpsk0, the
-    /// responder's read of the first message is where a wrong mesh key shows.
+    /// Reads the other side's handshake message and returns its payload. The responder's read
+    /// of the first message is where a wrong mesh key shows.
     pub fn read(&mut self, message: &[u8]) -> Result<Bytes, NoiseError> {
         let mut buf = vec![0u8; message.len()];
         let n = self.0.read_message(message, &mut buf)?;
@@ -156,16 +100,16 @@ impl Handshake {
         Ok(Bytes::from(buf))
     }
 
-    /// The transport after the handshake, and the id the other side's static key stands for.
-    pub fn finish(self) -> Result<(Transport, PeerId), NoiseError> {
-        let remote = self
-            .0
-            .get_remote_static()
-            .map(PeerId::from_key)
-            .ok_or_else(|| NoiseError("no remote static key".into()))?;
+    /// The handshake hash: both sides hold the same value once the handshake is complete, and
+    /// no third party can make two sessions share one.
+    pub fn hash(&self) -> [u8; 32] {
+        self.0.get_handshake_hash().try_into().expect("BLAKE2s hashes are 32 bytes")
+    }
+
+    /// The transport after the handshake.
+    pub fn finish(self) -> Result<Transport, NoiseError> {
         let state = Arc::new(self.0.into_stateless_transport_mode()?);
-        let transport = Transport { seal: Sealer { state: state.clone(), nonce: 0 }, open: Opener { state, nonce: 0 } };
-        Ok((transport, remote))
+        Ok(Transport { seal: Sealer { state: state.clone(), nonce: 0 }, open: Opener { state, nonce: 0 } })
     }
 }
 
@@ -211,35 +155,26 @@ impl Opener {
 mod tests {
     use super::*;
 
-    fn run(a: &Keys, b: &Keys) -> Result<(Transport, Transport, PeerId, PeerId), NoiseError> {
-        let mut i = Handshake::new(a, true)?;
-        let mut r = Handshake::new(b, false)?;
+    fn run(a: &MeshKey, b: &MeshKey) -> Result<(Transport, Transport, [u8; 32], [u8; 32]), NoiseError> {
+        let mut i = Noise::new(a, true)?;
+        let mut r = Noise::new(b, false)?;
         assert!(r.read(&i.write(b"")?)?.is_empty());
         assert_eq!(&i.read(&r.write(b"responder's hello")?)?[..], b"responder's hello");
-        assert_eq!(&r.read(&i.write(b"initiator's hello")?)?[..], b"initiator's hello");
-        let (ti, seen_by_i) = i.finish()?;
-        let (tr, seen_by_r) = r.finish()?;
-        Ok((ti, tr, seen_by_i, seen_by_r))
-    }
-
-    fn keys(mesh: &MeshKey) -> Keys {
-        Keys { mesh: mesh.clone(), local: StaticKey::generate() }
+        let (hi, hr) = (i.hash(), r.hash());
+        Ok((i.finish()?, r.finish()?, hi, hr))
     }
 
     #[test]
-    fn the_same_mesh_key_connects_and_proves_ids() {
+    fn the_same_mesh_key_connects_and_both_sides_share_the_hash() {
         let mesh = MeshKey::generate();
-        let (a, b) = (keys(&mesh), keys(&mesh));
-        let (mut ti, mut tr, seen_by_i, seen_by_r) = run(&a, &b).unwrap();
-        assert_eq!(seen_by_i, b.local.id());
-        assert_eq!(seen_by_r, a.local.id());
+        let (mut ti, mut tr, hi, hr) = run(&mesh, &mesh).unwrap();
+        assert_eq!(hi, hr);
+        let (.., other, _) = run(&mesh, &mesh).unwrap();
+        assert_ne!(hi, other, "every session has its own hash");
         for text in [&b"hello"[..], b"", &[7u8; 1000]] {
             let sealed = ti.seal.seal(text).unwrap();
             assert_eq!(&tr.open.open(&sealed).unwrap()[..], text);
             assert_eq!(sealed.len(), text.len() + TAG);
-            if !text.is_empty() {
-                assert_ne!(&sealed[..text.len()], text, "the ciphertext differs from the text");
-            }
         }
         let back = tr.seal.seal(b"reply").unwrap();
         assert_eq!(&ti.open.open(&back).unwrap()[..], b"reply");
@@ -247,16 +182,15 @@ mod tests {
 
     #[test]
     fn another_mesh_key_is_refused_at_the_first_message() {
-        let (a, b) = (keys(&MeshKey::generate()), keys(&MeshKey::generate()));
-        let mut i = Handshake::new(&a, true).unwrap();
-        let mut r = Handshake::new(&b, false).unwrap();
+        let mut i = Noise::new(&MeshKey::generate(), true).unwrap();
+        let mut r = Noise::new(&MeshKey::generate(), false).unwrap();
         assert!(r.read(&i.write(b"").unwrap()).is_err());
     }
 
     #[test]
     fn tampered_or_replayed_frames_are_rejected() {
         let mesh = MeshKey::generate();
-        let (mut ti, mut tr, _, _) = run(&keys(&mesh), &keys(&mesh)).unwrap();
+        let (mut ti, mut tr, _, _) = run(&mesh, &mesh).unwrap();
         let sealed = ti.seal.seal(b"line").unwrap();
         let mut bad = sealed.to_vec();
         bad[0] ^= 1;

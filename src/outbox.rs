@@ -1,8 +1,11 @@
-//! The queue of frames towards one neighbour, bounded in frames and in bytes.
+//! The queue of frames towards one neighbour, bounded in frames and in bytes, and all queues
+//! together bounded in bytes.
 //!
 //! The mesh never waits on a neighbour: it pushes frames here without blocking, and a push that
-//! would exceed either bound is refused (the neighbour is then repaired by anti-entropy). The
-//! connection's writer drains the queue as fast as the socket takes it.
+//! would exceed a bound is refused (the neighbour is then repaired by anti-entropy). The
+//! connection's writer drains the queue as fast as the socket takes it. The shared bound keeps
+//! neighbours that never read (a hundred of them, say) from holding the peer's memory between
+//! them: past it, every queue refuses until some drain.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,17 +18,36 @@ pub const MAX_FRAMES: usize = 4096;
 /// Most bytes queued towards one neighbour.
 pub const MAX_BYTES: usize = 4 * 1024 * 1024;
 
-/// A new queue: the mesh's end and the writer's end.
-pub fn outbox() -> (Outbox, Drain) {
+/// The bytes queued towards all neighbours together, and their bound.
+#[derive(Debug)]
+pub struct Budget {
+    queued: AtomicUsize,
+    cap: usize,
+}
+
+impl Budget {
+    pub fn new(cap: usize) -> Arc<Budget> {
+        Arc::new(Budget { queued: AtomicUsize::new(0), cap })
+    }
+
+    /// Bytes queued towards all neighbours.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+}
+
+/// A new queue drawing on `budget`: the mesh's end and the writer's end.
+pub fn outbox(budget: Arc<Budget>) -> (Outbox, Drain) {
     let (tx, rx) = mpsc::channel(MAX_FRAMES);
     let queued = Arc::new(AtomicUsize::new(0));
-    (Outbox { tx, queued: queued.clone() }, Drain { rx, queued })
+    (Outbox { tx, queued: queued.clone(), budget: budget.clone() }, Drain { rx, queued, budget })
 }
 
 #[derive(Debug)]
 pub struct Outbox {
     tx: mpsc::Sender<Bytes>,
     queued: Arc<AtomicUsize>,
+    budget: Arc<Budget>,
 }
 
 /// Why a frame was not queued.
@@ -40,12 +62,13 @@ impl Outbox {
     /// pushes, so checking the byte count and then adding to it cannot overshoot.
     pub fn push(&self, frame: Bytes) -> Result<(), Refused> {
         let len = frame.len();
-        if self.queued.load(Ordering::Relaxed) + len > MAX_BYTES {
+        if self.queued.load(Ordering::Relaxed) + len > MAX_BYTES || self.budget.queued() + len > self.budget.cap {
             return Err(Refused::Full);
         }
         match self.tx.try_send(frame) {
             Ok(()) => {
                 self.queued.fetch_add(len, Ordering::Relaxed);
+                self.budget.queued.fetch_add(len, Ordering::Relaxed);
                 Ok(())
             }
             Err(mpsc::error::TrySendError::Full(_)) => Err(Refused::Full),
@@ -53,32 +76,57 @@ impl Outbox {
         }
     }
 
-    /// Bytes that may still be queued for catch-up, keeping half of the queue for live lines.
+    /// Bytes that may be queued now for catch-up: none while earlier frames still wait (catch-up
+    /// pauses until the neighbour reads), else half of the queue and of what the shared budget
+    /// has left, keeping the rest for live lines.
     pub fn catch_up_room(&self) -> usize {
-        let frames_left = self.tx.capacity().saturating_sub(MAX_FRAMES / 2);
-        let bytes_left = (MAX_BYTES / 2).saturating_sub(self.queued.load(Ordering::Relaxed));
-        if frames_left == 0 { 0 } else { bytes_left }
+        if self.queued.load(Ordering::Relaxed) > 0 {
+            return 0;
+        }
+        let shared = self.budget.cap.saturating_sub(self.budget.queued()) / 2;
+        (MAX_BYTES / 2).min(shared)
+    }
+
+    /// Bytes waiting in this queue.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 }
 
 pub struct Drain {
     rx: mpsc::Receiver<Bytes>,
     queued: Arc<AtomicUsize>,
+    budget: Arc<Budget>,
 }
 
 impl Drain {
     /// The next frame; None once the mesh dropped its end and the queue is empty.
     pub async fn recv(&mut self) -> Option<Bytes> {
         let frame = self.rx.recv().await?;
-        self.queued.fetch_sub(frame.len(), Ordering::Relaxed);
+        self.taken(&frame);
         Some(frame)
     }
 
     /// The next frame if one is queued now.
     pub fn try_recv(&mut self) -> Option<Bytes> {
         let frame = self.rx.try_recv().ok()?;
-        self.queued.fetch_sub(frame.len(), Ordering::Relaxed);
+        self.taken(&frame);
         Some(frame)
+    }
+
+    fn taken(&self, frame: &Bytes) {
+        self.queued.fetch_sub(frame.len(), Ordering::Relaxed);
+        self.budget.queued.fetch_sub(frame.len(), Ordering::Relaxed);
+    }
+}
+
+impl Drop for Drain {
+    /// What was never written no longer counts against the shared budget.
+    fn drop(&mut self) {
+        self.rx.close();
+        while let Ok(frame) = self.rx.try_recv() {
+            self.taken(&frame);
+        }
     }
 }
 
@@ -86,9 +134,13 @@ impl Drain {
 mod tests {
     use super::*;
 
+    fn budget() -> Arc<Budget> {
+        Budget::new(usize::MAX / 2)
+    }
+
     #[tokio::test]
     async fn bounded_in_bytes_and_counted_back_when_drained() {
-        let (out, mut drain) = outbox();
+        let (out, mut drain) = outbox(budget());
         let big = Bytes::from(vec![0u8; MAX_BYTES / 4]);
         for _ in 0..4 {
             out.push(big.clone()).unwrap();
@@ -97,14 +149,30 @@ mod tests {
         assert_eq!(out.catch_up_room(), 0);
         drain.recv().await.unwrap();
         assert_eq!(out.push(Bytes::from_static(b"x")), Ok(()));
+        assert_eq!(out.catch_up_room(), 0, "catch-up waits while frames are queued");
         drop(drain);
         while out.push(Bytes::from_static(b"y")) == Ok(()) {}
         assert_eq!(out.push(Bytes::from_static(b"y")), Err(Refused::Closed));
     }
 
     #[test]
+    fn all_queues_share_one_budget_and_get_it_back() {
+        let shared = Budget::new(1000);
+        let (a, drain_a) = outbox(shared.clone());
+        let (b, mut drain_b) = outbox(shared.clone());
+        assert_eq!(a.catch_up_room(), 500);
+        a.push(Bytes::from(vec![0u8; 700])).unwrap();
+        assert_eq!(b.push(Bytes::from(vec![0u8; 400])), Err(Refused::Full), "the shared budget is spent");
+        assert_eq!(b.catch_up_room(), 150);
+        b.push(Bytes::from(vec![0u8; 300])).unwrap();
+        drain_b.try_recv().unwrap();
+        drop(drain_a);
+        assert_eq!(shared.queued(), 0, "a closed queue gives its bytes back");
+    }
+
+    #[test]
     fn bounded_in_frames() {
-        let (out, _drain) = outbox();
+        let (out, _drain) = outbox(budget());
         for _ in 0..MAX_FRAMES {
             out.push(Bytes::from_static(b"x")).unwrap();
         }

@@ -114,9 +114,6 @@ const PRINT_WAIT: Duration = Duration::from_millis(100);
 
 /// Events waiting for stdout before new ones are dropped.
 pub const OUTPUT_QUEUE: usize = 65_536;
-/// Bytes waiting for stdout before new events are dropped (a line of control characters
-/// escapes to six times its size in JSON, so events alone are no bound on memory).
-pub const OUTPUT_BYTES: usize = 16 << 20;
 
 /// Writes events to stdout from a thread of its own, through a queue bounded in events and in
 /// bytes: a reader that stops reading (a paused terminal, `peer | less`, a full pipe) never
@@ -125,6 +122,9 @@ pub const OUTPUT_BYTES: usize = 16 << 20;
 pub struct Output {
     json: bool,
     queue: Option<SyncSender<Item>>,
+    /// Bytes waiting for stdout before new events are dropped (a line of control characters
+    /// escapes to six times its size in JSON, so events alone are no bound on memory).
+    max_bytes: usize,
     /// Bytes queued and not yet written, shared with the stdout thread.
     queued_bytes: Arc<AtomicUsize>,
     done: Receiver<()>,
@@ -139,7 +139,7 @@ enum Item {
 }
 
 impl Output {
-    pub fn new(json: bool) -> Output {
+    pub fn new(json: bool, max_bytes: usize) -> Output {
         let (queue, lines) = sync_channel::<Item>(OUTPUT_QUEUE);
         let (finished, done) = sync_channel(1);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
@@ -151,14 +151,14 @@ impl Output {
                 let _ = finished.send(());
             })
             .expect("cannot start the stdout thread");
-        Output { json, queue: Some(queue), queued_bytes, done, dropped: 0 }
+        Output { json, queue: Some(queue), max_bytes, queued_bytes, done, dropped: 0 }
     }
 
     pub fn emit(&mut self, event: &Event) {
         let Some(line) = self.render(event) else { return };
         let Some(queue) = &self.queue else { return };
         let size = line.len();
-        let queued = if self.queued_bytes.load(Ordering::Acquire) + size > OUTPUT_BYTES {
+        let queued = if self.queued_bytes.load(Ordering::Acquire) + size > self.max_bytes {
             false
         } else {
             self.queued_bytes.fetch_add(size, Ordering::AcqRel);
@@ -306,18 +306,41 @@ fn chat_view(event: &Event) -> View {
     }
 }
 
-/// Text from the network made safe for a terminal: control characters (escape sequences,
-/// carriage returns, bells) and bidirectional overrides become U+FFFD.
+/// Text from the network made safe for a terminal: every character that could act on the
+/// terminal or on how the text around it is shown ([`is_unsafe`]) becomes U+FFFD.
 pub fn clean(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_control() || ('\u{202a}'..='\u{202e}').contains(&c) || ('\u{2066}'..='\u{2069}').contains(&c) {
-                '\u{fffd}'
-            } else {
-                c
-            }
-        })
-        .collect()
+    s.chars().map(|c| if is_unsafe(c) { '\u{fffd}' } else { c }).collect()
+}
+
+/// Whether a character may act on a terminal or on the text around it rather than show as
+/// itself: control characters (Unicode Cc: escape sequences, carriage returns, bells), format
+/// characters (Cf: bidirectional marks and overrides, zero-width characters, invisible
+/// operators, tags) and line and paragraph separators (Zl, Zp). The Cf list is Unicode 15's.
+pub fn is_unsafe(c: char) -> bool {
+    const FORMAT: &[(char, char)] = &[
+        ('\u{00ad}', '\u{00ad}'),
+        ('\u{0600}', '\u{0605}'),
+        ('\u{061c}', '\u{061c}'),
+        ('\u{06dd}', '\u{06dd}'),
+        ('\u{070f}', '\u{070f}'),
+        ('\u{0890}', '\u{0891}'),
+        ('\u{08e2}', '\u{08e2}'),
+        ('\u{180e}', '\u{180e}'),
+        ('\u{200b}', '\u{200f}'),
+        ('\u{2028}', '\u{202e}'),
+        ('\u{2060}', '\u{2064}'),
+        ('\u{2066}', '\u{206f}'),
+        ('\u{feff}', '\u{feff}'),
+        ('\u{fff9}', '\u{fffb}'),
+        ('\u{110bd}', '\u{110bd}'),
+        ('\u{110cd}', '\u{110cd}'),
+        ('\u{13430}', '\u{1343f}'),
+        ('\u{1bca0}', '\u{1bca3}'),
+        ('\u{1d173}', '\u{1d17a}'),
+        ('\u{e0001}', '\u{e0001}'),
+        ('\u{e0020}', '\u{e007f}'),
+    ];
+    c.is_control() || FORMAT.iter().any(|(lo, hi)| (*lo..=*hi).contains(&c))
 }
 
 /// HH:MM:SS (UTC) of a Unix time in milliseconds.
@@ -331,10 +354,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn clean_removes_escapes_and_controls() {
+    fn clean_removes_escapes_controls_bidi_separators_and_zero_widths() {
         assert_eq!(clean("hi\x1b[2Jthere\r\x07"), "hi\u{fffd}[2Jthere\u{fffd}\u{fffd}");
-        assert_eq!(clean("a\u{202e}b"), "a\u{fffd}b");
-        assert_eq!(clean("olá 👋"), "olá 👋");
+        for sneaky in ["\u{202e}", "\u{2066}", "\u{200e}", "\u{061c}", "\u{2028}", "\u{2029}", "\u{200b}", "\u{2060}", "\u{feff}", "\u{e0041}", "\u{85}"] {
+            assert_eq!(clean(&format!("a{sneaky}b")), "a\u{fffd}b", "{:?}", sneaky.escape_unicode().to_string());
+        }
+        assert_eq!(clean("olá 👋 老王"), "olá 👋 老王");
     }
 
     #[test]
@@ -344,8 +369,8 @@ mod tests {
 
     #[test]
     fn chat_view_shows_name_at_addr() {
-        let peer = PeerInfo { id: PeerId::random(), name: "bob\x1b".into(), addr: "10.0.0.2:4000".into() };
-        let id = peer.id.clone();
+        let peer = PeerInfo { id: PeerId(crate::id::Hex::random()), name: "bob\x1b".into(), addr: "10.0.0.2:4000".into() };
+        let id = peer.id;
         let ev = Event::Message {
             msg_id: msg_id(&id, 1),
             seq: 1,

@@ -1,23 +1,32 @@
-//! What a peer remembers of the conversation: per-sender watermarks and a bounded history.
+//! What a peer remembers of the conversation: per-sender watermarks and chains, and a bounded
+//! history.
 //!
-//! Each sender (origin) has a watermark, the highest sequence number shown contiguously. A line
-//! is shown when its number is the watermark plus one, so no line is ever shown twice and each
-//! sender's lines appear in order; lines that arrive early wait in a small per-sender buffer.
-//! The history keeps recent lines (bounded in lines, bytes and age) so that neighbours who
-//! missed some can be sent them (anti-entropy, see docs/protocol.md). Peers exchange digests
-//! (sender → watermark); [`Store::catch_up_for`] answers one with what the other side lacks.
+//! Each sender (origin) has a watermark, the highest sequence number shown contiguously, and the
+//! chain hash there ([`crate::chain`]). A batch of lines is shown when it continues the
+//! watermark and its sender's signature on the batch's chain head checks out, whichever
+//! neighbour relayed it; so no line is ever shown twice, each sender's lines appear in order,
+//! and nobody but the sender can put words in its mouth. Batches that arrive early wait in a
+//! bounded buffer. The history keeps recent lines (bounded in lines, bytes and age), with their
+//! chain hashes and the signed heads, so that neighbours who missed some can be sent them
+//! (anti-entropy, see docs/protocol.md). Lines can be declared gone only on their sender's own
+//! signed word ([`Gone`]), which the store keeps and passes on.
 //!
-//! A sender is only known once met directly: its watermark starts at the sequence number it
-//! announced in its hello, so a newcomer gets no backlog.
+//! A sender is only known once met directly: its watermark and chain hash start at what its
+//! (signed) hello announced, so a newcomer gets no backlog. Records of senders are bounded per
+//! host and in all, and a connected member's record is never the one forgotten.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::frame::{Chat, MAX_DIGEST, Message, PeerInfo};
+use crate::chain::{self, ChainHash};
+use crate::frame::{self, Gone, LineBody, Lines, MAX_DIGEST, Message, PeerInfo};
 use crate::id::PeerId;
+use crate::identity::{Identity, PublicKey, Signature};
+use crate::state::OwnLine;
 
 /// How much history a peer keeps for catch-up.
 #[derive(Debug, Clone, Copy)]
@@ -27,12 +36,16 @@ pub struct Retention {
     pub age: Duration,
 }
 
-/// Most senders remembered; the least recently active is forgotten first.
+/// Most senders remembered; the least recently active one not connected is forgotten first.
 pub const MAX_ORIGINS: usize = 4096;
-/// How far beyond a watermark an early line may be and still wait in the buffer.
+/// Most sender records introduced from one host (an IPv4 address or an IPv6 /64).
+pub const MAX_ORIGINS_PER_HOST: usize = 64;
+/// How far beyond a watermark an early batch may start and still wait in the buffer.
 pub const PENDING_WINDOW: u64 = 10_000;
-/// Overhead counted per stored line besides its text and name.
-const LINE_OVERHEAD: usize = 96;
+/// Overhead counted per stored line besides its text and name (its hash, signature, links).
+const LINE_OVERHEAD: usize = 192;
+/// Bytes counted per early batch besides its lines.
+const PENDING_OVERHEAD: usize = 256;
 
 /// One chat line as stored.
 #[derive(Debug)]
@@ -42,6 +55,10 @@ pub struct Line {
     pub seq: u64,
     pub text: String,
     pub sent_at_ms: u64,
+    /// The chain hash of this line.
+    pub hash: ChainHash,
+    /// The sender's signature on the chain head here, when a batch ended here.
+    pub sig: Option<Signature>,
     stored: Instant,
 }
 
@@ -50,15 +67,8 @@ impl Line {
         self.text.len() + self.name.len() + LINE_OVERHEAD
     }
 
-    pub fn to_message(&self, catch_up: bool) -> Message {
-        Message::Chat(Chat {
-            origin: self.origin.clone(),
-            name: self.name.clone(),
-            seq: self.seq,
-            text: self.text.clone(),
-            sent_at_ms: self.sent_at_ms,
-            catch_up,
-        })
+    fn body(&self) -> LineBody {
+        LineBody { seq: self.seq, text: self.text.clone(), at: self.sent_at_ms }
     }
 }
 
@@ -73,86 +83,130 @@ pub struct Delivery {
 
 #[derive(Debug)]
 struct Pending {
-    chat: Chat,
+    batch: Lines,
     via: PeerId,
     since: Instant,
-}
-
-impl Pending {
-    fn size(&self) -> usize {
-        self.chat.text.len() + self.chat.name.len() + LINE_OVERHEAD
-    }
+    size: usize,
 }
 
 #[derive(Debug)]
 struct Origin {
+    key: PublicKey,
     /// Last known name and address, for display.
     name: String,
     addr: String,
     mark: u64,
+    /// The chain hash at the watermark.
+    head: ChainHash,
     /// Lines up to here were never held by this peer (it met the sender after them): it can
     /// neither send them nor say they are gone.
     floor: u64,
     lines: VecDeque<Arc<Line>>,
+    /// Early batches, by their first sequence number.
     pending: BTreeMap<u64, Pending>,
+    /// The sender's latest signed word that lines are gone, to pass on.
+    gone: Option<Gone>,
+    /// The host whose connection introduced this sender (None: restored from the state dir).
+    host: Option<IpAddr>,
     last_active: Instant,
 }
 
-/// The outcome of receiving one chat line.
-#[derive(Debug)]
-pub enum Received {
-    /// Shown now: this line and any buffered ones it unblocked, in order.
-    Delivered(Vec<Delivery>),
-    /// Already shown.
+/// The outcome of receiving a batch of lines.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// Shown now, in order: this batch's new lines and any buffered ones it unblocked.
+    pub delivered: Vec<Delivery>,
+    /// What became of the batch itself.
+    pub outcome: Outcome,
+    /// Neighbours that relayed a batch whose signature does not check out (this one, or a
+    /// buffered one that could be checked now).
+    pub forged_by: Vec<PeerId>,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub enum Outcome {
+    #[default]
+    Shown,
+    /// Every line was shown before.
     Duplicate,
     /// Arrived early; waits for the lines before it.
     Buffered,
-    /// From a sender this peer never met, or too far ahead: ignored.
+    /// From a sender this peer never met, or too far ahead, or no room to wait: ignored.
     Ignored,
+    /// The signature does not check out.
+    Forged,
 }
 
 /// What a neighbour's digest asks of us.
 #[derive(Debug, Default)]
 pub struct CatchUp {
-    /// Lines and gap notices to send it, in order.
+    /// `lines` and `gone` messages to send it, in order.
     pub messages: Vec<Message>,
+    /// Bytes those messages take, about.
+    pub bytes: usize,
     /// The byte budget ran out before everything it lacks was listed: another round is needed.
     pub truncated: bool,
     /// The neighbour holds lines we lack: send it our digest so it sends them.
     pub they_are_ahead: bool,
 }
 
+/// A batch of lines this peer is about to say: recorded first, then stored and sent.
+#[derive(Debug, Clone)]
+pub struct Said {
+    pub lines: Vec<OwnLine>,
+}
+
 pub struct Store {
     me: PeerId,
     retention: Retention,
     origins: HashMap<PeerId, Origin>,
+    /// How many records each host introduced.
+    per_host: HashMap<IpAddr, usize>,
     /// History in arrival order, for eviction; entries of forgotten origins are skipped.
     order: VecDeque<(PeerId, u64)>,
     lines: usize,
     bytes: usize,
-    /// Early lines buffered, in lines and bytes (bounded like the history).
-    pending: usize,
+    /// Early batches buffered, in bytes, in all and per neighbour that sent them.
     pending_bytes: usize,
+    pending_by_via: HashMap<PeerId, usize>,
+    /// This peer's own lines up to here left the history; their last chain hash.
+    own_floor: (u64, ChainHash),
+    /// Our signed word for `own_floor`, made when first asked for.
+    own_gone: Option<Gone>,
     /// Bumped whenever a watermark moves, so digests are sent only when they changed.
     version: u64,
 }
 
+/// How a sender first met is set up.
+pub struct Met<'a> {
+    pub info: &'a PeerInfo,
+    pub seq: u64,
+    pub head: ChainHash,
+    pub key: PublicKey,
+    pub host: IpAddr,
+}
+
 impl Store {
-    pub fn new(me: PeerId, my_seq: u64, retention: Retention, now: Instant) -> Store {
+    /// A store for `me`, whose own chain stands at `my_seq` with hash `my_head`.
+    pub fn new(me: PeerId, my_seq: u64, my_head: ChainHash, retention: Retention, now: Instant) -> Store {
+        let key = PublicKey::of(&me).expect("our own id is a key");
         let mut store = Store {
-            me: me.clone(),
+            me,
             retention,
             origins: HashMap::new(),
+            per_host: HashMap::new(),
             order: VecDeque::new(),
             lines: 0,
             bytes: 0,
-            pending: 0,
             pending_bytes: 0,
+            pending_by_via: HashMap::new(),
+            own_floor: (my_seq, my_head),
+            own_gone: None,
             version: 0,
         };
         // A peer held every line it ever said: it may answer for all of them (sending those its
-        // history still holds and gaps for the rest), so its own floor is 0.
-        let mut own = Origin::new(my_seq, now);
+        // history still holds and its signed word that the rest are gone), so its floor is 0.
+        let mut own = Origin::new(key, my_seq, my_head, None, now);
         own.floor = 0;
         store.origins.insert(me, own);
         store
@@ -162,134 +216,224 @@ impl Store {
         self.origins[&self.me].mark
     }
 
+    pub fn my_head(&self) -> ChainHash {
+        self.origins[&self.me].head
+    }
+
     pub fn version(&self) -> u64 {
         self.version
     }
 
-    /// The watermark of every known sender (for the state directory).
-    pub fn marks(&self) -> BTreeMap<PeerId, u64> {
-        self.origins.iter().map(|(id, o)| (id.clone(), o.mark)).collect()
+    /// The watermark and chain hash of every known sender (for the state directory).
+    pub fn marks(&self) -> BTreeMap<PeerId, (u64, ChainHash)> {
+        self.origins.iter().map(|(id, o)| (*id, (o.mark, o.head))).collect()
     }
 
-    /// The watermark of one sender.
-    pub fn mark(&self, id: &PeerId) -> Option<u64> {
-        self.origins.get(id).map(|o| o.mark)
+    /// The watermark and chain hash of one sender.
+    pub fn mark(&self, id: &PeerId) -> Option<(u64, ChainHash)> {
+        self.origins.get(id).map(|o| (o.mark, o.head))
+    }
+
+    /// Whether this peer has a record of `id` (met it, and has not forgotten it).
+    pub fn knows(&self, id: &PeerId) -> bool {
+        self.origins.contains_key(id)
     }
 
     /// This peer's own lines still held, oldest first (for the state directory).
-    pub fn own_lines(&self) -> Vec<crate::state::OwnLine> {
-        let own = &self.origins[&self.me].lines;
-        own.iter()
-            .map(|l| crate::state::OwnLine { seq: l.seq, text: l.text.clone(), sent_at_ms: l.sent_at_ms })
-            .collect()
+    pub fn own_lines(&self) -> Vec<OwnLine> {
+        self.origins[&self.me].lines.iter().map(|l| own_line(l)).collect()
     }
 
-    /// Puts back a line this peer said before a restart, so that it can still be caught up.
-    pub fn restore_own(&mut self, name: &str, line: crate::state::OwnLine, now: Instant) {
-        let me = self.me.clone();
-        let line = Arc::new(Line {
-            origin: me,
-            name: name.into(),
-            seq: line.seq,
-            text: line.text,
-            sent_at_ms: line.sent_at_ms,
-            stored: now,
-        });
-        self.store(line);
+    /// Where this peer's own lines that left the history end (for the state directory).
+    pub fn own_floor(&self) -> (u64, ChainHash) {
+        self.own_floor
     }
 
-    /// Records a line said by this peer and returns it.
-    pub fn say(&mut self, name: &str, text: String, sent_at_ms: u64, now: Instant) -> Arc<Line> {
-        let me = self.me.clone();
-        let seq = self.my_seq() + 1;
-        let line = Arc::new(Line { origin: me.clone(), name: name.into(), seq, text, sent_at_ms, stored: now });
-        self.store(line.clone());
-        let o = self.origins.get_mut(&me).expect("own origin always present");
-        o.mark = seq;
-        o.last_active = now;
-        self.version += 1;
-        line
+    /// Puts back lines this peer said before a restart, so that they can still be caught up.
+    /// `floor` is where its lines that had left the history ended.
+    pub fn restore_own(&mut self, lines: Vec<OwnLine>, floor: (u64, ChainHash), now: Instant) {
+        self.own_floor = floor;
+        for l in lines {
+            let line = Arc::new(Line {
+                origin: self.me,
+                name: l.name,
+                seq: l.seq,
+                text: l.text,
+                sent_at_ms: l.sent_at_ms,
+                hash: l.hash,
+                sig: l.sig,
+                stored: now,
+            });
+            self.store(line);
+        }
     }
 
-    /// A sender met directly. New senders start at `seq`, the last line they had said.
-    /// Returns whether the sender is new.
-    pub fn meet(&mut self, peer: &PeerInfo, seq: u64, now: Instant) -> bool {
-        let new = !self.origins.contains_key(&peer.id);
-        if new {
-            if self.origins.len() >= MAX_ORIGINS {
-                self.forget_least_active();
+    /// Restores a sender's watermark kept across a restart: lines up to it are not held here.
+    pub fn restore_mark(&mut self, id: PeerId, mark: u64, head: ChainHash, now: Instant) {
+        if id == self.me {
+            return;
+        }
+        match PublicKey::of(&id) {
+            Ok(key) => {
+                self.origins.insert(id, Origin::new(key, mark, head, None, now));
             }
-            self.origins.insert(peer.id.clone(), Origin::new(seq, now));
+            Err(e) => tracing::warn!("ignoring a watermark in the state directory: {id:?}: {e}"),
+        }
+    }
+
+    /// Prepares lines for this peer to say, in signed batches that each fit a frame. Nothing is
+    /// stored yet: the caller records them, then hands them to [`Store::said`].
+    pub fn compose(&self, me: &Identity, name: &str, texts: Vec<String>, at: u64) -> Vec<Said> {
+        let own = &self.origins[&self.me];
+        let (mut seq, mut head) = (own.mark, own.head);
+        let mut batches = Vec::new();
+        let mut current: Vec<OwnLine> = Vec::new();
+        let mut cost = 0;
+        for text in texts {
+            let line_cost = frame::line_cost(&text);
+            if !current.is_empty() && (current.len() == frame::MAX_BATCH || cost + line_cost > frame::LINES_BUDGET) {
+                batches.push(seal(me, std::mem::take(&mut current)));
+                cost = 0;
+            }
+            seq += 1;
+            head = chain::next(&head, seq, at, name, &text);
+            cost += line_cost;
+            current.push(OwnLine { seq, name: name.to_owned(), text, sent_at_ms: at, hash: head, sig: None });
+        }
+        if !current.is_empty() {
+            batches.push(seal(me, current));
+        }
+        batches
+    }
+
+    /// Stores a batch this peer said (recorded by now) and returns the message that sends it.
+    pub fn said(&mut self, batch: Said, now: Instant) -> Lines {
+        let last = batch.lines.last().expect("batches are not empty");
+        let (seq, head, sig) = (last.seq, last.hash, last.sig.expect("batches are signed"));
+        let name = last.name.clone();
+        let bodies = batch.lines.iter().map(|l| LineBody { seq: l.seq, text: l.text.clone(), at: l.sent_at_ms }).collect();
+        for l in batch.lines {
+            let line = Arc::new(Line {
+                origin: self.me,
+                name: l.name,
+                seq: l.seq,
+                text: l.text,
+                sent_at_ms: l.sent_at_ms,
+                hash: l.hash,
+                sig: l.sig,
+                stored: now,
+            });
+            self.store(line);
+        }
+        let own = self.origins.get_mut(&self.me).expect("own origin always present");
+        own.mark = seq;
+        own.head = head;
+        own.last_active = now;
+        self.version += 1;
+        Lines { origin: self.me, name, lines: bodies, sig, catch_up: false }
+    }
+
+    /// A sender met directly, with what its signed hello says. New senders start at its `seq`
+    /// and chain hash. Returns whether the sender is new. Making room forgets the least active
+    /// sender not `connected`, from the same host first.
+    pub fn meet(&mut self, m: Met, connected: impl Fn(&PeerId) -> bool, now: Instant) -> bool {
+        let id = m.info.id;
+        let new = !self.origins.contains_key(&id);
+        if new {
+            let host = crate::addr::host_of(m.host);
+            if self.per_host.get(&host).copied().unwrap_or(0) >= MAX_ORIGINS_PER_HOST {
+                self.forget_least_active(Some(host), &connected);
+            }
+            if self.origins.len() >= MAX_ORIGINS {
+                self.forget_least_active(None, &connected);
+            }
+            *self.per_host.entry(host).or_default() += 1;
+            self.origins.insert(id, Origin::new(m.key, m.seq, m.head, Some(host), now));
             self.version += 1;
         }
-        let o = self.origins.get_mut(&peer.id).expect("inserted above");
+        let o = self.origins.get_mut(&id).expect("inserted above");
+        if !new && m.seq == o.mark && m.head != o.head {
+            tracing::warn!(peer = %id.short(), seq = m.seq, "its chain differs from the one held here: its state was lost or copied");
+        }
         o.last_active = now;
-        o.name.clone_from(&peer.name);
-        o.addr.clone_from(&peer.addr);
+        o.name.clone_from(&m.info.name);
+        o.addr.clone_from(&m.info.addr);
         new
     }
 
     /// Name and address of a sender, as last known.
     pub fn info(&self, id: &PeerId) -> PeerInfo {
         let (name, addr) = self.origins.get(id).map_or(("?", "?"), |o| (o.name.as_str(), o.addr.as_str()));
-        PeerInfo { id: id.clone(), name: name.into(), addr: addr.into() }
+        PeerInfo { id: *id, name: name.into(), addr: addr.into() }
     }
 
-    /// Restores a watermark kept across a restart: lines up to it are not held here.
-    pub fn restore_mark(&mut self, id: PeerId, mark: u64, now: Instant) {
-        if id != self.me {
-            self.origins.insert(id, Origin::new(mark, now));
+    /// A batch of lines from neighbour `via`.
+    pub fn receive(&mut self, batch: Lines, via: PeerId, now: Instant) -> Received {
+        let mut r = Received::default();
+        let origin = batch.origin;
+        if origin == self.me {
+            r.outcome = Outcome::Duplicate;
+            return r;
         }
-    }
-
-    pub fn receive(&mut self, chat: Chat, via: PeerId, now: Instant) -> Received {
-        if chat.origin == self.me {
-            return Received::Duplicate;
-        }
-        let Some(o) = self.origins.get_mut(&chat.origin) else { return Received::Ignored };
+        let Some(o) = self.origins.get_mut(&origin) else {
+            r.outcome = Outcome::Ignored;
+            return r;
+        };
         o.last_active = now;
-        if chat.seq <= o.mark {
-            return Received::Duplicate;
+        if batch.last() <= o.mark {
+            r.outcome = Outcome::Duplicate;
+            return r;
         }
-        if chat.seq > o.mark + 1 {
-            let p = Pending { chat, via, since: now };
-            let full = self.pending >= self.retention.lines || self.pending_bytes + p.size() > self.retention.bytes;
-            if p.chat.seq - o.mark > PENDING_WINDOW || full {
-                return Received::Ignored;
-            }
-            let size = p.size();
-            if o.pending.insert(p.chat.seq, p).is_none() {
-                self.pending += 1;
-                self.pending_bytes += size;
-            }
-            return Received::Buffered;
+        if batch.first() > o.mark.saturating_add(1) {
+            r.outcome = self.buffer(batch, via, now);
+            return r;
         }
-        let origin = chat.origin.clone();
-        let mut out = vec![self.accept(Pending { chat, via, since: now }, now)];
-        out.extend(self.drain_pending(&origin, now));
-        Received::Delivered(out)
+        r.outcome = match self.accept(batch, via, now) {
+            Ok(delivered) => {
+                r.delivered = delivered;
+                Outcome::Shown
+            }
+            Err(()) => {
+                r.forged_by.push(via);
+                Outcome::Forged
+            }
+        };
+        self.drain_pending(&origin, now, &mut r);
+        r
     }
 
-    /// Lines `from..=upto` of `origin` are gone for good: skip them, if they continue what was
-    /// shown (a gap that starts beyond the watermark cannot be applied yet: the lines between
-    /// may still come). Returns how many were missed and the buffered lines this unblocks.
-    pub fn skip(&mut self, origin: &PeerId, from: u64, upto: u64, now: Instant) -> Option<(u64, Vec<Delivery>)> {
-        let o = self.origins.get_mut(origin)?;
-        if upto <= o.mark || from > o.mark.saturating_add(1) || *origin == self.me {
-            return None;
+    /// A sender's word that its lines up to `gone.upto` are gone. Skips them if it is signed and
+    /// goes beyond the watermark; returns how many lines were missed and the buffered lines this
+    /// unblocks. `Err` when the signature does not check out.
+    pub fn skip(&mut self, gone: Gone, via: PeerId, now: Instant) -> Result<Option<(u64, Received)>, ()> {
+        let origin = gone.origin;
+        let Some(o) = self.origins.get_mut(&origin) else { return Ok(None) };
+        if origin == self.me {
+            return Ok(None);
         }
-        // Buffered lines inside the skipped range are still shown; only the rest are missed.
-        let held: Vec<u64> = o.pending.range(..=upto).map(|(s, _)| *s).collect();
-        let missed = upto - o.mark - held.len() as u64;
-        let unblocked: Vec<Pending> = held.iter().filter_map(|seq| o.pending.remove(seq)).collect();
-        self.pending -= unblocked.len();
-        self.pending_bytes -= unblocked.iter().map(Pending::size).sum::<usize>();
-        let mut out: Vec<Delivery> = unblocked.into_iter().map(|p| self.accept(p, now)).collect();
-        let o = self.origins.get_mut(origin).expect("checked above");
-        o.mark = upto;
+        if !chain::gone_is_signed(&o.key, gone.upto, &gone.head, &gone.sig) {
+            return Err(());
+        }
+        let _ = via;
+        if o.gone.as_ref().is_none_or(|g| g.upto < gone.upto) {
+            o.gone = Some(gone.clone());
+        }
+        if gone.upto <= o.mark {
+            return Ok(None);
+        }
+        let missed = gone.upto - o.mark;
+        o.mark = gone.upto;
+        o.head = gone.head;
+        // Buffered lines up to there can no longer be checked: they are missed too.
+        let dropped: Vec<u64> =
+            o.pending.iter().filter(|(_, p)| p.batch.last() <= gone.upto).map(|(first, _)| *first).collect();
+        for first in dropped {
+            self.unbuffer(&origin, first);
+        }
         self.version += 1;
-        out.extend(self.drain_pending(origin, now));
-        Some((missed, out))
+        let mut r = Received::default();
+        self.drain_pending(&origin, now, &mut r);
+        Ok(Some((missed, r)))
     }
 
     /// Our digest, split into frames of at most [`MAX_DIGEST`] senders. Senders silent for
@@ -302,7 +446,7 @@ impl Store {
         let mut out = Vec::new();
         let mut have = BTreeMap::new();
         for (id, o) in live {
-            have.insert(id.clone(), o.mark);
+            have.insert(*id, o.mark);
             if have.len() == MAX_DIGEST {
                 out.push(Message::Digest { have: std::mem::take(&mut have) });
             }
@@ -313,54 +457,74 @@ impl Store {
         out
     }
 
-    /// Answers a neighbour's digest: what it lacks that we hold (up to about `budget` bytes of
-    /// lines), and whether it is ahead.
-    pub fn catch_up_for(&self, theirs: &BTreeMap<PeerId, u64>, budget: usize) -> CatchUp {
+    /// Answers neighbour `to`'s digest: what it lacks that we hold (up to about `budget` bytes
+    /// as sent), and whether it is ahead. Our own gone statement is signed with `me` if needed.
+    pub fn catch_up_for(&mut self, to: &PeerId, theirs: &BTreeMap<PeerId, u64>, budget: usize, me: &Identity) -> CatchUp {
         let mut out = CatchUp::default();
-        let mut spent = 0;
         for (id, &their_mark) in theirs {
+            if id == to {
+                continue;
+            }
             let Some(o) = self.origins.get(id) else { continue };
             if their_mark > o.mark {
                 out.they_are_ahead = true;
                 continue;
             }
             // Below our floor we never held anything: others must answer for those lines.
-            let from = their_mark.max(o.floor);
+            let mut from = their_mark.max(o.floor);
             if from >= o.mark {
                 continue;
             }
-            let mut expected = from + 1;
-            let start = o.lines.partition_point(|l| l.seq <= from);
-            for line in o.lines.range(start..) {
-                if spent >= budget {
-                    out.truncated = true;
-                    return out;
+            let lowest = o.lines.front().map_or(o.mark.saturating_add(1), |l| l.seq);
+            if from + 1 < lowest {
+                // We no longer hold the next line it needs: pass on the sender's word that it is
+                // gone, if we have one that reaches beyond what it holds.
+                let gone = if *id == self.me { self.own_gone(me) } else { o.gone.clone() };
+                if let Some(g) = gone.filter(|g| g.upto > from) {
+                    from = g.upto;
+                    out.bytes += 300;
+                    out.messages.push(Message::Gone(g));
                 }
-                if line.seq > expected {
-                    out.messages.push(Message::Gap { origin: id.clone(), from: expected, upto: line.seq - 1 });
-                }
-                out.messages.push(line.to_message(true));
-                spent += line.size();
-                expected = line.seq.saturating_add(1);
             }
-            if expected <= o.mark {
-                out.messages.push(Message::Gap { origin: id.clone(), from: expected, upto: o.mark });
+            let o = &self.origins[id];
+            let lowest = o.lines.front().map_or(o.mark.saturating_add(1), |l| l.seq);
+            if from + 1 < lowest || from >= o.mark {
+                continue;
+            }
+            let start = o.lines.partition_point(|l| l.seq <= from);
+            if !send_lines(o, start, budget, &mut out) {
+                out.truncated = true;
+                return out;
             }
         }
         out
     }
 
-    /// Drops history, and early lines still waiting, older than the retention age.
+    /// Our signed word that our lines up to the floor are gone, signed once per floor.
+    fn own_gone(&mut self, me: &Identity) -> Option<Gone> {
+        let (upto, head) = self.own_floor;
+        if upto == 0 {
+            return None;
+        }
+        if self.own_gone.as_ref().is_none_or(|g| g.upto != upto) {
+            let sig = chain::sign_gone(me, upto, &head);
+            self.own_gone = Some(Gone { origin: self.me, upto, head, sig });
+        }
+        self.own_gone.clone()
+    }
+
+    /// Drops history, and early batches still waiting, older than the retention age.
     pub fn expire(&mut self, now: Instant) {
         let age = self.retention.age;
-        for o in self.origins.values_mut() {
-            let stale: Vec<u64> =
-                o.pending.iter().filter(|(_, p)| now.duration_since(p.since) > age).map(|(s, _)| *s).collect();
-            for seq in stale {
-                let p = o.pending.remove(&seq).expect("key just listed");
-                self.pending -= 1;
-                self.pending_bytes -= p.size();
-            }
+        let stale: Vec<(PeerId, u64)> = self
+            .origins
+            .iter()
+            .flat_map(|(id, o)| {
+                o.pending.iter().filter(|(_, p)| now.duration_since(p.since) > age).map(move |(first, _)| (*id, *first))
+            })
+            .collect();
+        for (id, first) in stale {
+            self.unbuffer(&id, first);
         }
         while let Some((id, seq)) = self.order.front() {
             let stale = match self.origins.get(id).and_then(|o| o.lines.front()) {
@@ -380,38 +544,104 @@ impl Store {
         self.lines
     }
 
-    fn accept(&mut self, p: Pending, now: Instant) -> Delivery {
-        let Pending { chat, via, .. } = p;
-        let line = Arc::new(Line {
-            origin: chat.origin,
-            name: chat.name,
-            seq: chat.seq,
-            text: chat.text,
-            sent_at_ms: chat.sent_at_ms,
-            stored: now,
-        });
-        let o = self.origins.get_mut(&line.origin).expect("accepted lines have an origin");
-        o.mark = line.seq;
-        o.name.clone_from(&line.name);
+    /// Checks a batch that continues the watermark and shows its new lines.
+    fn accept(&mut self, batch: Lines, via: PeerId, now: Instant) -> Result<Vec<Delivery>, ()> {
+        let o = self.origins.get_mut(&batch.origin).expect("checked by the caller");
+        let skip = (o.mark + 1 - batch.first()) as usize;
+        let mut head = o.head;
+        let hashes: Vec<ChainHash> = batch.lines[skip..]
+            .iter()
+            .map(|l| {
+                head = chain::next(&head, l.seq, l.at, &batch.name, &l.text);
+                head
+            })
+            .collect();
+        if !chain::head_is_signed(&o.key, batch.last(), &head, &batch.sig) {
+            return Err(());
+        }
+        o.mark = batch.last();
+        o.head = head;
+        o.name.clone_from(&batch.name);
         self.version += 1;
-        self.store(line.clone());
-        Delivery { line, via, caught_up: chat.catch_up }
+        let last = batch.last();
+        let mut out = Vec::with_capacity(hashes.len());
+        for (body, hash) in batch.lines.into_iter().skip(skip).zip(hashes) {
+            let line = Arc::new(Line {
+                origin: batch.origin,
+                name: batch.name.clone(),
+                seq: body.seq,
+                text: body.text,
+                sent_at_ms: body.at,
+                hash,
+                sig: (body.seq == last).then_some(batch.sig),
+                stored: now,
+            });
+            self.store(line.clone());
+            out.push(Delivery { line, via, caught_up: batch.catch_up });
+        }
+        Ok(out)
     }
 
-    fn drain_pending(&mut self, origin: &PeerId, now: Instant) -> Vec<Delivery> {
-        let mut out = Vec::new();
-        while let Some(p) = self.origins.get_mut(origin).and_then(|o| o.pending.remove(&o.mark.saturating_add(1))) {
-            self.pending -= 1;
-            self.pending_bytes -= p.size();
-            out.push(self.accept(p, now));
+    /// Keeps an early batch until the lines before it arrive, if there is room.
+    fn buffer(&mut self, batch: Lines, via: PeerId, now: Instant) -> Outcome {
+        let size = PENDING_OVERHEAD + batch.lines.iter().map(|l| l.text.len()).sum::<usize>();
+        let budget = self.retention.bytes;
+        // One neighbour may fill an eighth of the buffer: a hostile one cannot starve the rest.
+        let theirs = self.pending_by_via.get(&via).copied().unwrap_or(0);
+        let o = self.origins.get_mut(&batch.origin).expect("checked by the caller");
+        let too_far = batch.first() - o.mark > PENDING_WINDOW;
+        if too_far || self.pending_bytes + size > budget || theirs + size > budget / 8 {
+            return Outcome::Ignored;
         }
-        out
+        let first = batch.first();
+        if o.pending.get(&first).is_some_and(|p| p.batch.last() >= batch.last()) {
+            return Outcome::Buffered;
+        }
+        if let Some(old) = o.pending.insert(first, Pending { batch, via, since: now, size }) {
+            self.release(&old);
+        }
+        self.pending_bytes += size;
+        *self.pending_by_via.entry(via).or_default() += size;
+        Outcome::Buffered
+    }
+
+    fn unbuffer(&mut self, origin: &PeerId, first: u64) -> Option<Pending> {
+        let p = self.origins.get_mut(origin)?.pending.remove(&first)?;
+        self.release(&p);
+        Some(p)
+    }
+
+    fn release(&mut self, p: &Pending) {
+        self.pending_bytes -= p.size;
+        if let Some(n) = self.pending_by_via.get_mut(&p.via) {
+            *n -= p.size;
+            if *n == 0 {
+                self.pending_by_via.remove(&p.via);
+            }
+        }
+    }
+
+    /// Shows buffered batches that continue the watermark now, in order.
+    fn drain_pending(&mut self, origin: &PeerId, now: Instant, r: &mut Received) {
+        loop {
+            let Some(o) = self.origins.get(origin) else { return };
+            let next = o.mark.saturating_add(1);
+            let Some(first) = o.pending.range(..=next).next().map(|(first, _)| *first) else { return };
+            let p = self.unbuffer(origin, first).expect("listed above");
+            if p.batch.last() <= self.origins[origin].mark {
+                continue;
+            }
+            match self.accept(p.batch, p.via, now) {
+                Ok(shown) => r.delivered.extend(shown),
+                Err(()) => r.forged_by.push(p.via),
+            }
+        }
     }
 
     fn store(&mut self, line: Arc<Line>) {
         self.lines += 1;
         self.bytes += line.size();
-        self.order.push_back((line.origin.clone(), line.seq));
+        self.order.push_back((line.origin, line.seq));
         let o = self.origins.get_mut(&line.origin).expect("stored lines have an origin");
         o.lines.push_back(line);
         while self.lines > self.retention.lines || self.bytes > self.retention.bytes {
@@ -430,6 +660,9 @@ impl Store {
             let line = o.lines.pop_front().expect("front checked");
             self.lines -= 1;
             self.bytes -= line.size();
+            if id == self.me {
+                self.own_floor = (line.seq, line.hash);
+            }
         }
     }
 
@@ -439,35 +672,103 @@ impl Store {
             .retain(|(id, seq)| origins.get(id).is_some_and(|o| o.lines.binary_search_by_key(seq, |l| l.seq).is_ok()))
     }
 
-    fn forget_least_active(&mut self) {
+    /// Forgets the least recently active sender (of `host`, if given) that is not connected.
+    fn forget_least_active(&mut self, host: Option<IpAddr>, connected: &impl Fn(&PeerId) -> bool) {
         let victim = self
             .origins
             .iter()
-            .filter(|(id, _)| **id != self.me)
+            .filter(|(id, o)| **id != self.me && !connected(id) && host.is_none_or(|h| o.host == Some(h)))
             .min_by_key(|(_, o)| o.last_active)
-            .map(|(id, _)| id.clone());
-        if let Some(id) = victim {
-            let o = self.origins.remove(&id).expect("victim exists");
-            self.lines -= o.lines.len();
-            self.bytes -= o.lines.iter().map(|l| l.size()).sum::<usize>();
-            self.pending -= o.pending.len();
-            self.pending_bytes -= o.pending.values().map(Pending::size).sum::<usize>();
+            .map(|(id, _)| *id);
+        let Some(id) = victim else { return };
+        let firsts: Vec<u64> = self.origins[&id].pending.keys().copied().collect();
+        for first in firsts {
+            self.unbuffer(&id, first);
+        }
+        let o = self.origins.remove(&id).expect("victim exists");
+        self.lines -= o.lines.len();
+        self.bytes -= o.lines.iter().map(|l| l.size()).sum::<usize>();
+        if let Some(h) = o.host
+            && let Some(n) = self.per_host.get_mut(&h)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.per_host.remove(&h);
+            }
         }
     }
 }
 
 impl Origin {
-    fn new(mark: u64, now: Instant) -> Origin {
+    fn new(key: PublicKey, mark: u64, head: ChainHash, host: Option<IpAddr>, now: Instant) -> Origin {
         Origin {
+            key,
             name: "?".into(),
             addr: "?".into(),
             mark,
+            head,
             floor: mark,
             lines: VecDeque::new(),
             pending: BTreeMap::new(),
+            gone: None,
+            host,
             last_active: now,
         }
     }
+}
+
+/// Signs the head of a batch of own lines.
+fn seal(me: &Identity, mut lines: Vec<OwnLine>) -> Said {
+    let last = lines.last_mut().expect("batches are not empty");
+    last.sig = Some(chain::sign_head(me, last.seq, &last.hash));
+    Said { lines }
+}
+
+fn own_line(l: &Line) -> OwnLine {
+    OwnLine {
+        seq: l.seq,
+        name: l.name.clone(),
+        text: l.text.clone(),
+        sent_at_ms: l.sent_at_ms,
+        hash: l.hash,
+        sig: l.sig,
+    }
+}
+
+/// Adds `lines` messages for `o`'s held lines from index `start`, each ending at a signed head
+/// and fitting a frame, while the budget lasts. Returns false when the budget ran out first.
+fn send_lines(o: &Origin, start: usize, budget: usize, out: &mut CatchUp) -> bool {
+    let held = &o.lines;
+    let mut from = start;
+    while from < held.len() {
+        // The longest run from `from` that ends at a signed head and fits a frame and the budget.
+        let (mut cost, mut end, mut over_budget) = (0, None, false);
+        for (i, line) in held.iter().enumerate().skip(from) {
+            cost += frame::line_cost(&line.text);
+            if cost > frame::LINES_BUDGET || i - from >= frame::MAX_BATCH {
+                break;
+            }
+            if out.bytes + cost + 512 > budget {
+                over_budget = true;
+                break;
+            }
+            if line.sig.is_some() {
+                end = Some((i, cost));
+            }
+        }
+        let Some((end, cost)) = end else { return !over_budget };
+        let last = &held[end];
+        out.bytes += cost + 512;
+        out.messages.push(Message::Lines(Lines {
+            origin: last.origin,
+            name: last.name.clone(),
+            lines: held.range(from..=end).map(|l| l.body()).collect(),
+            sig: last.sig.expect("ends at a signed head"),
+            catch_up: true,
+        }));
+        from = end + 1;
+    }
+    true
 }
 
 #[cfg(test)]
@@ -475,204 +776,310 @@ mod tests {
     use super::*;
 
     const RET: Retention = Retention { lines: 100, bytes: 1 << 20, age: Duration::from_secs(600) };
+    const HOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
-    fn id(c: char) -> PeerId {
-        c.to_string().repeat(32).parse().unwrap()
+    /// A sender with its own store, to say lines as it would.
+    struct Sender {
+        me: Identity,
+        store: Store,
     }
 
-    fn chat(origin: char, seq: u64) -> Chat {
-        Chat {
-            origin: id(origin),
-            name: origin.to_string(),
-            seq,
-            text: format!("{origin}{seq}"),
-            sent_at_ms: 0,
-            catch_up: false,
+    impl Sender {
+        fn new() -> Sender {
+            let me = Identity::generate();
+            let store = Store::new(me.id(), 0, chain::genesis(&me.id()), RET, Instant::now());
+            Sender { me, store }
+        }
+
+        fn id(&self) -> PeerId {
+            self.me.id()
+        }
+
+        /// Says lines, one batch per call (or several if they do not fit a frame).
+        fn say(&mut self, texts: &[&str]) -> Vec<Lines> {
+            let texts = texts.iter().map(|t| t.to_string()).collect();
+            let batches = self.store.compose(&self.me, "sender", texts, 1);
+            batches.into_iter().map(|b| self.store.said(b, Instant::now())).collect()
+        }
+
+        fn one(&mut self, texts: &[&str]) -> Lines {
+            let mut v = self.say(texts);
+            assert_eq!(v.len(), 1);
+            v.remove(0)
         }
     }
 
-    fn shown(r: Received) -> Vec<u64> {
-        match r {
-            Received::Delivered(d) => d.iter().map(|d| d.line.seq).collect(),
-            _ => vec![],
-        }
+    fn receiver() -> (Store, Identity) {
+        let me = Identity::generate();
+        (Store::new(me.id(), 0, chain::genesis(&me.id()), RET, Instant::now()), me)
     }
 
-    fn peer(c: char) -> PeerInfo {
-        PeerInfo { id: id(c), name: c.to_string(), addr: "127.0.0.1:1".into() }
+    fn meet(store: &mut Store, s: &Sender) {
+        let info = PeerInfo { id: s.id(), name: "sender".into(), addr: "127.0.0.1:1".into() };
+        let (seq, head) = (s.store.my_seq(), s.store.my_head());
+        let m = Met { info: &info, seq, head, key: PublicKey::of(&s.id()).unwrap(), host: HOST };
+        store.meet(m, |_| false, Instant::now());
     }
 
-    fn store() -> (Store, Instant) {
+    fn shown(r: &Received) -> Vec<u64> {
+        r.delivered.iter().map(|d| d.line.seq).collect()
+    }
+
+    #[test]
+    fn shows_each_line_once_and_in_order_whoever_relays_it() {
+        let (mut s, _) = receiver();
+        let mut alice = Sender::new();
+        meet(&mut s, &alice);
+        let (b1, b2, b3) = (alice.one(&["1"]), alice.one(&["2", "3"]), alice.one(&["4"]));
         let now = Instant::now();
-        let mut s = Store::new(id('a'), 0, RET, now);
-        s.meet(&peer('b'), 0, now);
-        (s, now)
+        let relay = Identity::generate().id();
+        assert_eq!(shown(&s.receive(b1.clone(), alice.id(), now)), vec![1]);
+        assert_eq!(s.receive(b1, relay, now).outcome, Outcome::Duplicate);
+        assert_eq!(s.receive(b3.clone(), alice.id(), now).outcome, Outcome::Buffered);
+        let r = s.receive(b2, relay, now);
+        assert_eq!(shown(&r), vec![2, 3, 4], "the early batch follows at once");
+        assert_eq!(s.receive(b3, alice.id(), now).outcome, Outcome::Duplicate);
     }
 
     #[test]
-    fn shows_each_line_once_and_in_order() {
-        let (mut s, now) = store();
-        assert_eq!(shown(s.receive(chat('b', 1), id('b'), now)), vec![1]);
-        assert!(matches!(s.receive(chat('b', 1), id('c'), now), Received::Duplicate));
-        assert!(matches!(s.receive(chat('b', 3), id('b'), now), Received::Buffered));
-        assert!(matches!(s.receive(chat('b', 3), id('b'), now), Received::Buffered));
-        assert_eq!(shown(s.receive(chat('b', 2), id('c'), now)), vec![2, 3]);
-        assert!(matches!(s.receive(chat('b', 3), id('b'), now), Received::Duplicate));
-    }
-
-    #[test]
-    fn unknown_senders_and_far_future_lines_are_ignored() {
-        let (mut s, now) = store();
-        assert!(matches!(s.receive(chat('e', 1), id('b'), now), Received::Ignored));
-        assert!(matches!(s.receive(chat('b', u64::MAX), id('b'), now), Received::Ignored));
-    }
-
-    #[test]
-    fn a_newcomer_starts_at_the_announced_seq() {
+    fn forged_altered_or_reordered_lines_are_refused() {
+        let (mut s, _) = receiver();
+        let mut alice = Sender::new();
+        meet(&mut s, &alice);
+        let genuine = alice.one(&["pay alice", "thanks"]);
         let now = Instant::now();
-        let mut s = Store::new(id('a'), 0, RET, now);
-        s.meet(&peer('b'), 41, now);
-        assert!(matches!(s.receive(chat('b', 41), id('b'), now), Received::Duplicate));
-        assert_eq!(shown(s.receive(chat('b', 42), id('b'), now)), vec![42]);
+        let mallory = Identity::generate().id();
+        let mut altered = genuine.clone();
+        altered.lines[0].text = "pay mallory".into();
+        let mut renamed = genuine.clone();
+        renamed.name = "alice2".into();
+        let mut swapped = genuine.clone();
+        swapped.lines.swap(0, 1);
+        swapped.lines[0].seq = 1;
+        swapped.lines[1].seq = 2;
+        let mut truncated = genuine.clone();
+        truncated.lines.pop();
+        for bad in [altered, renamed, swapped, truncated] {
+            let r = s.receive(bad, mallory, now);
+            assert_eq!((r.outcome, r.forged_by), (Outcome::Forged, vec![mallory]));
+        }
+        // A batch made up by someone else, signed with another key.
+        let mut impostor = Sender::new();
+        let mut made_up = impostor.one(&["hello"]);
+        made_up.origin = alice.id();
+        assert_eq!(s.receive(made_up, mallory, now).outcome, Outcome::Forged);
+        assert_eq!(shown(&s.receive(genuine, alice.id(), now)), vec![1, 2], "the real lines still get through");
     }
 
     #[test]
-    fn catch_up_sends_what_the_other_side_lacks() {
-        let (mut s, now) = store();
-        for seq in 1..=5 {
-            s.receive(chat('b', seq), id('b'), now);
+    fn a_forged_early_batch_is_caught_when_it_can_be_checked() {
+        let (mut s, _) = receiver();
+        let mut alice = Sender::new();
+        meet(&mut s, &alice);
+        let (b1, mut b2) = (alice.one(&["1"]), alice.one(&["2"]));
+        b2.lines[0].text = "forged".into();
+        let mallory = Identity::generate().id();
+        let now = Instant::now();
+        assert_eq!(s.receive(b2, mallory, now).outcome, Outcome::Buffered);
+        let r = s.receive(b1, alice.id(), now);
+        assert_eq!((shown(&r), r.forged_by), (vec![1], vec![mallory]));
+    }
+
+    #[test]
+    fn unknown_senders_and_far_future_batches_are_ignored() {
+        let (mut s, _) = receiver();
+        let mut alice = Sender::new();
+        let now = Instant::now();
+        let b = alice.one(&["x"]);
+        assert_eq!(s.receive(b.clone(), alice.id(), now).outcome, Outcome::Ignored, "never met");
+        meet(&mut s, &alice);
+        let mut far = b;
+        far.lines[0].seq = u64::MAX;
+        assert_eq!(s.receive(far, alice.id(), now).outcome, Outcome::Ignored);
+    }
+
+    #[test]
+    fn a_newcomer_starts_at_the_announced_seq_and_checks_from_there() {
+        let mut alice = Sender::new();
+        let early = alice.one(&["before we met"]);
+        let (mut s, _) = receiver();
+        meet(&mut s, &alice);
+        let now = Instant::now();
+        assert_eq!(s.receive(early, alice.id(), now).outcome, Outcome::Duplicate);
+        assert_eq!(shown(&s.receive(alice.one(&["after"]), alice.id(), now)), vec![2]);
+    }
+
+    #[test]
+    fn catch_up_sends_what_the_other_side_lacks_in_signed_batches() {
+        let (mut s, me) = receiver();
+        let mut alice = Sender::new();
+        meet(&mut s, &alice);
+        let now = Instant::now();
+        for texts in [&["1"][..], &["2", "3"], &["4", "5"]] {
+            s.receive(alice.one(texts), alice.id(), now);
         }
-        s.say("a", "mine".into(), 0, now);
-        let theirs: BTreeMap<_, _> = [(id('b'), 2), (id('a'), 0), (id('e'), 9)].into();
-        let c = s.catch_up_for(&theirs, usize::MAX);
-        let seqs: Vec<_> = c
-            .messages
-            .iter()
-            .map(|m| match m {
-                Message::Chat(c) => (c.origin.clone(), c.seq),
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect();
-        assert_eq!(seqs, vec![(id('a'), 1), (id('b'), 3), (id('b'), 4), (id('b'), 5)]);
+        let mine = s.compose(&me, "me", vec!["mine".into()], 0);
+        s.said(mine.into_iter().next().unwrap(), now);
+        let stranger = Identity::generate().id();
+        let asker = Identity::generate().id();
+        let theirs: BTreeMap<_, _> = [(alice.id(), 2), (me.id(), 0), (stranger, 9)].into();
+        let c = s.catch_up_for(&asker, &theirs, usize::MAX, &me);
         assert!(!c.they_are_ahead);
-        let ahead: BTreeMap<_, _> = [(id('b'), 9)].into();
-        assert!(s.catch_up_for(&ahead, usize::MAX).they_are_ahead);
+        // A fresh receiver that had alice up to 2 and met us at 0 takes it all.
+        let (mut other, _) = receiver();
+        let info = PeerInfo { id: alice.id(), name: "sender".into(), addr: "x:1".into() };
+        let seq2 = chain::next(&chain::next(&chain::genesis(&alice.id()), 1, 1, "sender", "1"), 2, 1, "sender", "2");
+        let key = PublicKey::of(&alice.id()).unwrap();
+        other.meet(Met { info: &info, seq: 2, head: seq2, key, host: HOST }, |_| false, now);
+        let info = PeerInfo { id: me.id(), name: "me".into(), addr: "x:2".into() };
+        let m = Met { info: &info, seq: 0, head: chain::genesis(&me.id()), key: PublicKey::of(&me.id()).unwrap(), host: HOST };
+        other.meet(m, |_| false, now);
+        let mut got = Vec::new();
+        for m in c.messages {
+            let Message::Lines(b) = m else { panic!("only lines expected") };
+            assert!(b.catch_up);
+            got.extend(shown(&other.receive(b, s.me, now)));
+        }
+        got.sort();
+        assert_eq!(got, vec![1, 3, 4, 5], "alice's 3, 4, 5 (3 starts mid-batch), and our line");
+        let ahead: BTreeMap<_, _> = [(alice.id(), 9)].into();
+        assert!(s.catch_up_for(&asker, &ahead, usize::MAX, &me).they_are_ahead);
     }
 
     #[test]
-    fn evicted_lines_become_gap_notices() {
+    fn only_the_sender_can_say_its_lines_are_gone() {
         let now = Instant::now();
         let ret = Retention { lines: 3, ..RET };
-        let mut s = Store::new(id('a'), 0, ret, now);
-        s.meet(&peer('b'), 0, now);
-        for seq in 1..=5 {
-            s.receive(chat('b', seq), id('b'), now);
+        let mut alice = Sender::new();
+        alice.store = Store::new(alice.id(), 0, chain::genesis(&alice.id()), ret, now);
+        let (mut s, _) = receiver();
+        meet(&mut s, &alice);
+        for i in 1..=5 {
+            alice.say(&[&i.to_string()]);
         }
-        assert_eq!(s.held(), 3);
-        let c = s.catch_up_for(&[(id('b'), 0)].into(), usize::MAX);
-        assert_eq!(c.messages[0], Message::Gap { origin: id('b'), from: 1, upto: 2 });
-        assert_eq!(c.messages.len(), 4);
+        // alice holds 3..=5 and signs that 1..=2 are gone.
+        let c = alice.store.catch_up_for(&s.me, &[(alice.id(), 0)].into(), usize::MAX, &alice.me.clone());
+        let Message::Gone(gone) = &c.messages[0] else { panic!("{:?}", c.messages) };
+        assert_eq!(gone.upto, 2);
+        let mallory = Identity::generate();
+        let mut forged = gone.clone();
+        forged.upto = 4;
+        assert!(s.skip(forged, mallory.id(), now).is_err(), "a relayer cannot stretch it");
+        let mut claim = gone.clone();
+        claim.sig = mallory.sign(crate::identity::Domain::Gone, &[&4u64.to_be_bytes(), &gone.head.0]);
+        assert!(s.skip(claim, mallory.id(), now).is_err(), "nor sign one itself");
+        let (missed, _) = s.skip(gone.clone(), mallory.id(), now).unwrap().unwrap();
+        assert_eq!(missed, 2);
+        let mut shown_now = 0;
+        for m in &c.messages[1..] {
+            let Message::Lines(b) = m else { panic!() };
+            shown_now += shown(&s.receive(b.clone(), alice.id(), now)).len();
+        }
+        assert_eq!(shown_now, 3, "3..=5 check out from the gone statement's hash");
+        // We keep alice's word and pass it on to whoever is further behind.
+        let (me2, asker) = (Identity::generate(), Identity::generate().id());
+        let c = s.catch_up_for(&asker, &[(alice.id(), 0)].into(), usize::MAX, &me2);
+        assert!(matches!(&c.messages[0], Message::Gone(g) if g == gone));
     }
 
     #[test]
     fn a_peer_never_speaks_for_lines_below_its_floor() {
-        // We met b when it had said 10 lines: we never held 1..=10.
-        let now = Instant::now();
-        let mut s = Store::new(id('a'), 0, RET, now);
-        s.meet(&peer('b'), 10, now);
-        for seq in 11..=12 {
-            s.receive(chat('b', seq), id('b'), now);
+        let mut alice = Sender::new();
+        for i in 1..=10 {
+            alice.say(&[&i.to_string()]);
         }
-        // A neighbour that has 1..=5 gets 11 and 12, and no claim that 6..=10 are gone.
-        let c = s.catch_up_for(&[(id('b'), 5)].into(), usize::MAX);
-        assert!(c.messages.iter().all(|m| matches!(m, Message::Chat(_))), "{:?}", c.messages);
-        assert_eq!(c.messages.len(), 2);
+        let (mut s, me) = receiver();
+        meet(&mut s, &alice); // met at 10
+        let now = Instant::now();
+        s.receive(alice.one(&["11", "12"]), alice.id(), now);
+        let asker = Identity::generate().id();
+        let c = s.catch_up_for(&asker, &[(alice.id(), 5)].into(), usize::MAX, &me);
+        // 11..=12 go (the asker keeps them until someone bridges 6..=10); no word on 6..=10.
+        assert!(matches!(&c.messages[..], [Message::Lines(b)] if b.first() == 11 && b.last() == 12), "{:?}", c.messages);
     }
 
     #[test]
-    fn catch_up_is_bounded_by_the_budget() {
-        let (mut s, now) = store();
-        for seq in 1..=50 {
-            s.receive(chat('b', seq), id('b'), now);
+    fn catch_up_is_bounded_by_the_budget_in_bytes_as_sent() {
+        let (mut s, me) = receiver();
+        let mut alice = Sender::new();
+        meet(&mut s, &alice);
+        let now = Instant::now();
+        for i in 0..50 {
+            s.receive(alice.one(&[&"\x01".repeat(100 + i)]), alice.id(), now);
         }
-        let c = s.catch_up_for(&[(id('b'), 0)].into(), 10 * (LINE_OVERHEAD + 4));
+        let asker = Identity::generate().id();
+        let c = s.catch_up_for(&asker, &[(alice.id(), 0)].into(), 10 * 700, &me);
         assert!(c.truncated);
-        assert!(c.messages.len() <= 11, "{}", c.messages.len());
+        let sent: usize = c.messages.iter().map(|m| m.encode().len()).sum();
+        assert!(sent <= 10 * 700, "{sent} bytes queued for a budget of 7000");
+        assert!(!c.messages.is_empty());
     }
 
     #[test]
-    fn hostile_sequence_numbers_neither_panic_nor_poison_below_the_mark() {
-        let (mut s, now) = store();
-        s.receive(chat('b', 1), id('b'), now);
-        assert!(s.skip(&id('b'), 2, u64::MAX, now).is_some());
-        assert!(matches!(s.receive(chat('b', u64::MAX), id('b'), now), Received::Duplicate));
-        let c = s.catch_up_for(&[(id('b'), u64::MAX), (id('a'), u64::MAX)].into(), usize::MAX);
-        assert!(c.messages.is_empty());
-        let c = s.catch_up_for(&[(id('b'), 0)].into(), usize::MAX);
-        assert!(matches!(c.messages.last(), Some(Message::Gap { upto: u64::MAX, .. })));
+    fn large_sayings_are_split_into_batches_that_fit_a_frame() {
+        let mut alice = Sender::new();
+        let texts: Vec<String> = (0..20).map(|_| "\x01".repeat(frame::MAX_TEXT)).collect();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let batches = alice.say(&refs);
+        assert!(batches.len() >= 20 * 8 * 6 / 64, "{} batches", batches.len());
+        for b in &batches {
+            assert!(Message::Lines(b.clone()).encode().len() + crate::noise::TAG <= frame::MAX_FRAME);
+        }
+        let many: Vec<&str> = vec!["x"; 1000];
+        assert_eq!(alice.say(&many).len(), 1000usize.div_ceil(frame::MAX_BATCH));
     }
 
     #[test]
-    fn early_lines_are_bounded_in_bytes_and_expire() {
+    fn history_is_bounded_by_lines_bytes_and_age_and_the_floor_follows() {
         let now = Instant::now();
-        let ret = Retention { lines: 1000, bytes: 3 * (LINE_OVERHEAD + 8), age: Duration::from_secs(5) };
-        let mut s = Store::new(id('a'), 0, ret, now);
-        s.meet(&peer('b'), 0, now);
-        let results: Vec<bool> =
-            (10..15).map(|seq| matches!(s.receive(chat('b', seq), id('b'), now), Received::Buffered)).collect();
-        assert_eq!(results, vec![true, true, true, false, false]);
-        s.expire(now + Duration::from_secs(6));
-        assert!(matches!(s.receive(chat('b', 14), id('b'), now + Duration::from_secs(6)), Received::Buffered));
-    }
-
-    #[test]
-    fn a_gap_beyond_the_watermark_waits() {
-        let (mut s, now) = store();
-        assert!(s.skip(&id('b'), 5, 9, now).is_none(), "1..=4 may still come");
-        let (missed, _) = s.skip(&id('b'), 1, 9, now).unwrap();
-        assert_eq!(missed, 9);
-    }
-
-    #[test]
-    fn skipping_counts_missed_lines_and_keeps_buffered_ones() {
-        let (mut s, now) = store();
-        s.receive(chat('b', 4), id('b'), now);
-        s.receive(chat('b', 6), id('b'), now);
-        let (missed, shown) = s.skip(&id('b'), 1, 5, now).unwrap();
-        assert_eq!(missed, 4);
-        assert_eq!(shown.iter().map(|d| d.line.seq).collect::<Vec<_>>(), vec![4, 6]);
-        assert!(s.skip(&id('b'), 1, 3, now).is_none());
-    }
-
-    #[test]
-    fn history_is_bounded_by_lines_bytes_and_age() {
-        let now = Instant::now();
-        let ret = Retention { lines: 1000, bytes: 10 * (LINE_OVERHEAD + 10), age: Duration::from_secs(5) };
-        let mut s = Store::new(id('a'), 0, ret, now);
+        let ret = Retention { lines: 1000, bytes: 10 * (LINE_OVERHEAD + 8 + 6), age: Duration::from_secs(5) };
+        let me = Identity::generate();
+        let mut s = Store::new(me.id(), 0, chain::genesis(&me.id()), ret, now);
         for i in 0..100 {
-            s.say("a", format!("{i:08}"), 0, now);
+            let b = s.compose(&me, "sender", vec![format!("{i:08}")], 0);
+            s.said(b.into_iter().next().unwrap(), now);
         }
         assert!(s.held() <= 10);
+        assert_eq!(s.own_floor().0, 100 - s.held() as u64);
         s.expire(now + Duration::from_secs(6));
         assert_eq!(s.held(), 0);
-        assert_eq!(s.my_seq(), 100);
+        assert_eq!((s.my_seq(), s.own_floor().0), (100, 100));
     }
 
     #[test]
-    fn memory_stays_flat_over_a_long_run() {
+    fn records_are_bounded_per_host_and_connected_members_are_never_forgotten() {
         let now = Instant::now();
-        let mut s = Store::new(id('a'), 0, RET, now);
-        for origin in 0..(MAX_ORIGINS + 500) {
-            let o: PeerId = format!("{origin:032x}").parse().unwrap();
-            s.meet(&PeerInfo { id: o.clone(), name: "o".into(), addr: "127.0.0.1:1".into() }, 0, now);
-            for seq in 1..=3 {
-                let mut c = chat('b', seq);
-                c.origin = o.clone();
-                s.receive(c, o.clone(), now);
-            }
+        let (mut s, _) = receiver();
+        let member = Sender::new();
+        meet(&mut s, &member);
+        let attacker: IpAddr = "10.9.9.9".parse().unwrap();
+        for _ in 0..(MAX_ORIGINS + 500) {
+            let id = Identity::generate().id();
+            let info = PeerInfo { id, name: "sybil".into(), addr: "10.9.9.9:1".into() };
+            let m = Met { info: &info, seq: 0, head: chain::genesis(&id), key: PublicKey::of(&id).unwrap(), host: attacker };
+            s.meet(m, |id| *id == member.id(), now);
         }
-        assert!(s.origins.len() <= MAX_ORIGINS);
-        assert!(s.held() <= RET.lines);
-        assert!(s.order.len() <= 2 * RET.lines + 1);
+        assert!(s.knows(&member.id()), "the connected member's record stays");
+        assert!(s.origins.len() <= MAX_ORIGINS_PER_HOST + 2, "{} records", s.origins.len());
+    }
+
+    #[test]
+    fn early_batches_are_bounded_per_neighbour_and_expire() {
+        let now = Instant::now();
+        let me = Identity::generate();
+        let ret = Retention { lines: 1000, bytes: 8 * 1024, age: Duration::from_secs(5) };
+        let mut s = Store::new(me.id(), 0, chain::genesis(&me.id()), ret, now);
+        let mut alice = Sender::new();
+        meet(&mut s, &alice);
+        let batches: Vec<Lines> = (0..40).map(|_| alice.one(&[&"y".repeat(100)])).collect();
+        let hostile = Identity::generate().id();
+        let buffered =
+            batches[1..].iter().filter(|b| s.receive((*b).clone(), hostile, now).outcome == Outcome::Buffered).count();
+        assert!(buffered <= 3, "one neighbour holds at most an eighth of the buffer: {buffered}");
+        let other = Identity::generate().id();
+        assert_eq!(s.receive(batches[39].clone(), other, now).outcome, Outcome::Buffered, "others still have room");
+        s.expire(now + Duration::from_secs(6));
+        assert_eq!(s.pending_bytes, 0);
+        assert!(s.pending_by_via.is_empty());
     }
 }

@@ -144,7 +144,7 @@ fn json_events_follow_the_contract() {
     let listening = a.next();
     assert_eq!(listening["event"], "listening");
     let id = listening["id"].as_str().unwrap();
-    assert_eq!(id.len(), 32);
+    assert_eq!(id.len(), 64, "an id is a public key");
     assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
     let addr = listening["addr"].as_str().unwrap();
     assert!(addr.starts_with(&format!("{ip}:")) && !addr.ends_with(":0"), "the real port: {addr}");

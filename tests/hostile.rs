@@ -8,13 +8,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use meshlab::frame::{self, Hello, Message, Security};
-use meshlab::id::PeerId;
+use meshlab::frame::{self, Gone, Message, Preamble, Security};
+use meshlab::id::{Hex, PeerId};
+use meshlab::identity::Identity;
 use meshlab_lab::Lab;
 use meshlab_lab::backend::process::ProcessBackend;
+use support::client::{Client, hello_of, signed_lines};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::Framed;
 
 const WITHIN: Duration = Duration::from_secs(10);
 
@@ -59,28 +61,27 @@ async fn closed_by_peer(mut s: TcpStream) {
     tokio::time::timeout(WITHIN, read_all).await.expect("the peer left the connection open");
 }
 
-fn hello(min: u32, max: u32) -> Message {
-    Message::Hello(Hello {
-        min_version: min,
-        max_version: max,
-        id: PeerId::random(),
-        incarnation: 1,
-        nonce: 1,
-        name: "mallory".into(),
-        port: 9,
-        advertise: None,
-        seq: 0,
-        peers: vec![],
-    })
+/// Connects and completes the handshake as a well-behaved newcomer would, as `mallory`.
+async fn handshaken(addr: &str) -> (Client, Identity) {
+    let me = Identity::generate();
+    let client = Client::connect(addr, None, &me, hello_of(&me, "mallory"), None).await.unwrap();
+    (client, me)
 }
 
-/// Connects and completes the open handshake as a well-behaved peer would.
-async fn handshaken(addr: &str, ours: Message) -> Framed<TcpStream, LengthDelimitedCodec> {
+/// Sends a preamble of our own making and collects the `refuse` the peer answers with.
+async fn refusal_of(addr: &str, preamble: &[u8], then: &[&[u8]]) -> String {
     let mut f = Framed::new(TcpStream::connect(addr).await.unwrap(), frame::codec());
-    f.send(frame::encode_preamble(Security::Open)).await.unwrap();
-    f.next().await.unwrap().unwrap(); // their preamble
-    f.send(ours.encode()).await.unwrap();
-    f
+    f.send(Bytes::copy_from_slice(preamble)).await.unwrap();
+    for frame in then {
+        f.send(Bytes::copy_from_slice(frame)).await.unwrap();
+    }
+    let mut refusal = None;
+    while let Some(Ok(payload)) = f.next().await {
+        if let Ok(Message::Refuse { reason }) = Message::decode(&payload) {
+            refusal = Some(reason);
+        }
+    }
+    refusal.expect("a refuse frame before the close")
 }
 
 async fn raw_bytes(addr: &str, bytes: &[u8], then_close: bool) {
@@ -127,9 +128,9 @@ async fn an_oversized_length() {
 async fn invalid_json_after_the_handshake() {
     let _serial = support::shared();
     let (mut lab, addr) = pair(&[]).await;
-    let mut f = handshaken(&addr, hello(1, 1)).await;
-    f.send(Bytes::from_static(b"{\"type\":\"chat\", oops")).await.unwrap();
-    closed_by_peer(f.into_inner()).await;
+    let (mut f, _) = handshaken(&addr).await;
+    f.send_raw(Bytes::from_static(b"{\"type\":\"lines\", oops")).await.unwrap();
+    f.closed_by_peer().await;
     lab.await_log("a", "not a valid message", WITHIN).await.unwrap();
     still_fine(&mut lab).await;
 }
@@ -138,9 +139,9 @@ async fn invalid_json_after_the_handshake() {
 async fn an_unknown_message_type() {
     let _serial = support::shared();
     let (mut lab, addr) = pair(&[]).await;
-    let mut f = handshaken(&addr, hello(1, 1)).await;
-    f.send(Bytes::from_static(b"{\"type\":\"launch_missiles\"}")).await.unwrap();
-    closed_by_peer(f.into_inner()).await;
+    let (mut f, _) = handshaken(&addr).await;
+    f.send_raw(Bytes::from_static(b"{\"type\":\"launch_missiles\"}")).await.unwrap();
+    f.closed_by_peer().await;
     lab.await_log("a", "unknown variant `launch_missiles`", WITHIN).await.unwrap();
     still_fine(&mut lab).await;
 }
@@ -149,16 +150,46 @@ async fn an_unknown_message_type() {
 async fn a_wrong_protocol_version_is_refused_with_a_reason() {
     let _serial = support::shared();
     let (mut lab, addr) = pair(&[]).await;
-    let mut f = handshaken(&addr, hello(7, 9)).await;
-    let mut refusal = None;
-    while let Some(Ok(payload)) = f.next().await {
-        if let Ok(Message::Refuse { reason }) = Message::decode(&payload) {
-            refusal = Some(reason);
-        }
-    }
-    let reason = refusal.expect("a refuse frame before the close");
-    assert!(reason.contains("no common protocol version: this peer speaks 1..=1, the other side 7..=9"), "{reason}");
+    let mut future = Preamble::new(Security::Open, Hex::random());
+    future.versions = Some((7, 9));
+    let reason = refusal_of(&addr, &future.encode(), &[]).await;
+    assert_eq!(reason, "no common protocol version: this peer speaks 2..=2, the other side 7..=9");
     lab.await_log("a", "no common protocol version", WITHIN).await.unwrap();
+    still_fine(&mut lab).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_peer_is_refused_with_both_versions_named() {
+    let _serial = support::shared();
+    let (mut lab, addr) = pair(&[]).await;
+    // Exactly what a version-1 peer sends: its preamble, then its hello.
+    let v1_preamble = br#"{"protocol":"meshlab","security":"open"}"#;
+    let v1_hello = br#"{"type":"hello","min_version":1,"max_version":1,"id":"5f0c1e9a5b7d2c4e8f6a1b3d5c7e9f0a","incarnation":1,"nonce":2,"name":"old","port":4000,"seq":0,"peers":[]}"#;
+    let reason = refusal_of(&addr, v1_preamble, &[v1_hello]).await;
+    assert_eq!(reason, "no common protocol version: this peer speaks 2..=2, the other side 1..=1");
+    lab.await_log("a", "this peer speaks 2..=2, the other side 1..=1", WITHIN).await.unwrap();
+    // And a version-2 peer dialling a version-1 one says the same, on its side.
+    let old = tokio::net::TcpListener::bind((lab.backend().spare_ip(), 0)).await.unwrap();
+    let old_addr = old.local_addr().unwrap().to_string();
+    let serve = tokio::spawn(async move {
+        let (s, _) = old.accept().await.unwrap();
+        let mut f = Framed::new(s, frame::codec());
+        f.send(Bytes::from_static(v1_preamble)).await.unwrap();
+        f.send(Bytes::from_static(v1_hello)).await.unwrap();
+        let mut got = Vec::new();
+        while let Some(Ok(payload)) = f.next().await {
+            got.push(payload);
+        }
+        got
+    });
+    lab.start(&["c"], &[], &["--redial-max".into(), "60s".into(), old_addr]).await.unwrap();
+    lab.await_log("c", "refused: no common protocol version: this peer speaks 2..=2, the other side 1..=1", WITHIN)
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(WITHIN, serve).await.unwrap().unwrap();
+    let said: Vec<String> = got.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+    assert!(said.iter().any(|p| p.contains("this peer speaks 2..=2, the other side 1..=1")), "{said:?}");
+    lab.kill("c").await.unwrap();
     still_fine(&mut lab).await;
 }
 
@@ -197,9 +228,7 @@ async fn a_flood_of_connections_hits_the_cap_not_the_mesh() {
 async fn silent_connections_from_one_host_leave_room_for_newcomers_from_others() {
     let _serial = support::shared();
     let (mut lab, addr) = pair(&["--handshake-timeout", "60s"]).await;
-    let lab_ip = lab.backend().ip();
-    let attacker: std::net::IpAddr =
-        if lab_ip == std::net::Ipv4Addr::new(127, 0, 0, 1) { [127, 0, 0, 2] } else { [127, 0, 0, 1] }.into();
+    let attacker: std::net::IpAddr = lab.backend().spare_ip().into();
     // More silent sockets than a has connection slots, all from one address, held open.
     let mut flood = Vec::new();
     for _ in 0..300 {
@@ -221,7 +250,7 @@ async fn silent_connections_from_one_host_leave_room_for_newcomers_from_others()
 async fn a_peer_given_its_own_address_ignores_it() {
     let _serial = support::shared();
     let lab = new_lab();
-    let ip = lab.backend().ip();
+    let ip = lab.backend().next_ip();
     let port = std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
     let own = format!("{ip}:{port}");
     let (mut lab, _) = pair_in(lab, &["--port", &port.to_string(), &own]).await;
@@ -239,25 +268,25 @@ async fn floods_of_digests_and_absurd_sequence_numbers_do_no_harm() {
     }
     lab.await_delivery(WITHIN).await.unwrap();
     let b: PeerId = lab.world().peer("b").unwrap().id.clone().unwrap().parse().unwrap();
-    let mallory = hello(1, 1);
-    let Message::Hello(h) = &mallory else { unreachable!() };
-    let me = h.id.clone();
-    let mut f = handshaken(&addr, mallory).await;
+    let (mut f, mallory) = handshaken(&addr).await;
+    let me = mallory.id();
     // Never reading, ask a thousand times for all of b's history: a must neither buffer it all
     // for us nor spin on it.
     for _ in 0..1000 {
-        let have = [(b.clone(), 0)].into();
-        f.send(Message::Digest { have }.encode()).await.unwrap();
+        let have = [(b, 0)].into();
+        f.send(&Message::Digest { have }).await.unwrap();
     }
     // Sequence numbers at the edge of u64, about ourselves and about a stranger.
-    let stranger = PeerId::random();
+    let stranger = Identity::generate().id();
+    let (ours, _) = signed_lines(&mallory, "mallory", u64::MAX - 1, meshlab::chain::genesis(&me), &["edge"]);
     for m in [
-        Message::Digest { have: [(b.clone(), u64::MAX), (stranger.clone(), u64::MAX)].into() },
-        Message::Gap { origin: me.clone(), from: 1, upto: u64::MAX },
-        Message::Gap { origin: stranger, from: 1, upto: u64::MAX },
-        Message::Digest { have: [(me.clone(), u64::MAX)].into() },
+        Message::Digest { have: [(b, u64::MAX), (stranger, u64::MAX)].into() },
+        Message::Gone(Gone { origin: me, upto: u64::MAX, head: Hex([0; 32]), sig: Hex([0; 64]) }),
+        Message::Digest { have: [(me, u64::MAX)].into() },
+        Message::Lines(ours),
+        Message::Ping { seq: u64::MAX },
     ] {
-        f.send(m.encode()).await.unwrap();
+        f.send(&m).await.unwrap();
     }
     still_fine(&mut lab).await;
 }
@@ -313,31 +342,21 @@ async fn a_stdout_nobody_reads_neither_stalls_the_peer_nor_grows_its_memory() {
     std::io::BufRead::read_line(&mut stdout, &mut listening).unwrap();
     let event: serde_json::Value = serde_json::from_str(&listening).unwrap();
     let addr = event["addr"].as_str().unwrap().to_owned();
-    let mallory = hello(1, 1);
-    let Message::Hello(h) = &mallory else { unreachable!() };
-    let origin = h.id.clone();
-    let mut f = handshaken(&addr, mallory).await;
-    let _ = f.next().await.unwrap().unwrap(); // its hello
+    let (mut f, mallory) = handshaken(&addr).await;
     // 3,000 lines of control characters, 48 KB each as JSON events: 144 MB if all were queued.
     let text = "\x01".repeat(8000);
-    for seq in 1..=3000 {
-        let chat = frame::Chat {
-            origin: origin.clone(),
-            name: "m".into(),
-            seq,
-            text: text.clone(),
-            sent_at_ms: 0,
-            catch_up: false,
-        };
-        f.send(Message::Chat(chat).encode()).await.unwrap();
+    let mut head = meshlab::chain::genesis(&mallory.id());
+    for seq in 0..3000 {
+        let (batch, next) = signed_lines(&mallory, "mallory", seq, head, &[&text]);
+        head = next;
+        f.send(&Message::Lines(batch)).await.unwrap();
     }
     while !stderr.next().contains("stdout is not being read: 2048 events dropped") {}
     let rss_mib = support::rss_kib(peer.id()) / 1024;
     // Still serving: a newcomer completes its handshake.
-    let mut g = handshaken(&addr, hello(1, 1)).await;
-    let answer = tokio::time::timeout(WITHIN, g.next()).await.expect("no answer").unwrap().unwrap();
+    let (g, _) = handshaken(&addr).await;
     drop(peer);
     drop(stdout);
-    assert!(matches!(Message::decode(&answer), Ok(Message::Hello(_))), "a newcomer gets a hello");
+    assert_eq!(g.theirs.seq, 0, "a newcomer gets a hello");
     assert!(rss_mib < 64, "{rss_mib} MiB resident: the stdout queue is not bounded in bytes");
 }

@@ -112,8 +112,9 @@ async fn a_restarted_peer_rejoins_the_mesh() {
 }
 
 /// After a peer is gone, watches its old port: returns whether anyone dialled it in `window`.
-async fn redialled(lab: &Lab<ProcessBackend>, port: u16, window: Duration) -> bool {
-    let listener = tokio::net::TcpListener::bind((lab.backend().ip(), port)).await.expect("the port is free again");
+async fn redialled(lab: &Lab<ProcessBackend>, name: &str, port: u16, window: Duration) -> bool {
+    let ip = lab.backend().ip_of(name).unwrap();
+    let listener = tokio::net::TcpListener::bind((ip, port)).await.expect("the port is free again");
     tokio::time::timeout(window, listener.accept()).await.is_ok()
 }
 
@@ -133,14 +134,14 @@ async fn a_peer_that_quits_is_told_apart_from_one_that_dies() {
     // A killed peer is redialled: something connects to its old port.
     let c_port = port_of(&lab, "c");
     lab.kill("c").await.unwrap();
-    assert!(redialled(&lab, c_port, Duration::from_secs(5)).await, "a killed peer must be redialled");
+    assert!(redialled(&lab, "c", c_port, Duration::from_secs(5)).await, "a killed peer must be redialled");
 
     // A peer that says goodbye is not: its old port stays quiet for well over the redial cap.
     let b_port = port_of(&lab, "b");
     lab.command("b", "/quit").await.unwrap();
     lab.await_exit("b", MESH).await.unwrap();
     lab.await_mesh(None, MESH).await.unwrap();
-    assert!(!redialled(&lab, b_port, Duration::from_secs(2)).await, "a peer that said goodbye was redialled");
+    assert!(!redialled(&lab, "b", b_port, Duration::from_secs(2)).await, "a peer that said goodbye was redialled");
     let downs: Vec<_> = lab.world().timeline.iter().filter(|m| m.kind == "down" && m.peer == "a").collect();
     assert!(downs.iter().any(|m| m.detail == "b (goodbye)"), "{downs:?}");
     assert!(downs.iter().any(|m| m.detail == "c (closed)"), "{downs:?}");
@@ -163,17 +164,17 @@ async fn thirty_two_peers_started_together_form_a_full_mesh() {
 async fn two_peers_dialling_each_other_at_once_keep_one_connection_and_no_flapping() {
     let _serial = support::shared();
     let mut lab = lab();
-    let ip = lab.backend().ip();
     // Several pairs, each started at once and each peer bootstrapping to the other: both sides
     // dial and both accept, and the duplicate must be resolved the same way at both ends.
     let count = |lab: &Lab<ProcessBackend>, kind: &str| lab.world().timeline.iter().filter(|m| m.kind == kind).count();
     for round in 0..5 {
         let (downs, ups) = (count(&lab, "down"), count(&lab, "up"));
-        let free = || std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
-        let (pa, pb) = (free(), free());
-        let flags = |me: u16, other: u16| vec!["--port".to_string(), me.to_string(), format!("{ip}:{other}")];
+        let ips = lab.backend().next_ips(2);
+        let free = |ip| std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
+        let (pa, pb) = (free(ips[0]), free(ips[1]));
+        let flags = |me: u16, other: u16, ip| vec!["--port".to_string(), me.to_string(), format!("{ip}:{other}")];
         let (a, b) = (format!("a{round}"), format!("b{round}"));
-        lab.start_each(&[(a.as_str(), flags(pa, pb)), (b.as_str(), flags(pb, pa))], &[]).await.unwrap();
+        lab.start_each(&[(a.as_str(), flags(pa, pb, ips[1])), (b.as_str(), flags(pb, pa, ips[0]))], &[]).await.unwrap();
         lab.await_mesh(Some(&[a.clone(), b.clone()]), MESH).await.unwrap();
         lab.say(&a, "one connection").await.unwrap();
         lab.await_delivery(MESH).await.unwrap();

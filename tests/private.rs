@@ -6,15 +6,13 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use meshlab::frame::{self, Hello, Message, Security};
-use meshlab::id::PeerId;
-use meshlab::noise::{Handshake, Keys, MeshKey, StaticKey};
+use meshlab::identity::Identity;
+use meshlab::noise::MeshKey;
 use meshlab_lab::Lab;
 use meshlab_lab::backend::process::ProcessBackend;
+use support::client::{Client, hello_of};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::codec::Framed;
 
 const WITHIN: Duration = Duration::from_secs(10);
 
@@ -103,7 +101,7 @@ async fn recorded_conversation(keyed: bool) -> Vec<u8> {
     }
     lab.start(&["bob"], &[], &[]).await.unwrap();
     let bob = lab.world().peer("bob").unwrap().listen.clone().unwrap();
-    let (relay, wire) = recording_relay(lab.backend().ip(), bob).await;
+    let (relay, wire) = recording_relay(lab.backend().spare_ip(), bob).await;
     lab.start(&["alice"], &[], &[relay]).await.unwrap();
     lab.await_mesh(None, WITHIN).await.unwrap();
     lab.say("alice", "the launch code is swordfish").await.unwrap();
@@ -131,49 +129,30 @@ async fn no_chat_text_crosses_the_wire_in_a_private_mesh() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_id_the_key_does_not_prove_is_refused() {
+async fn a_key_holder_cannot_claim_another_members_id() {
     let _serial = support::shared();
     let mut lab = lab();
     let key = lab.private_mesh();
     lab.start(&["a"], &[], &[]).await.unwrap();
+    lab.start(&["b"], &["a"], &[]).await.unwrap();
+    lab.await_mesh(None, WITHIN).await.unwrap();
     let addr = lab.world().peer("a").unwrap().listen.clone().unwrap();
-    // A member's key, but a hello claiming some other id.
-    let keys = Keys { mesh: MeshKey::parse(&key).unwrap(), local: StaticKey::generate() };
-    let mut f = Framed::new(TcpStream::connect(&addr).await.unwrap(), frame::codec());
-    f.send(frame::encode_preamble(Security::NoisePsk)).await.unwrap();
-    f.next().await.unwrap().unwrap();
-    let mut hs = Handshake::new(&keys, true).unwrap();
-    f.send(hs.write(b"").unwrap()).await.unwrap();
-    hs.read(&f.next().await.unwrap().unwrap()).unwrap();
-    let forged = Message::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
-        id: PeerId::random(),
-        incarnation: 1,
-        nonce: 1,
-        name: "impostor".into(),
-        port: 9,
-        advertise: None,
-        seq: 0,
-        peers: vec![],
-    });
-    f.send(hs.write(&forged.encode()).unwrap()).await.unwrap();
-    let (mut transport, _) = hs.finish().unwrap();
-    let mut refusal = None;
-    while let Some(Ok(frame)) = f.next().await {
-        if let Ok(plain) = transport.open.open(&frame)
-            && let Ok(Message::Refuse { reason }) = Message::decode(&plain)
-        {
-            refusal = Some(reason);
-        }
-    }
-    assert_eq!(refusal.as_deref(), Some("the hello claims an id that the peer's key does not prove"));
-    lab.await_log("a", "the hello claims an id that the peer's key does not prove", WITHIN).await.unwrap();
+    let b: meshlab::id::PeerId = lab.world().peer("b").unwrap().id.clone().unwrap().parse().unwrap();
+    // A member's mesh key, its own signing key, but a hello claiming b's id.
+    let insider = Identity::generate();
+    let mut claim = hello_of(&insider, "b");
+    claim.id = b;
+    let refused = Client::connect(&addr, None, &insider, claim, Some(MeshKey::parse(&key).unwrap())).await;
+    assert_eq!(refused.err().as_deref(), Some("refused by the other side: the hello is not signed by the key of the id it claims"));
+    lab.await_log("a", "the hello is not signed by the key of the id it claims", WITHIN).await.unwrap();
+    lab.await_mesh(None, WITHIN).await.unwrap();
+    let downs = lab.world().timeline.iter().filter(|m| m.kind == "down").count();
+    assert_eq!(downs, 0, "b's link was never touched");
     lab.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_keyed_peer_keeps_its_static_key_and_id_in_its_state_dir() {
+async fn a_keyed_peer_keeps_its_key_and_id_in_its_state_dir() {
     let _serial = support::shared();
     let mut lab = lab();
     lab.private_mesh();

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use bytes::BytesMut;
-use meshlab::frame::{self, Chat, MAX_FRAME, Message, PeerInfo};
-use meshlab::id::PeerId;
+use meshlab::frame::{self, Gone, LineBody, Lines, MAX_FRAME, Message, PeerInfo};
+use meshlab::id::{Hex, PeerId};
 use proptest::prelude::*;
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -15,7 +15,16 @@ use tokio_util::codec::{Decoder, Encoder};
 const ONE_FRAME: usize = MAX_FRAME + 4;
 
 fn id() -> impl Strategy<Value = PeerId> {
-    "[0-9a-f]{32}".prop_map(|s| s.parse().unwrap())
+    "[0-9a-f]{64}".prop_map(|s| s.parse().unwrap())
+}
+
+fn sig() -> impl Strategy<Value = Hex<64>> {
+    proptest::array::uniform32(any::<u8>()).prop_map(|half| {
+        let mut s = [0u8; 64];
+        s[..32].copy_from_slice(&half);
+        s[32..].copy_from_slice(&half);
+        Hex(s)
+    })
 }
 
 fn name() -> impl Strategy<Value = String> {
@@ -29,18 +38,19 @@ fn peer_info() -> impl Strategy<Value = PeerInfo> {
 /// Any valid message.
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        Just(Message::Ping),
-        Just(Message::Goodbye),
+        any::<u64>().prop_map(|seq| Message::Ping { seq }),
+        any::<u64>().prop_map(|seq| Message::Pong { seq }),
+        sig().prop_map(|sig| Message::Goodbye { sig }),
         Just(Message::Dup),
-        (id(), name(), 1u64.., ".{0,200}", any::<u64>(), any::<bool>()).prop_map(
-            |(origin, name, seq, text, sent_at_ms, catch_up)| {
-                Message::Chat(Chat { origin, name, seq, text, sent_at_ms, catch_up })
-            }
-        ),
+        (id(), name(), 1u64..u64::MAX / 2, proptest::collection::vec((".{0,200}", any::<u64>()), 1..5), sig(), any::<bool>())
+            .prop_map(|(origin, name, first, texts, sig, catch_up)| {
+                let lines = texts.into_iter().zip(first..).map(|((text, at), seq)| LineBody { seq, text, at }).collect();
+                Message::Lines(Lines { origin, name, lines, sig, catch_up })
+            }),
         proptest::collection::btree_map(id(), any::<u64>(), 0..20).prop_map(|have| Message::Digest { have }),
         proptest::collection::vec(peer_info(), 0..10).prop_map(|peers| Message::Peers { peers }),
-        (id(), 1u64..1000, 0u64..1000).prop_map(|(origin, from, len)| Message::Gap { origin, from, upto: from + len }),
-        ".{0,100}".prop_map(|text| Message::Notice { text }),
+        (id(), 1u64.., sig()).prop_map(|(origin, upto, sig)| Message::Gone(Gone { origin, upto, head: Hex([7; 32]), sig })),
+        (".{0,100}", sig()).prop_map(|(text, sig)| Message::Notice { text, sig }),
     ]
 }
 

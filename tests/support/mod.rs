@@ -7,6 +7,8 @@
 
 #![allow(dead_code)] // each test file uses its own part of this module
 
+pub mod client;
+
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;

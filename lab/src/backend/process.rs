@@ -1,7 +1,9 @@
-//! The process backend: each peer is a local `peer` process on 127.0.0.1, needing no privilege.
+//! The process backend: each peer is a local `peer` process, needing no privilege.
 //!
-//! Each backend puts its peers on a loopback address of its own (a random 127.x.y.z), so that
-//! labs running side by side (parallel tests) never meet, even when one's peer redials a port
+//! Each peer gets a loopback address of its own, as hosts on a network have (Linux routes all
+//! of 127.0.0.0/8 to the loopback interface): a lab takes a random block of 508 addresses
+//! (127.a.b.2 to 127.a.b+1.255), and each peer name keeps its address across restarts. Labs
+//! running side by side (parallel tests) thus never meet, even when one's peer redials a port
 //! that the system has since given to another's. Ports are picked by the peer (`--port 0`) and
 //! learnt from its `listening` event; a restarted peer asks for its old port again, like a real
 //! restart would. Cuts go through the peer's lab
@@ -25,10 +27,16 @@ use tokio::sync::watch;
 use super::{Backend, PeerSpec, StateDirs, Stop, hook_commands, hook_flags, merge_flags, stop_within, with_lab_timing};
 use crate::world::{Observation, Observed};
 
+/// Most peer names one process-backend lab runs (its block of loopback addresses, less the one
+/// kept spare for tests).
+pub const MAX_PEERS: usize = 507;
+
 pub struct ProcessBackend {
     peer_bin: PathBuf,
-    /// The loopback address every peer of this backend binds to.
-    ip: Ipv4Addr,
+    /// The first address of this lab's block: 127.a.b.0.
+    block: [u8; 3],
+    /// Each peer name's address, and how many were given out.
+    addresses: HashMap<String, Ipv4Addr>,
     procs: HashMap<String, Proc>,
     /// Last port each name listened on, reused on restart.
     ports: HashMap<String, u16>,
@@ -48,24 +56,62 @@ struct Proc {
 
 impl ProcessBackend {
     pub fn new(peer_bin: impl Into<PathBuf>) -> ProcessBackend {
-        let [a, b, c] = rand::random::<[u8; 3]>();
-        let ip = Ipv4Addr::new(127, a.max(1), b, c.clamp(2, 254));
+        let [a, b] = rand::random::<[u8; 2]>();
         ProcessBackend {
             peer_bin: peer_bin.into(),
-            ip,
+            block: [127, a.max(1), b.min(253)],
+            addresses: HashMap::new(),
             procs: HashMap::new(),
             ports: HashMap::new(),
             states: StateDirs::new(),
         }
     }
 
-    fn command(&self, spec: &PeerSpec, port: u16) -> anyhow::Result<Command> {
+    /// The address of the `n`-th name of this lab (from 0): 127.a.b.2 onwards, over two /24s.
+    fn nth(&self, n: usize) -> anyhow::Result<Ipv4Addr> {
+        anyhow::ensure!(n < MAX_PEERS, "the process backend runs at most {MAX_PEERS} peer names");
+        let [_, a, b] = self.block;
+        Ok(Ipv4Addr::new(127, a, b + (n / 254) as u8, 2 + (n % 254) as u8))
+    }
+
+    /// The address of peer `name`, given on first use and kept.
+    fn address(&mut self, name: &str) -> anyhow::Result<Ipv4Addr> {
+        if let Some(ip) = self.addresses.get(name) {
+            return Ok(*ip);
+        }
+        let ip = self.nth(self.addresses.len())?;
+        self.addresses.insert(name.to_owned(), ip);
+        Ok(ip)
+    }
+
+    /// The loopback address of peer `name`, once it has been started.
+    pub fn ip_of(&self, name: &str) -> Option<Ipv4Addr> {
+        self.addresses.get(name).copied()
+    }
+
+    /// The address the next new peer name will get.
+    pub fn next_ip(&self) -> Ipv4Addr {
+        self.next_ips(1)[0]
+    }
+
+    /// The addresses the next `k` new peer names will get, in order.
+    pub fn next_ips(&self, k: usize) -> Vec<Ipv4Addr> {
+        (0..k).map(|i| self.nth(self.addresses.len() + i).expect("in the block")).collect()
+    }
+
+    /// An address of this lab's block that no peer has, for a test's own hosts (an attacker, a
+    /// relay): the last one of the block.
+    pub fn spare_ip(&self) -> Ipv4Addr {
+        self.nth(MAX_PEERS - 1).expect("in the block")
+    }
+
+    fn command(&self, spec: &PeerSpec, ip: Ipv4Addr, port: u16) -> anyhow::Result<Command> {
         let mut cmd = Command::new(&self.peer_bin);
         cmd.args(["--json", "--name", &spec.name]).args(hook_flags(&spec.cuts));
         if spec.keep_state {
             cmd.arg("--state-dir").arg(self.states.of(&spec.name)?);
         }
-        let place = [("--bind", self.ip.to_string()), ("--port", port.to_string())];
+        let place = [("--bind", ip.to_string()), ("--port", port.to_string())];
         cmd.args(merge_flags(&place, &with_lab_timing(&spec.flags)));
         cmd.args(&spec.bootstrap);
         cmd.env_remove("PORT").env_remove("PEER_NAME").env_remove("MESH_KEY");
@@ -81,11 +127,6 @@ impl ProcessBackend {
             });
         }
         Ok(cmd)
-    }
-
-    /// The loopback address this backend's peers listen on.
-    pub fn ip(&self) -> Ipv4Addr {
-        self.ip
     }
 
     /// The process id of a running peer.
@@ -104,7 +145,8 @@ impl Backend for ProcessBackend {
     }
 
     fn describe(&self) -> String {
-        format!("process backend: peers on {}, cuts through their lab hook", self.ip)
+        let [_, a, b] = self.block;
+        format!("process backend: each peer on its own address in 127.{a}.{b}.0/23, cuts through their lab hook")
     }
 
     fn time_scale(&self) -> f64 {
@@ -119,10 +161,11 @@ impl Backend for ProcessBackend {
         if self.procs.contains_key(&spec.name) {
             bail!("{} is already running", spec.name);
         }
+        let ip = self.address(&spec.name)?;
         // A restarted peer asks for its old port, unless something else took it meanwhile.
-        let port = self.ports.get(&spec.name).copied().filter(|p| port_is_free(self.ip, *p)).unwrap_or(0);
+        let port = self.ports.get(&spec.name).copied().filter(|p| port_is_free(ip, *p)).unwrap_or(0);
         let child = self
-            .command(&spec, port)?
+            .command(&spec, ip, port)?
             .spawn()
             .with_context(|| format!("cannot start {} ({})", spec.name, self.peer_bin.display()))?;
         let proc = watch_child(child, &spec.name, instance, events, spec.cuts.clone())?;

@@ -1,0 +1,175 @@
+//! Flood control: how many lines of its own each member may send, kept per identity.
+//!
+//! Each member has a token bucket (`--line-rate` a second on average, `--line-burst` at once).
+//! The buckets belong to ids, not to connections, and outlive them: a member that reconnects
+//! (with a new incarnation, say) after each burst finds its bucket as it left it. The buckets
+//! are bounded in number; the least recently used goes first.
+
+use std::collections::HashMap;
+
+use tokio::time::Instant;
+
+use crate::id::PeerId;
+
+/// Most buckets kept.
+const MAX_BUCKETS: usize = 4096;
+
+/// A token bucket: how many lines of its own a neighbour may still send.
+#[derive(Debug)]
+pub struct Bucket {
+    tokens: f64,
+    last: Instant,
+    rate: f64,
+    burst: f64,
+    /// Live lines (not catch-up) refused in the current window.
+    refused_live: u64,
+    window: Instant,
+}
+
+/// Refusals of live lines are counted over windows this long.
+const FLOOD_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What the bucket says of one line.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Accept,
+    /// Refused; `first` is the first live refusal of the window (tell the sender).
+    Refuse {
+        first: bool,
+    },
+}
+
+impl Bucket {
+    pub fn new(rate: f64, burst: f64, now: Instant) -> Bucket {
+        Bucket { tokens: burst, last: now, rate, burst, refused_live: 0, window: now }
+    }
+
+    /// Takes `n` tokens for a batch of `n` lines if there are that many; else the batch is
+    /// refused whole (its signature covers it whole). Catch-up lines (sent because we asked)
+    /// are limited alike but never count as flooding.
+    pub fn take(&mut self, now: Instant, n: f64, live: bool) -> Verdict {
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= n {
+            self.tokens -= n;
+            return Verdict::Accept;
+        }
+        if !live {
+            return Verdict::Refuse { first: false };
+        }
+        if now.duration_since(self.window) > FLOOD_WINDOW {
+            self.window = now;
+            self.refused_live = 0;
+        }
+        let first = self.refused_live == 0;
+        self.refused_live += n as u64;
+        Verdict::Refuse { first }
+    }
+
+    /// The neighbour floods: more live lines refused in one window than a whole burst.
+    pub fn flooding(&self) -> bool {
+        self.refused_live as f64 > self.burst
+    }
+
+    /// How full the bucket would be at `now`, from 0 to 1.
+    fn level(&self, now: Instant) -> f64 {
+        ((self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate) / self.burst).min(1.0)
+    }
+}
+
+/// Every member's bucket.
+pub struct Buckets {
+    rate: f64,
+    burst: f64,
+    by_id: HashMap<PeerId, Bucket>,
+}
+
+impl Buckets {
+    pub fn new(rate: f64, burst: f64) -> Buckets {
+        Buckets { rate, burst, by_id: HashMap::new() }
+    }
+
+    /// The bucket of `id`, made full if it has none.
+    pub fn of(&mut self, id: &PeerId, now: Instant) -> &mut Bucket {
+        if !self.by_id.contains_key(id) && self.by_id.len() >= MAX_BUCKETS {
+            // A full bucket is as good as none: forget the fullest first, then the oldest.
+            let victim = self
+                .by_id
+                .iter()
+                .max_by(|a, b| a.1.level(now).total_cmp(&b.1.level(now)).then(b.1.last.cmp(&a.1.last)))
+                .map(|(id, _)| *id);
+            if let Some(v) = victim {
+                self.by_id.remove(&v);
+            }
+        }
+        self.by_id.entry(*id).or_insert_with(|| Bucket::new(self.rate, self.burst, now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(10.0, 5.0, t0);
+        let verdicts: Vec<Verdict> = (0..7).map(|_| b.take(t0, 1.0, true)).collect();
+        assert_eq!(verdicts.iter().filter(|v| **v == Verdict::Accept).count(), 5);
+        assert_eq!(verdicts[5], Verdict::Refuse { first: true });
+        assert_eq!(verdicts[6], Verdict::Refuse { first: false });
+        assert_eq!(b.take(t0 + Duration::from_millis(100), 1.0, true), Verdict::Accept, "a tenth of a second later");
+        assert!(!b.flooding());
+        for _ in 0..5 {
+            b.take(t0 + Duration::from_millis(100), 1.0, true);
+        }
+        assert!(b.flooding());
+    }
+
+    #[test]
+    fn a_batch_takes_a_token_per_line_or_none() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(10.0, 5.0, t0);
+        assert_eq!(b.take(t0, 3.0, true), Verdict::Accept);
+        assert_eq!(b.take(t0, 3.0, true), Verdict::Refuse { first: true }, "2 tokens left: the batch waits whole");
+        assert_eq!(b.take(t0, 2.0, true), Verdict::Accept);
+    }
+
+    #[test]
+    fn catch_up_we_asked_for_is_limited_but_never_flooding() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(10.0, 5.0, t0);
+        let accepted = (0..1000).filter(|_| b.take(t0, 1.0, false) == Verdict::Accept).count();
+        assert_eq!(accepted, 5);
+        assert!(!b.flooding());
+    }
+
+    #[test]
+    fn a_bucket_follows_its_id_across_reconnects() {
+        let t0 = Instant::now();
+        let mut buckets = Buckets::new(10.0, 5.0);
+        let id = crate::identity::Identity::generate().id();
+        for _ in 0..5 {
+            assert_eq!(buckets.of(&id, t0).take(t0, 1.0, true), Verdict::Accept);
+        }
+        // A new connection of the same member: the same, empty bucket.
+        assert_eq!(buckets.of(&id, t0).take(t0, 1.0, true), Verdict::Refuse { first: true });
+        let other = crate::identity::Identity::generate().id();
+        assert_eq!(buckets.of(&other, t0).take(t0, 1.0, true), Verdict::Accept, "others have their own");
+    }
+
+    #[test]
+    fn buckets_are_bounded_and_keep_the_empty_ones() {
+        let t0 = Instant::now();
+        let mut buckets = Buckets::new(1.0, 2.0);
+        let drained = crate::identity::Identity::generate().id();
+        buckets.of(&drained, t0).take(t0, 1.0, true);
+        buckets.of(&drained, t0).take(t0, 1.0, true);
+        for _ in 0..MAX_BUCKETS + 10 {
+            buckets.of(&crate::identity::Identity::generate().id(), t0);
+        }
+        assert!(buckets.by_id.len() <= MAX_BUCKETS);
+        assert_eq!(buckets.of(&drained, t0).take(t0, 1.0, true), Verdict::Refuse { first: true }, "still drained");
+    }
+}
