@@ -44,26 +44,27 @@ impl Bucket {
         Bucket { tokens: burst, last: now, rate, burst, refused_live: 0, window: now }
     }
 
-    /// Takes `n` tokens for a batch of `n` lines if there are that many; else the batch is
-    /// refused whole (its signature covers it whole). Catch-up lines (sent because we asked)
-    /// are limited alike but never count as flooding.
-    pub fn take(&mut self, now: Instant, n: f64, live: bool) -> Verdict {
+    /// Takes a token for each of up to `n` lines; returns how many it took. Lines beyond that
+    /// are refused for now (the first live refusal of a window is worth telling the sender).
+    /// Catch-up lines (sent because we asked) are limited alike but never count as flooding.
+    pub fn take(&mut self, now: Instant, n: u64, live: bool) -> (u64, Verdict) {
         self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
         self.last = now;
-        if self.tokens >= n {
-            self.tokens -= n;
-            return Verdict::Accept;
+        let taken = (self.tokens.floor() as u64).min(n);
+        self.tokens -= taken as f64;
+        if taken == n {
+            return (taken, Verdict::Accept);
         }
         if !live {
-            return Verdict::Refuse { first: false };
+            return (taken, Verdict::Refuse { first: false });
         }
         if now.duration_since(self.window) > FLOOD_WINDOW {
             self.window = now;
             self.refused_live = 0;
         }
         let first = self.refused_live == 0;
-        self.refused_live += n as u64;
-        Verdict::Refuse { first }
+        self.refused_live += n - taken;
+        (taken, Verdict::Refuse { first })
     }
 
     /// The neighbour floods: more live lines refused in one window than a whole burst.
@@ -115,32 +116,32 @@ mod tests {
     fn the_bucket_allows_a_burst_then_the_rate() {
         let t0 = Instant::now();
         let mut b = Bucket::new(10.0, 5.0, t0);
-        let verdicts: Vec<Verdict> = (0..7).map(|_| b.take(t0, 1.0, true)).collect();
+        let verdicts: Vec<Verdict> = (0..7).map(|_| b.take(t0, 1, true).1).collect();
         assert_eq!(verdicts.iter().filter(|v| **v == Verdict::Accept).count(), 5);
         assert_eq!(verdicts[5], Verdict::Refuse { first: true });
         assert_eq!(verdicts[6], Verdict::Refuse { first: false });
-        assert_eq!(b.take(t0 + Duration::from_millis(100), 1.0, true), Verdict::Accept, "a tenth of a second later");
+        assert_eq!(b.take(t0 + Duration::from_millis(100), 1, true).1, Verdict::Accept, "a tenth of a second later");
         assert!(!b.flooding());
         for _ in 0..5 {
-            b.take(t0 + Duration::from_millis(100), 1.0, true);
+            b.take(t0 + Duration::from_millis(100), 1, true);
         }
         assert!(b.flooding());
     }
 
     #[test]
-    fn a_batch_takes_a_token_per_line_or_none() {
+    fn a_batch_takes_what_the_bucket_has() {
         let t0 = Instant::now();
         let mut b = Bucket::new(10.0, 5.0, t0);
-        assert_eq!(b.take(t0, 3.0, true), Verdict::Accept);
-        assert_eq!(b.take(t0, 3.0, true), Verdict::Refuse { first: true }, "2 tokens left: the batch waits whole");
-        assert_eq!(b.take(t0, 2.0, true), Verdict::Accept);
+        assert_eq!(b.take(t0, 3, true), (3, Verdict::Accept));
+        assert_eq!(b.take(t0, 3, true), (2, Verdict::Refuse { first: true }), "2 of 3 now, the third later");
+        assert_eq!(b.take(t0, 2, true), (0, Verdict::Refuse { first: false }));
     }
 
     #[test]
     fn catch_up_we_asked_for_is_limited_but_never_flooding() {
         let t0 = Instant::now();
         let mut b = Bucket::new(10.0, 5.0, t0);
-        let accepted = (0..1000).filter(|_| b.take(t0, 1.0, false) == Verdict::Accept).count();
+        let accepted = (0..1000).filter(|_| b.take(t0, 1, false).1 == Verdict::Accept).count();
         assert_eq!(accepted, 5);
         assert!(!b.flooding());
     }
@@ -151,12 +152,12 @@ mod tests {
         let mut buckets = Buckets::new(10.0, 5.0);
         let id = crate::identity::Identity::generate().id();
         for _ in 0..5 {
-            assert_eq!(buckets.of(&id, t0).take(t0, 1.0, true), Verdict::Accept);
+            assert_eq!(buckets.of(&id, t0).take(t0, 1, true).1, Verdict::Accept);
         }
         // A new connection of the same member: the same, empty bucket.
-        assert_eq!(buckets.of(&id, t0).take(t0, 1.0, true), Verdict::Refuse { first: true });
+        assert_eq!(buckets.of(&id, t0).take(t0, 1, true).1, Verdict::Refuse { first: true });
         let other = crate::identity::Identity::generate().id();
-        assert_eq!(buckets.of(&other, t0).take(t0, 1.0, true), Verdict::Accept, "others have their own");
+        assert_eq!(buckets.of(&other, t0).take(t0, 1, true).1, Verdict::Accept, "others have their own");
     }
 
     #[test]
@@ -164,12 +165,12 @@ mod tests {
         let t0 = Instant::now();
         let mut buckets = Buckets::new(1.0, 2.0);
         let drained = crate::identity::Identity::generate().id();
-        buckets.of(&drained, t0).take(t0, 1.0, true);
-        buckets.of(&drained, t0).take(t0, 1.0, true);
+        buckets.of(&drained, t0).take(t0, 1, true);
+        buckets.of(&drained, t0).take(t0, 1, true);
         for _ in 0..MAX_BUCKETS + 10 {
             buckets.of(&crate::identity::Identity::generate().id(), t0);
         }
         assert!(buckets.by_id.len() <= MAX_BUCKETS);
-        assert_eq!(buckets.of(&drained, t0).take(t0, 1.0, true), Verdict::Refuse { first: true }, "still drained");
+        assert_eq!(buckets.of(&drained, t0).take(t0, 1, true).1, Verdict::Refuse { first: true }, "still drained");
     }
 }

@@ -298,7 +298,7 @@ pub fn check_name(name: &str) -> Result<(), DecodeError> {
         return Err(invalid("name", format!("must be 1 to {MAX_NAME} bytes")));
     }
     if let Some(c) = name.chars().find(|c| crate::output::is_unsafe(*c) || matches!(c, '[' | ']' | '@')) {
-        return Err(invalid("name", format!("may not contain {:?}", c.escape_unicode().to_string())));
+        return Err(invalid("name", format!("may not contain U+{:04X}", c as u32)));
     }
     Ok(())
 }
@@ -454,7 +454,8 @@ mod tests {
 
     #[test]
     fn the_largest_messages_still_fit_a_frame() {
-        let widest = PeerInfo { id: id('f'), name: "\"".repeat(MAX_NAME), addr: format!("{}.b:65535", "a".repeat(251)) };
+        let widest =
+            PeerInfo { id: id('f'), name: "\"".repeat(MAX_NAME), addr: format!("{}.b:65535", "a".repeat(251)) };
         let peers = Message::Peers { peers: vec![widest; MAX_GOSSIP] };
         let digest = Message::Digest {
             have: (0..MAX_DIGEST).map(|i| (format!("{i:064x}").parse().unwrap(), u64::MAX)).collect(),

@@ -132,7 +132,11 @@ enum Stage {
     /// Waiting for the other side's hello.
     Hello,
     /// Waiting for the other side's signature on the hello it sent.
-    Auth { hello: Hello, raw: Bytes, key: PublicKey },
+    Auth {
+        hello: Hello,
+        raw: Bytes,
+        key: PublicKey,
+    },
     Done,
 }
 
@@ -292,7 +296,7 @@ impl<'a> Handshake<'a> {
             Ok(other) => {
                 return Err(HandshakeError::Unexpected { expected: "hello", got: other.kind().into() }.into());
             }
-            Err(e) => return Err(HandshakeError::Hello(e.to_string()).into()),
+            Err(e) => return Err(self.refuse(format!("bad hello: {e}"))),
         };
         let key = match PublicKey::of(&hello.id) {
             Ok(key) => key,
@@ -422,9 +426,10 @@ mod tests {
     ) -> (Result<Box<Established>, HandshakeError>, Result<Box<Established>, HandshakeError>) {
         let now = Instant::now();
         let (mut d, to_a) = Handshake::start(Side::Dialer, dialer, &dialer_hello, now, TIMEOUT).unwrap();
-        let (mut a, to_d) = Handshake::start(Side::Acceptor, acceptor, &hello_of(acceptor, "acceptor"), now, TIMEOUT)
-            .unwrap();
-        let mut to_a: std::collections::VecDeque<Bytes> = to_a.into_iter().enumerate().map(|(i, f)| tamper(i, f)).collect();
+        let (mut a, to_d) =
+            Handshake::start(Side::Acceptor, acceptor, &hello_of(acceptor, "acceptor"), now, TIMEOUT).unwrap();
+        let mut to_a: std::collections::VecDeque<Bytes> =
+            to_a.into_iter().enumerate().map(|(i, f)| tamper(i, f)).collect();
         let mut to_d: std::collections::VecDeque<Bytes> = to_d.into();
         let mut sent_by_d = to_a.len();
         let (mut d_done, mut a_done) = (None, None);

@@ -32,8 +32,8 @@ use crate::id::{PeerId, random_u64};
 use crate::identity::{Domain, Identity};
 use crate::known::Known;
 use crate::neighbours::{Admission, ConnId, Link, Neighbour, Table};
-use crate::output::{DownReason, Event, HELP, Output, msg_id};
 use crate::outbox::Budget;
+use crate::output::{DownReason, Event, HELP, Output, msg_id};
 use crate::shutdown::Shutdown;
 use crate::state::{Restored, StateDir};
 use crate::store::{Delivery, Met, Outcome, Received, Store};
@@ -368,7 +368,8 @@ impl Mesh {
         let strangers = self.table.iter().filter(|n| n.stranger).count();
         let stranger_slots = self.cfg.max_conns as usize - self.cfg.max_conns as usize / 4;
         if !self.store.knows(&h.id) && strangers >= stranger_slots {
-            return self.refusal(format!("{strangers} strangers connected: the other slots are kept for known members"), now);
+            return self
+                .refusal(format!("{strangers} strangers connected: the other slots are kept for known members"), now);
         }
         None
     }
@@ -423,7 +424,8 @@ impl Mesh {
             }
             Message::Peers { peers } => {
                 let gossip = self.gossip.of(&from, now);
-                let allowed = peers.iter().take_while(|_| gossip.take(now, 1.0, false) == Verdict::Accept).count();
+                let (allowed, _) = gossip.take(now, peers.len() as u64, false);
+                let allowed = allowed as usize;
                 if allowed < peers.len() {
                     tracing::debug!(peer = %from.short(), "it tells of members faster than allowed: {} ignored", peers.len() - allowed);
                 }
@@ -445,16 +447,25 @@ impl Mesh {
         }
     }
 
+    /// Lines from neighbour `from`: its own are shown as fast as its flood limit allows (the
+    /// rest are refused for now and caught up later); relayed ones as they check out.
     fn on_lines(&mut self, conn: ConnId, from: PeerId, batch: Lines, now: Instant) {
+        let mut room = usize::MAX;
         if batch.origin == from {
+            let new = batch.last().saturating_sub(self.store.mark(&from).map_or(0, |(m, _)| m));
             let bucket = self.lines.of(&from, now);
-            if let Verdict::Refuse { first } = bucket.take(now, batch.lines.len() as f64, !batch.catch_up) {
+            let (taken, verdict) = bucket.take(now, new.min(batch.lines.len() as u64), !batch.catch_up);
+            room = taken as usize;
+            if let Verdict::Refuse { first } = verdict {
                 let flooding = bucket.flooding();
-                return self.refuse_lines(conn, first, flooding);
+                self.refuse_lines(conn, first, flooding);
+                if room == 0 || self.table.by_conn_mut(conn).is_none() {
+                    return;
+                }
             }
         }
-        let r = self.store.receive(batch, from, now);
-        if r.outcome == Outcome::Ignored {
+        let r = self.store.receive(batch, from, room, now);
+        if r.outcome == Outcome::Ignored || r.cut_short {
             self.needs_digest_round(conn);
         }
         self.received(r, now);
@@ -463,14 +474,14 @@ impl Mesh {
     fn on_gone(&mut self, from: PeerId, gone: Gone, now: Instant) {
         let origin = gone.origin;
         let upto = gone.upto;
-        match self.store.skip(gone, from, now) {
+        match self.store.skip(gone, now) {
             Ok(Some((missed, r))) => {
                 tracing::debug!(origin = %origin.short(), upto, via = %from.short(), "lines gone");
                 self.unshown.push(Unshown::Gap { origin, missed, upto });
                 self.received(r, now);
             }
             Ok(None) => {}
-            Err(()) => self.forged(&from, now),
+            Err(_) => self.forged(&from, now),
         }
     }
 
@@ -487,7 +498,11 @@ impl Mesh {
     fn forged(&mut self, via: &PeerId, now: Instant) {
         let Some(n) = self.table.get_mut(via) else { return };
         let conn = n.conn;
-        tracing::warn!("closing connection to {}@{}: it relayed lines their sender did not sign", n.info.name, n.info.addr);
+        tracing::warn!(
+            "closing connection to {}@{}: it relayed lines their sender did not sign",
+            n.info.name,
+            n.info.addr
+        );
         if let Some(n) = self.table.remove_conn(conn) {
             self.out.emit(&Event::PeerDown { peer: &n.info, reason: DownReason::Closed });
             self.book.left(&n.info.id, Hold::Forged, now);
@@ -502,13 +517,18 @@ impl Mesh {
         let rate = self.cfg.line_rate;
         let Some(n) = self.table.by_conn_mut(conn) else { return };
         if first {
-            let text =
-                format!("you send lines faster than {rate} a second: the excess is refused and will be caught up later");
+            let text = format!(
+                "you send lines faster than {rate} a second: the excess is refused and will be caught up later"
+            );
             let sig = self.ctx.local.identity.sign(Domain::Notice, &[n.info.id.as_bytes(), text.as_bytes()]);
             n.send(Message::Notice { text, sig }.encode());
         }
         if flooding {
-            tracing::warn!("closing connection to {}@{}: it floods lines over the rate limit", n.info.name, n.info.addr);
+            tracing::warn!(
+                "closing connection to {}@{}: it floods lines over the rate limit",
+                n.info.name,
+                n.info.addr
+            );
             if let Some(n) = self.table.remove_conn(conn) {
                 self.out.emit(&Event::PeerDown { peer: &n.info, reason: DownReason::Closed });
                 self.book.left(&n.info.id, Hold::Flooded, Instant::now());
@@ -800,12 +820,8 @@ impl Mesh {
             self.book.isolated(now);
         }
         let version = self.store.version();
-        let stale: Vec<PeerId> = self
-            .table
-            .iter()
-            .filter(|n| n.lagging || n.digest_sent != Some(version))
-            .map(|n| n.info.id)
-            .collect();
+        let stale: Vec<PeerId> =
+            self.table.iter().filter(|n| n.lagging || n.digest_sent != Some(version)).map(|n| n.info.id).collect();
         for id in stale {
             if let Some(n) = self.table.get_mut(&id) {
                 n.lagging = false;

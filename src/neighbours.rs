@@ -112,7 +112,7 @@ pub struct Table {
 
 impl Table {
     pub fn admit(&mut self, n: Neighbour) -> Admission {
-        let id = n.info.id.clone();
+        let id = n.info.id;
         let admission = match self.by_id.get(&id) {
             Some(cur) if cur.incarnation != n.incarnation => Admission::Restarted(self.remove(&id)),
             Some(cur) if n.link < cur.link => Admission::Replaced(self.remove(&id)),
@@ -122,14 +122,14 @@ impl Table {
                 _ => Admission::New,
             },
         };
-        self.by_conn.insert(n.conn, id.clone());
+        self.by_conn.insert(n.conn, id);
         self.by_id.insert(id, n);
         admission
     }
 
     /// Removes the neighbour on `conn`, if that connection is the registered one.
     pub fn remove_conn(&mut self, conn: ConnId) -> Option<Neighbour> {
-        let id = self.by_conn.get(&conn)?.clone();
+        let id = *self.by_conn.get(&conn)?;
         Some(self.remove(&id))
     }
 
@@ -142,12 +142,12 @@ impl Table {
     /// Holds a superseded neighbour as still up until `until`, awaiting its new connection.
     pub fn hold_for_swap(&mut self, n: Neighbour, until: Instant) {
         let s = Swapping { info: n.info, incarnation: n.incarnation, until };
-        self.swapping.insert(s.info.id.clone(), s);
+        self.swapping.insert(s.info.id, s);
     }
 
     /// Peers whose swap grace ran out: they are gone.
     pub fn expired_swaps(&mut self, now: Instant) -> Vec<PeerInfo> {
-        let ids: Vec<PeerId> = self.swapping.iter().filter(|(_, s)| s.until <= now).map(|(id, _)| id.clone()).collect();
+        let ids: Vec<PeerId> = self.swapping.iter().filter(|(_, s)| s.until <= now).map(|(id, _)| *id).collect();
         ids.into_iter().filter_map(|id| self.swapping.remove(&id)).map(|s| s.info).collect()
     }
 

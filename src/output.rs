@@ -356,7 +356,19 @@ mod tests {
     #[test]
     fn clean_removes_escapes_controls_bidi_separators_and_zero_widths() {
         assert_eq!(clean("hi\x1b[2Jthere\r\x07"), "hi\u{fffd}[2Jthere\u{fffd}\u{fffd}");
-        for sneaky in ["\u{202e}", "\u{2066}", "\u{200e}", "\u{061c}", "\u{2028}", "\u{2029}", "\u{200b}", "\u{2060}", "\u{feff}", "\u{e0041}", "\u{85}"] {
+        for sneaky in [
+            "\u{202e}",
+            "\u{2066}",
+            "\u{200e}",
+            "\u{061c}",
+            "\u{2028}",
+            "\u{2029}",
+            "\u{200b}",
+            "\u{2060}",
+            "\u{feff}",
+            "\u{e0041}",
+            "\u{85}",
+        ] {
             assert_eq!(clean(&format!("a{sneaky}b")), "a\u{fffd}b", "{:?}", sneaky.escape_unicode().to_string());
         }
         assert_eq!(clean("olá 👋 老王"), "olá 👋 老王");
@@ -369,7 +381,8 @@ mod tests {
 
     #[test]
     fn chat_view_shows_name_at_addr() {
-        let peer = PeerInfo { id: PeerId(crate::id::Hex::random()), name: "bob\x1b".into(), addr: "10.0.0.2:4000".into() };
+        let peer =
+            PeerInfo { id: PeerId(crate::id::Hex::random()), name: "bob\x1b".into(), addr: "10.0.0.2:4000".into() };
         let id = peer.id;
         let ev = Event::Message {
             msg_id: msg_id(&id, 1),

@@ -228,7 +228,14 @@ mod tests {
     }
 
     fn line(seq: u64) -> OwnLine {
-        OwnLine { seq, name: "me".into(), text: format!("line {seq}"), sent_at_ms: 1, hash: Hex([seq as u8; 32]), sig: None }
+        OwnLine {
+            seq,
+            name: "me".into(),
+            text: format!("line {seq}"),
+            sent_at_ms: 1,
+            hash: Hex([seq as u8; 32]),
+            sig: None,
+        }
     }
 
     #[test]

@@ -111,6 +111,11 @@ struct Origin {
     last_active: Instant,
 }
 
+/// A statement its sender's signature does not back.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("not signed by its sender")]
+pub struct Forged;
+
 /// The outcome of receiving a batch of lines.
 #[derive(Debug, Default)]
 pub struct Received {
@@ -121,6 +126,8 @@ pub struct Received {
     /// Neighbours that relayed a batch whose signature does not check out (this one, or a
     /// buffered one that could be checked now).
     pub forged_by: Vec<PeerId>,
+    /// Only some of the batch's new lines could be shown now: the rest must be asked for again.
+    pub cut_short: bool,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -311,7 +318,8 @@ impl Store {
         let last = batch.lines.last().expect("batches are not empty");
         let (seq, head, sig) = (last.seq, last.hash, last.sig.expect("batches are signed"));
         let name = last.name.clone();
-        let bodies = batch.lines.iter().map(|l| LineBody { seq: l.seq, text: l.text.clone(), at: l.sent_at_ms }).collect();
+        let bodies =
+            batch.lines.iter().map(|l| LineBody { seq: l.seq, text: l.text.clone(), at: l.sent_at_ms }).collect();
         for l in batch.lines {
             let line = Arc::new(Line {
                 origin: self.me,
@@ -367,8 +375,10 @@ impl Store {
         PeerInfo { id: *id, name: name.into(), addr: addr.into() }
     }
 
-    /// A batch of lines from neighbour `via`.
-    pub fn receive(&mut self, batch: Lines, via: PeerId, now: Instant) -> Received {
+    /// A batch of lines from neighbour `via`, of which at most `room` new lines may be shown
+    /// now (its sender's flood limit): the batch is checked whole, its first new lines are shown
+    /// and the rest left for a later round (`Received::cut_short`).
+    pub fn receive(&mut self, batch: Lines, via: PeerId, room: usize, now: Instant) -> Received {
         let mut r = Received::default();
         let origin = batch.origin;
         if origin == self.me {
@@ -388,33 +398,35 @@ impl Store {
             r.outcome = self.buffer(batch, via, now);
             return r;
         }
-        r.outcome = match self.accept(batch, via, now) {
-            Ok(delivered) => {
+        r.outcome = match self.accept(batch, via, room, now) {
+            Ok((delivered, cut_short)) => {
+                r.cut_short = cut_short;
                 r.delivered = delivered;
                 Outcome::Shown
             }
-            Err(()) => {
+            Err(Forged) => {
                 r.forged_by.push(via);
                 Outcome::Forged
             }
         };
-        self.drain_pending(&origin, now, &mut r);
+        if !r.cut_short {
+            self.drain_pending(&origin, now, &mut r);
+        }
         r
     }
 
     /// A sender's word that its lines up to `gone.upto` are gone. Skips them if it is signed and
     /// goes beyond the watermark; returns how many lines were missed and the buffered lines this
-    /// unblocks. `Err` when the signature does not check out.
-    pub fn skip(&mut self, gone: Gone, via: PeerId, now: Instant) -> Result<Option<(u64, Received)>, ()> {
+    /// unblocks.
+    pub fn skip(&mut self, gone: Gone, now: Instant) -> Result<Option<(u64, Received)>, Forged> {
         let origin = gone.origin;
         let Some(o) = self.origins.get_mut(&origin) else { return Ok(None) };
         if origin == self.me {
             return Ok(None);
         }
         if !chain::gone_is_signed(&o.key, gone.upto, &gone.head, &gone.sig) {
-            return Err(());
+            return Err(Forged);
         }
-        let _ = via;
         if o.gone.as_ref().is_none_or(|g| g.upto < gone.upto) {
             o.gone = Some(gone.clone());
         }
@@ -459,7 +471,13 @@ impl Store {
 
     /// Answers neighbour `to`'s digest: what it lacks that we hold (up to about `budget` bytes
     /// as sent), and whether it is ahead. Our own gone statement is signed with `me` if needed.
-    pub fn catch_up_for(&mut self, to: &PeerId, theirs: &BTreeMap<PeerId, u64>, budget: usize, me: &Identity) -> CatchUp {
+    pub fn catch_up_for(
+        &mut self,
+        to: &PeerId,
+        theirs: &BTreeMap<PeerId, u64>,
+        budget: usize,
+        me: &Identity,
+    ) -> CatchUp {
         let mut out = CatchUp::default();
         for (id, &their_mark) in theirs {
             if id == to {
@@ -544,8 +562,15 @@ impl Store {
         self.lines
     }
 
-    /// Checks a batch that continues the watermark and shows its new lines.
-    fn accept(&mut self, batch: Lines, via: PeerId, now: Instant) -> Result<Vec<Delivery>, ()> {
+    /// Checks a batch that continues the watermark and shows its first `room` new lines (all of
+    /// them, at most). Returns them, and whether some were left out.
+    fn accept(
+        &mut self,
+        batch: Lines,
+        via: PeerId,
+        room: usize,
+        now: Instant,
+    ) -> Result<(Vec<Delivery>, bool), Forged> {
         let o = self.origins.get_mut(&batch.origin).expect("checked by the caller");
         let skip = (o.mark + 1 - batch.first()) as usize;
         let mut head = o.head;
@@ -557,15 +582,19 @@ impl Store {
             })
             .collect();
         if !chain::head_is_signed(&o.key, batch.last(), &head, &batch.sig) {
-            return Err(());
+            return Err(Forged);
         }
-        o.mark = batch.last();
-        o.head = head;
+        let taken = hashes.len().min(room);
+        if taken == 0 {
+            return Ok((Vec::new(), true));
+        }
+        let (first, last) = (batch.first(), batch.last());
+        o.mark = first + (skip + taken) as u64 - 1;
+        o.head = hashes[taken - 1];
         o.name.clone_from(&batch.name);
         self.version += 1;
-        let last = batch.last();
-        let mut out = Vec::with_capacity(hashes.len());
-        for (body, hash) in batch.lines.into_iter().skip(skip).zip(hashes) {
+        let mut out = Vec::with_capacity(taken);
+        for (body, hash) in batch.lines.into_iter().skip(skip).zip(hashes).take(taken) {
             let line = Arc::new(Line {
                 origin: batch.origin,
                 name: batch.name.clone(),
@@ -579,7 +608,7 @@ impl Store {
             self.store(line.clone());
             out.push(Delivery { line, via, caught_up: batch.catch_up });
         }
-        Ok(out)
+        Ok((out, taken < (last - first + 1) as usize - skip))
     }
 
     /// Keeps an early batch until the lines before it arrive, if there is room.
@@ -631,9 +660,9 @@ impl Store {
             if p.batch.last() <= self.origins[origin].mark {
                 continue;
             }
-            match self.accept(p.batch, p.via, now) {
-                Ok(shown) => r.delivered.extend(shown),
-                Err(()) => r.forged_by.push(p.via),
+            match self.accept(p.batch, p.via, usize::MAX, now) {
+                Ok((shown, _)) => r.delivered.extend(shown),
+                Err(Forged) => r.forged_by.push(p.via),
             }
         }
     }
@@ -833,12 +862,31 @@ mod tests {
         let (b1, b2, b3) = (alice.one(&["1"]), alice.one(&["2", "3"]), alice.one(&["4"]));
         let now = Instant::now();
         let relay = Identity::generate().id();
-        assert_eq!(shown(&s.receive(b1.clone(), alice.id(), now)), vec![1]);
-        assert_eq!(s.receive(b1, relay, now).outcome, Outcome::Duplicate);
-        assert_eq!(s.receive(b3.clone(), alice.id(), now).outcome, Outcome::Buffered);
-        let r = s.receive(b2, relay, now);
+        assert_eq!(shown(&s.receive(b1.clone(), alice.id(), usize::MAX, now)), vec![1]);
+        assert_eq!(s.receive(b1, relay, usize::MAX, now).outcome, Outcome::Duplicate);
+        assert_eq!(s.receive(b3.clone(), alice.id(), usize::MAX, now).outcome, Outcome::Buffered);
+        let r = s.receive(b2, relay, usize::MAX, now);
         assert_eq!(shown(&r), vec![2, 3, 4], "the early batch follows at once");
-        assert_eq!(s.receive(b3, alice.id(), now).outcome, Outcome::Duplicate);
+        assert_eq!(s.receive(b3, alice.id(), usize::MAX, now).outcome, Outcome::Duplicate);
+    }
+
+    #[test]
+    fn a_batch_checked_whole_can_be_shown_in_part_and_the_rest_later() {
+        let (mut s, _) = receiver();
+        let mut alice = Sender::new();
+        meet(&mut s, &alice);
+        let (b, later) = (alice.one(&["1", "2", "3", "4", "5"]), alice.one(&["6"]));
+        let now = Instant::now();
+        let r = s.receive(b.clone(), alice.id(), 2, now);
+        assert_eq!((shown(&r), r.cut_short), (vec![1, 2], true));
+        assert_eq!(s.receive(later.clone(), alice.id(), usize::MAX, now).outcome, Outcome::Buffered);
+        let r = s.receive(b, alice.id(), usize::MAX, now);
+        assert_eq!((shown(&r), r.cut_short), (vec![3, 4, 5, 6], false), "the rest checks out from line 2's hash");
+        let mut forged = alice.one(&["7", "8"]);
+        forged.lines[1].text = "eight".into();
+        let r = s.receive(forged, alice.id(), 1, now);
+        assert_eq!(r.outcome, Outcome::Forged, "checked whole even when only one line may be shown");
+        assert!(shown(&r).is_empty());
     }
 
     #[test]
@@ -860,15 +908,19 @@ mod tests {
         let mut truncated = genuine.clone();
         truncated.lines.pop();
         for bad in [altered, renamed, swapped, truncated] {
-            let r = s.receive(bad, mallory, now);
+            let r = s.receive(bad, mallory, usize::MAX, now);
             assert_eq!((r.outcome, r.forged_by), (Outcome::Forged, vec![mallory]));
         }
         // A batch made up by someone else, signed with another key.
         let mut impostor = Sender::new();
         let mut made_up = impostor.one(&["hello"]);
         made_up.origin = alice.id();
-        assert_eq!(s.receive(made_up, mallory, now).outcome, Outcome::Forged);
-        assert_eq!(shown(&s.receive(genuine, alice.id(), now)), vec![1, 2], "the real lines still get through");
+        assert_eq!(s.receive(made_up, mallory, usize::MAX, now).outcome, Outcome::Forged);
+        assert_eq!(
+            shown(&s.receive(genuine, alice.id(), usize::MAX, now)),
+            vec![1, 2],
+            "the real lines still get through"
+        );
     }
 
     #[test]
@@ -880,8 +932,8 @@ mod tests {
         b2.lines[0].text = "forged".into();
         let mallory = Identity::generate().id();
         let now = Instant::now();
-        assert_eq!(s.receive(b2, mallory, now).outcome, Outcome::Buffered);
-        let r = s.receive(b1, alice.id(), now);
+        assert_eq!(s.receive(b2, mallory, usize::MAX, now).outcome, Outcome::Buffered);
+        let r = s.receive(b1, alice.id(), usize::MAX, now);
         assert_eq!((shown(&r), r.forged_by), (vec![1], vec![mallory]));
     }
 
@@ -891,11 +943,11 @@ mod tests {
         let mut alice = Sender::new();
         let now = Instant::now();
         let b = alice.one(&["x"]);
-        assert_eq!(s.receive(b.clone(), alice.id(), now).outcome, Outcome::Ignored, "never met");
+        assert_eq!(s.receive(b.clone(), alice.id(), usize::MAX, now).outcome, Outcome::Ignored, "never met");
         meet(&mut s, &alice);
         let mut far = b;
         far.lines[0].seq = u64::MAX;
-        assert_eq!(s.receive(far, alice.id(), now).outcome, Outcome::Ignored);
+        assert_eq!(s.receive(far, alice.id(), usize::MAX, now).outcome, Outcome::Ignored);
     }
 
     #[test]
@@ -905,8 +957,8 @@ mod tests {
         let (mut s, _) = receiver();
         meet(&mut s, &alice);
         let now = Instant::now();
-        assert_eq!(s.receive(early, alice.id(), now).outcome, Outcome::Duplicate);
-        assert_eq!(shown(&s.receive(alice.one(&["after"]), alice.id(), now)), vec![2]);
+        assert_eq!(s.receive(early, alice.id(), usize::MAX, now).outcome, Outcome::Duplicate);
+        assert_eq!(shown(&s.receive(alice.one(&["after"]), alice.id(), usize::MAX, now)), vec![2]);
     }
 
     #[test]
@@ -916,7 +968,7 @@ mod tests {
         meet(&mut s, &alice);
         let now = Instant::now();
         for texts in [&["1"][..], &["2", "3"], &["4", "5"]] {
-            s.receive(alice.one(texts), alice.id(), now);
+            s.receive(alice.one(texts), alice.id(), usize::MAX, now);
         }
         let mine = s.compose(&me, "me", vec!["mine".into()], 0);
         s.said(mine.into_iter().next().unwrap(), now);
@@ -932,13 +984,19 @@ mod tests {
         let key = PublicKey::of(&alice.id()).unwrap();
         other.meet(Met { info: &info, seq: 2, head: seq2, key, host: HOST }, |_| false, now);
         let info = PeerInfo { id: me.id(), name: "me".into(), addr: "x:2".into() };
-        let m = Met { info: &info, seq: 0, head: chain::genesis(&me.id()), key: PublicKey::of(&me.id()).unwrap(), host: HOST };
+        let m = Met {
+            info: &info,
+            seq: 0,
+            head: chain::genesis(&me.id()),
+            key: PublicKey::of(&me.id()).unwrap(),
+            host: HOST,
+        };
         other.meet(m, |_| false, now);
         let mut got = Vec::new();
         for m in c.messages {
             let Message::Lines(b) = m else { panic!("only lines expected") };
             assert!(b.catch_up);
-            got.extend(shown(&other.receive(b, s.me, now)));
+            got.extend(shown(&other.receive(b, s.me, usize::MAX, now)));
         }
         got.sort();
         assert_eq!(got, vec![1, 3, 4, 5], "alice's 3, 4, 5 (3 starts mid-batch), and our line");
@@ -964,16 +1022,16 @@ mod tests {
         let mallory = Identity::generate();
         let mut forged = gone.clone();
         forged.upto = 4;
-        assert!(s.skip(forged, mallory.id(), now).is_err(), "a relayer cannot stretch it");
+        assert!(s.skip(forged, now).is_err(), "a relayer cannot stretch it");
         let mut claim = gone.clone();
         claim.sig = mallory.sign(crate::identity::Domain::Gone, &[&4u64.to_be_bytes(), &gone.head.0]);
-        assert!(s.skip(claim, mallory.id(), now).is_err(), "nor sign one itself");
-        let (missed, _) = s.skip(gone.clone(), mallory.id(), now).unwrap().unwrap();
+        assert!(s.skip(claim, now).is_err(), "nor sign one itself");
+        let (missed, _) = s.skip(gone.clone(), now).unwrap().unwrap();
         assert_eq!(missed, 2);
         let mut shown_now = 0;
         for m in &c.messages[1..] {
             let Message::Lines(b) = m else { panic!() };
-            shown_now += shown(&s.receive(b.clone(), alice.id(), now)).len();
+            shown_now += shown(&s.receive(b.clone(), alice.id(), usize::MAX, now)).len();
         }
         assert_eq!(shown_now, 3, "3..=5 check out from the gone statement's hash");
         // We keep alice's word and pass it on to whoever is further behind.
@@ -991,11 +1049,15 @@ mod tests {
         let (mut s, me) = receiver();
         meet(&mut s, &alice); // met at 10
         let now = Instant::now();
-        s.receive(alice.one(&["11", "12"]), alice.id(), now);
+        s.receive(alice.one(&["11", "12"]), alice.id(), usize::MAX, now);
         let asker = Identity::generate().id();
         let c = s.catch_up_for(&asker, &[(alice.id(), 5)].into(), usize::MAX, &me);
         // 11..=12 go (the asker keeps them until someone bridges 6..=10); no word on 6..=10.
-        assert!(matches!(&c.messages[..], [Message::Lines(b)] if b.first() == 11 && b.last() == 12), "{:?}", c.messages);
+        assert!(
+            matches!(&c.messages[..], [Message::Lines(b)] if b.first() == 11 && b.last() == 12),
+            "{:?}",
+            c.messages
+        );
     }
 
     #[test]
@@ -1005,7 +1067,7 @@ mod tests {
         meet(&mut s, &alice);
         let now = Instant::now();
         for i in 0..50 {
-            s.receive(alice.one(&[&"\x01".repeat(100 + i)]), alice.id(), now);
+            s.receive(alice.one(&[&"\x01".repeat(100 + i)]), alice.id(), usize::MAX, now);
         }
         let asker = Identity::generate().id();
         let c = s.catch_up_for(&asker, &[(alice.id(), 0)].into(), 10 * 700, &me);
@@ -1056,7 +1118,13 @@ mod tests {
         for _ in 0..(MAX_ORIGINS + 500) {
             let id = Identity::generate().id();
             let info = PeerInfo { id, name: "sybil".into(), addr: "10.9.9.9:1".into() };
-            let m = Met { info: &info, seq: 0, head: chain::genesis(&id), key: PublicKey::of(&id).unwrap(), host: attacker };
+            let m = Met {
+                info: &info,
+                seq: 0,
+                head: chain::genesis(&id),
+                key: PublicKey::of(&id).unwrap(),
+                host: attacker,
+            };
             s.meet(m, |id| *id == member.id(), now);
         }
         assert!(s.knows(&member.id()), "the connected member's record stays");
@@ -1073,11 +1141,17 @@ mod tests {
         meet(&mut s, &alice);
         let batches: Vec<Lines> = (0..40).map(|_| alice.one(&[&"y".repeat(100)])).collect();
         let hostile = Identity::generate().id();
-        let buffered =
-            batches[1..].iter().filter(|b| s.receive((*b).clone(), hostile, now).outcome == Outcome::Buffered).count();
+        let buffered = batches[1..]
+            .iter()
+            .filter(|b| s.receive((*b).clone(), hostile, usize::MAX, now).outcome == Outcome::Buffered)
+            .count();
         assert!(buffered <= 3, "one neighbour holds at most an eighth of the buffer: {buffered}");
         let other = Identity::generate().id();
-        assert_eq!(s.receive(batches[39].clone(), other, now).outcome, Outcome::Buffered, "others still have room");
+        assert_eq!(
+            s.receive(batches[39].clone(), other, usize::MAX, now).outcome,
+            Outcome::Buffered,
+            "others still have room"
+        );
         s.expire(now + Duration::from_secs(6));
         assert_eq!(s.pending_bytes, 0);
         assert!(s.pending_by_via.is_empty());

@@ -16,13 +16,7 @@ fn peer() -> Command {
     cmd
 }
 
-/// A loopback address of this test's own (127.x.y.z), so that tests running side by side never
-/// reach each other's peers.
-fn loopback() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let r = std::collections::hash_map::RandomState::new().build_hasher().finish().to_le_bytes();
-    format!("127.{}.{}.{}", r[0].max(1), r[1], r[2].clamp(2, 254))
-}
+use support::loopback;
 
 /// A peer on a free loopback port with its stdout as a stream of JSON events.
 struct Running {

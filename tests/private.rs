@@ -10,7 +10,7 @@ use meshlab::identity::Identity;
 use meshlab::noise::MeshKey;
 use meshlab_lab::Lab;
 use meshlab_lab::backend::process::ProcessBackend;
-use support::client::{Client, hello_of};
+use support::client::{Client, hello_of, refusal};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -142,8 +142,12 @@ async fn a_key_holder_cannot_claim_another_members_id() {
     let insider = Identity::generate();
     let mut claim = hello_of(&insider, "b");
     claim.id = b;
-    let refused = Client::connect(&addr, None, &insider, claim, Some(MeshKey::parse(&key).unwrap())).await;
-    assert_eq!(refused.err().as_deref(), Some("refused by the other side: the hello is not signed by the key of the id it claims"));
+    let refused =
+        refusal(Client::connect(&addr, None, &insider, claim, Some(MeshKey::parse(&key).unwrap())).await).await;
+    assert_eq!(
+        refused.as_deref(),
+        Some("refused by the other side: the hello is not signed by the key of the id it claims")
+    );
     lab.await_log("a", "the hello is not signed by the key of the id it claims", WITHIN).await.unwrap();
     lab.await_mesh(None, WITHIN).await.unwrap();
     let downs = lab.world().timeline.iter().filter(|m| m.kind == "down").count();

@@ -42,14 +42,27 @@ fn message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(|seq| Message::Pong { seq }),
         sig().prop_map(|sig| Message::Goodbye { sig }),
         Just(Message::Dup),
-        (id(), name(), 1u64..u64::MAX / 2, proptest::collection::vec((".{0,200}", any::<u64>()), 1..5), sig(), any::<bool>())
+        (
+            id(),
+            name(),
+            1u64..u64::MAX / 2,
+            proptest::collection::vec((".{0,200}", any::<u64>()), 1..5),
+            sig(),
+            any::<bool>()
+        )
             .prop_map(|(origin, name, first, texts, sig, catch_up)| {
-                let lines = texts.into_iter().zip(first..).map(|((text, at), seq)| LineBody { seq, text, at }).collect();
+                let lines =
+                    texts.into_iter().zip(first..).map(|((text, at), seq)| LineBody { seq, text, at }).collect();
                 Message::Lines(Lines { origin, name, lines, sig, catch_up })
             }),
         proptest::collection::btree_map(id(), any::<u64>(), 0..20).prop_map(|have| Message::Digest { have }),
         proptest::collection::vec(peer_info(), 0..10).prop_map(|peers| Message::Peers { peers }),
-        (id(), 1u64.., sig()).prop_map(|(origin, upto, sig)| Message::Gone(Gone { origin, upto, head: Hex([7; 32]), sig })),
+        (id(), 1u64.., sig()).prop_map(|(origin, upto, sig)| Message::Gone(Gone {
+            origin,
+            upto,
+            head: Hex([7; 32]),
+            sig
+        })),
         (".{0,100}", sig()).prop_map(|(text, sig)| Message::Notice { text, sig }),
     ]
 }

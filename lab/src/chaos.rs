@@ -1,17 +1,20 @@
 //! A seeded random nemesis: faults and chat lines at random times, the same ones for the same
 //! seed.
 //!
-//! The whole schedule is drawn before anything runs, from the seed, the step's settings and the
-//! peers running when the step starts (simulating which peers each fault leaves running), so
-//! `--seed N` replays the same faults at the same offsets. While it runs, peers keep chatting at
-//! the step's rate. At the end every cut is healed and every peer started again; the scenario's
-//! next steps then await the mesh and the delivery of every line.
+//! The schedule is drawn from the seed, the step's settings and the peers running when the step
+//! starts (simulating which peers each fault leaves running), so `--seed N` replays the same
+//! faults at the same offsets. It is drawn as the step goes, in time order, so that a long step
+//! costs no memory up front. While it runs, peers keep chatting at the step's rate. At the end
+//! every cut is healed and every peer started again; the scenario's next steps then await the
+//! mesh and the delivery of every line.
 //!
 //! Repertoire: kill (SIGKILL), stop (SIGTERM), start (a peer that is down), restart (kill, then
 //! start: a crash and a reboot), partition into random groups, cut one link, cut one direction,
 //! heal everything. At most half the peers are down at once. A peer with no bootstrap peers is
 //! never stopped gracefully: after its goodbye nobody would dial it again.
 
+use std::collections::BTreeMap;
+use std::iter::Peekable;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -66,55 +69,132 @@ pub enum Action {
     Say { say: String },
 }
 
+/// Most faults a [`ChaosRecord`] lists one by one: a long step with frequent faults applies
+/// millions, and the report would grow without bound; the counts by kind cover them all.
+pub const MAX_LISTED_FAULTS: usize = 1000;
+
 /// What a chaos step did, for the report.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ChaosRecord {
     pub seed: u64,
+    /// Faults applied, by kind.
+    pub applied: BTreeMap<&'static str, usize>,
+    /// The first [`MAX_LISTED_FAULTS`] faults applied, with their offsets.
     pub faults: Vec<Planned>,
     pub lines: usize,
 }
 
+impl ChaosRecord {
+    /// Faults applied, listed or not.
+    pub fn fault_count(&self) -> usize {
+        self.applied.values().sum()
+    }
+
+    fn applied(&mut self, planned: &Planned, fault: &Fault) {
+        *self.applied.entry(fault.kind()).or_default() += 1;
+        if self.faults.len() < MAX_LISTED_FAULTS {
+            self.faults.push(planned.clone());
+        }
+    }
+}
+
 /// The schedule for `spec` with `seed`, given every peer's name, whether it runs now and
-/// whether it has bootstrap peers.
-pub fn plan(seed: u64, spec: &ChaosSpec, peers: &[(String, bool, bool)]) -> Vec<Planned> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let names: Vec<String> = peers.iter().map(|p| p.0.clone()).collect();
-    let mut running: Vec<String> = peers.iter().filter(|p| p.1).map(|p| p.0.clone()).collect();
-    let can_leave = |name: &String| peers.iter().any(|p| p.0 == *name && p.2);
+/// whether it has bootstrap peers: faults and lines in time order, drawn as they are taken, so
+/// that a long step costs no memory up front.
+pub fn plan<'a>(seed: u64, spec: &'a ChaosSpec, peers: &[(String, bool, bool)]) -> Schedule<'a> {
+    let running: Vec<String> = peers.iter().filter(|p| p.1).map(|p| p.0.clone()).collect();
     let end = spec.duration.as_millis() as u64;
-    let mut out = Vec::new();
-    // Lines, evenly spread at the rate, each from a peer running at that moment: drawn after
-    // the faults, so the two timelines interleave.
-    let mut faults = Vec::new();
-    let mean = spec.every.as_millis().max(1) as f64;
-    let mut t = 0.0;
-    loop {
-        // Exponential gaps: faults arrive as a Poisson process with the given mean interval.
-        t += -mean * (1.0 - rng.random::<f64>()).ln();
-        if t as u64 >= end {
-            break;
-        }
-        if let Some(fault) = draw_fault(&mut rng, spec, &names, &mut running, &can_leave) {
-            faults.push(Planned { at_ms: t as u64, action: Action::Fault(fault) });
-        }
-    }
+    let faults = Faults {
+        rng: StdRng::seed_from_u64(seed),
+        spec,
+        names: peers.iter().map(|p| p.0.clone()).collect(),
+        leavers: peers.iter().filter(|p| p.2).map(|p| p.0.clone()).collect(),
+        running: running.clone(),
+        t: 0.0,
+        end,
+    };
     let gap = 1000.0 / spec.rate;
-    let mut fault_index = 0;
-    let mut alive: Vec<String> = peers.iter().filter(|p| p.1).map(|p| p.0.clone()).collect();
-    let mut at = gap / 2.0;
-    while (at as u64) < end {
-        while fault_index < faults.len() && faults[fault_index].at_ms <= at as u64 {
-            apply(&faults[fault_index].action, &mut alive);
-            out.push(faults[fault_index].clone());
-            fault_index += 1;
-        }
-        if let Some(peer) = alive.choose(&mut rng) {
-            out.push(Planned { at_ms: at as u64, action: Action::Say { say: peer.clone() } });
-        }
-        at += gap;
+    Schedule {
+        faults: faults.peekable(),
+        lines: StdRng::seed_from_u64(seed ^ LINES_STREAM),
+        alive: running,
+        gap,
+        next_line: gap / 2.0,
+        end,
     }
-    out.extend(faults.into_iter().skip(fault_index));
-    out
+}
+
+/// Lines are drawn from a random stream of their own, so that the faults a seed gives do not
+/// depend on the rate or on how many lines were drawn before them.
+const LINES_STREAM: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// A chaos step's schedule: the faults, with lines evenly spread at the rate between them, each
+/// from a peer running at that moment.
+pub struct Schedule<'a> {
+    faults: Peekable<Faults<'a>>,
+    lines: StdRng,
+    /// Who runs, as the faults taken so far leave it.
+    alive: Vec<String>,
+    /// Milliseconds between lines, and the offset of the next one.
+    gap: f64,
+    next_line: f64,
+    end: u64,
+}
+
+impl Iterator for Schedule<'_> {
+    type Item = Planned;
+
+    fn next(&mut self) -> Option<Planned> {
+        loop {
+            let line_at = self.next_line as u64;
+            let lines_over = line_at >= self.end;
+            if let Some(planned) = self.faults.next_if(|f| lines_over || f.at_ms <= line_at) {
+                apply(&planned.action, &mut self.alive);
+                return Some(planned);
+            }
+            // Nobody left to say a line and no fault to start anyone: nothing more happens.
+            if lines_over || self.alive.is_empty() && self.faults.peek().is_none() {
+                return None;
+            }
+            self.next_line += self.gap;
+            if let Some(peer) = self.alive.choose(&mut self.lines) {
+                return Some(Planned { at_ms: line_at, action: Action::Say { say: peer.clone() } });
+            }
+        }
+    }
+}
+
+/// The faults of a schedule, simulating which peers each leaves running.
+struct Faults<'a> {
+    rng: StdRng,
+    spec: &'a ChaosSpec,
+    names: Vec<String>,
+    /// Peers with bootstrap peers: those that may be stopped gracefully.
+    leavers: Vec<String>,
+    running: Vec<String>,
+    /// Offset of the latest draw, in milliseconds.
+    t: f64,
+    end: u64,
+}
+
+impl Iterator for Faults<'_> {
+    type Item = Planned;
+
+    /// The next fault, until the end. Faults arrive as a Poisson process (exponential gaps) with
+    /// the given mean interval. When no fault applies, none ever will (only faults change which
+    /// apply), so that ends the faults too.
+    fn next(&mut self) -> Option<Planned> {
+        let mean = self.spec.every.as_millis().max(1) as f64;
+        self.t += -mean * (1.0 - self.rng.random::<f64>()).ln();
+        if self.t as u64 >= self.end {
+            return None;
+        }
+        let can_leave = |name: &String| self.leavers.contains(name);
+        let fault = draw_fault(&mut self.rng, self.spec, &self.names, &self.running, &can_leave)?;
+        let planned = Planned { at_ms: self.t as u64, action: Action::Fault(fault) };
+        apply(&planned.action, &mut self.running);
+        Some(planned)
+    }
 }
 
 fn apply(action: &Action, running: &mut Vec<String>) {
@@ -125,11 +205,12 @@ fn apply(action: &Action, running: &mut Vec<String>) {
     }
 }
 
+/// A fault among the allowed kinds that apply, given who runs.
 fn draw_fault(
     rng: &mut StdRng,
     spec: &ChaosSpec,
     names: &[String],
-    running: &mut Vec<String>,
+    running: &[String],
     can_leave: &impl Fn(&String) -> bool,
 ) -> Option<Fault> {
     let allowed = |k: &str| spec.faults.iter().any(|f| f == k);
@@ -151,7 +232,7 @@ fn draw_fault(
     }
     let kind = *kinds.choose(rng)?;
     let pick = |rng: &mut StdRng, from: &[String]| from.choose(rng).cloned();
-    let fault = match kind {
+    Some(match kind {
         "kill" => Fault::Kill { peer: pick(rng, running)? },
         "stop" => {
             let leavers: Vec<String> = running.iter().filter(|p| can_leave(p)).cloned().collect();
@@ -175,13 +256,7 @@ fn draw_fault(
             if kind == "cut" { Fault::Cut { a, b } } else { Fault::OneWay { from: a, to: b } }
         }
         _ => Fault::Heal,
-    };
-    match &fault {
-        Fault::Kill { peer } | Fault::Stop { peer } => running.retain(|p| p != peer),
-        Fault::Start { peer } => running.push(peer.clone()),
-        _ => {}
-    }
-    Some(fault)
+    })
 }
 
 /// Runs a chaos step: the planned faults and lines at their offsets, then heal all and start
@@ -190,10 +265,9 @@ pub async fn run<B: Backend>(lab: &mut Lab<B>, spec: &ChaosSpec, seed: u64) -> R
     let world = lab.world();
     let peers: Vec<(String, bool, bool)> =
         world.names().map(|n| (n.clone(), world.peer(n).is_some_and(|p| p.running), lab.has_bootstrap(n))).collect();
-    let schedule = plan(seed, spec, &peers);
     let started = Instant::now();
     let mut record = ChaosRecord { seed, ..ChaosRecord::default() };
-    for planned in &schedule {
+    for planned in plan(seed, spec, &peers) {
         let due = started + Duration::from_millis(planned.at_ms);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             lab.sleep(wait).await?;
@@ -205,7 +279,7 @@ pub async fn run<B: Backend>(lab: &mut Lab<B>, spec: &ChaosSpec, seed: u64) -> R
             }
             Action::Fault(fault) => {
                 inflict(lab, fault).await?;
-                record.faults.push(planned.clone());
+                record.applied(&planned, fault);
             }
         }
     }
@@ -252,15 +326,72 @@ mod tests {
         (1..=n).map(|i| (format!("p{i}"), true, i > 1)).collect()
     }
 
+    fn drawn(seed: u64, spec: &ChaosSpec, peers: &[(String, bool, bool)]) -> Vec<Planned> {
+        plan(seed, spec, peers).collect()
+    }
+
+    fn faults(schedule: &[Planned]) -> Vec<&Planned> {
+        schedule.iter().filter(|p| matches!(p.action, Action::Fault(_))).collect()
+    }
+
     #[test]
     fn the_same_seed_gives_the_same_schedule() {
-        assert_eq!(plan(7, &spec(), &peers(12)), plan(7, &spec(), &peers(12)));
-        assert_ne!(plan(7, &spec(), &peers(12)), plan(8, &spec(), &peers(12)));
+        assert_eq!(drawn(7, &spec(), &peers(12)), drawn(7, &spec(), &peers(12)));
+        assert_ne!(drawn(7, &spec(), &peers(12)), drawn(8, &spec(), &peers(12)));
+    }
+
+    #[test]
+    fn the_faults_do_not_depend_on_the_lines() {
+        let mut busy = spec();
+        busy.rate = 1000.0;
+        let (calm, busy) = (drawn(5, &spec(), &peers(12)), drawn(5, &busy, &peers(12)));
+        assert_eq!(faults(&calm), faults(&busy));
+        let mut longer = spec();
+        longer.duration *= 2;
+        let head: Vec<Planned> = plan(5, &longer, &peers(12)).take_while(|p| p.at_ms < 30_000).collect();
+        assert_eq!(head, calm, "a longer step begins as the shorter one");
+    }
+
+    #[test]
+    fn a_long_step_is_drawn_as_it_goes() {
+        let century = ChaosSpec {
+            duration: Duration::from_secs(100 * 365 * 24 * 3600),
+            rate: 1000.0,
+            every: Duration::from_millis(1),
+            ..spec()
+        };
+        let head: Vec<Planned> = plan(9, &century, &peers(12)).take(100_000).collect();
+        assert_eq!(head.len(), 100_000);
+        assert!(head.windows(2).all(|w| w[0].at_ms <= w[1].at_ms), "in time order");
+        assert!(head.iter().any(|p| matches!(p.action, Action::Say { .. })), "lines between the faults");
+    }
+
+    #[test]
+    fn a_schedule_with_nothing_to_do_ends_at_once() {
+        let idle = ChaosSpec {
+            duration: Duration::from_secs(100 * 365 * 24 * 3600),
+            every: Duration::from_millis(1),
+            faults: vec!["kill".into()],
+            ..spec()
+        };
+        assert_eq!(plan(1, &idle, &[]).next(), None, "no peer to say a line, no fault that applies");
+    }
+
+    #[test]
+    fn the_record_lists_a_bounded_number_of_faults_and_counts_them_all() {
+        let mut record = ChaosRecord::default();
+        let heal = Planned { at_ms: 1, action: Action::Fault(Fault::Heal) };
+        for _ in 0..MAX_LISTED_FAULTS + 500 {
+            record.applied(&heal, &Fault::Heal);
+        }
+        assert_eq!(record.faults.len(), MAX_LISTED_FAULTS);
+        assert_eq!(record.fault_count(), MAX_LISTED_FAULTS + 500);
+        assert_eq!(record.applied["heal"], MAX_LISTED_FAULTS + 500);
     }
 
     #[test]
     fn schedules_respect_the_rate_the_faults_and_the_living() {
-        let schedule = plan(3, &spec(), &peers(12));
+        let schedule = drawn(3, &spec(), &peers(12));
         let says = schedule.iter().filter(|p| matches!(p.action, Action::Say { .. })).count();
         assert_eq!(says, 150, "5 lines a second for 30 s");
         let mut running: Vec<String> = peers(12).into_iter().map(|p| p.0).collect();

@@ -253,6 +253,29 @@ impl<B: Backend> Lab<B> {
         .await
     }
 
+    /// Waits until `peer` has a timeline mark of `kind` whose detail contains `needle` (a
+    /// neighbour up or down, say). Returns the detail.
+    pub async fn await_mark(
+        &mut self,
+        peer: &str,
+        kind: &str,
+        needle: &str,
+        within: Duration,
+    ) -> Result<String, LabError> {
+        let deadline = Instant::now() + self.scaled(within);
+        let find = |w: &World| {
+            w.timeline
+                .iter()
+                .find(|m| m.peer == peer && m.kind == kind && m.detail.contains(needle))
+                .map(|m| m.detail.clone())
+        };
+        self.wait_until(deadline, format!("{peer} to record {kind} {needle:?}"), |w| {
+            find(w).is_none().then(|| "not yet".to_string())
+        })
+        .await?;
+        Ok(find(&self.world).expect("waited for it"))
+    }
+
     /// Waits until the mesh among `members` (all running peers when None) is what the cuts
     /// allow: every uncut pair connected both ways, every cut pair apart. With all peers, a
     /// neighbour that is not a live member also counts against it. Returns the time taken.

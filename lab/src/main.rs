@@ -1,7 +1,7 @@
 //! `lab`: run scenario files against real peers. Exit status: 0 when every check passes, 1 when
 //! one fails, 2 for a bad scenario file or command line, 130 when interrupted.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -123,8 +123,9 @@ async fn run_all(scenarios: Vec<Scenario>, common: Common, seed: Option<u64>, in
     let peer = peer_bin(common.peer_bin);
     let several = scenarios.len() > 1;
     let mut failed = 0;
-    for scenario in &scenarios {
-        let report_dir = common.report.as_ref().map(|d| if several { d.join(&scenario.name) } else { d.clone() });
+    for (index, scenario) in scenarios.iter().enumerate() {
+        let report_dir =
+            common.report.as_ref().map(|d| if several { report_dir_of(d, &scenario.name, index) } else { d.clone() });
         let outcome = match common.backend {
             BackendKind::Process => {
                 run_one(scenario, ProcessBackend::new(&peer), &options, report_dir.as_deref(), interrupt).await
@@ -151,6 +152,18 @@ async fn run_all(scenarios: Vec<Scenario>, common: Common, seed: Option<u64>, in
         println!("{} of {} scenarios passed", scenarios.len() - failed, scenarios.len());
     }
     if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+/// Where the `index`-th scenario's report goes when several run: `dir/NAME`. Parsing refuses a
+/// `name` that is not one plain path component, but a default name comes from the file name
+/// (`..toml` gives `.`); so any name that could lead anywhere but a directory of its own inside
+/// `dir` gets `scenario-N` instead.
+fn report_dir_of(dir: &Path, name: &str, index: usize) -> PathBuf {
+    let mut parts = Path::new(name).components();
+    match (parts.next(), parts.next()) {
+        (Some(Component::Normal(name)), None) => dir.join(name),
+        _ => dir.join(format!("scenario-{}", index + 1)),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -204,4 +217,18 @@ fn list(dir: &Path) -> ExitCode {
         }
     }
     if bad { ExitCode::from(2) } else { ExitCode::SUCCESS }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_of_several_scenarios_stay_inside_the_report_directory() {
+        let dir = Path::new("out");
+        assert_eq!(report_dir_of(dir, "chaos", 0), dir.join("chaos"));
+        for name in ["../../x", "..", ".", "", "/etc", "a/b", "./a"] {
+            assert_eq!(report_dir_of(dir, name, 2), dir.join("scenario-3"), "{name:?}");
+        }
+    }
 }

@@ -81,12 +81,14 @@ fn html(r: &Report) -> String {
     }
     h.push_str("</table>");
     if let Some(chaos) = r.steps.iter().find_map(|s| s.chaos.as_ref()) {
+        let listed = chaos.faults.len();
+        let first = if listed < chaos.fault_count() { format!(", the first {listed} listed") } else { String::new() };
         let _ = write!(
             h,
-            "<h2>Chaos</h2><p>seed {} · {} lines said · {} faults:</p><ol>",
+            "<h2>Chaos</h2><p>seed {} · {} lines said · {} faults{first}:</p><ol>",
             chaos.seed,
             chaos.lines,
-            chaos.faults.len()
+            chaos.fault_count()
         );
         for f in &chaos.faults {
             let what = serde_json::to_string(&f.action).unwrap_or_default();

@@ -35,7 +35,7 @@ pub struct StepRecord {
     pub converged_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
-    /// For chaos steps: the seed, every fault applied and the lines said.
+    /// For chaos steps: the seed, the faults applied and the lines said.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chaos: Option<ChaosRecord>,
 }
@@ -251,15 +251,9 @@ async fn execute<B: Backend>(lab: &mut Lab<B>, action: &Action, options: &RunOpt
                 println!("        chaos seed {seed} (replay it with --seed {seed})");
             }
             let record = chaos::run(lab, spec, seed).await?;
-            let mut kinds = std::collections::BTreeMap::new();
-            for p in &record.faults {
-                if let chaos::Action::Fault(f) = &p.action {
-                    *kinds.entry(f.kind()).or_insert(0) += 1;
-                }
-            }
-            let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            let kinds: Vec<String> = record.applied.iter().map(|(k, n)| format!("{n} {k}")).collect();
             let detail =
-                format!("seed {seed}: {} faults ({}), {} lines", record.faults.len(), kinds.join(", "), record.lines);
+                format!("seed {seed}: {} faults ({}), {} lines", record.fault_count(), kinds.join(", "), record.lines);
             return Ok(Outcome { converged: None, detail: Some(detail), chaos: Some(record) });
         }
     }

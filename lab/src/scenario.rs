@@ -4,18 +4,32 @@
 //! `stop`, `kill`, `restart`, `partition`, `cut`, `heal`, `say`, `await`, `sleep`, `chaos`) and the
 //! options of that verb. Parsing checks everything that can be checked before running: unknown
 //! keys, a step with no verb or two, peers used before they are started, lines that cannot be
-//! typed. Every error names the file and line.
+//! typed, and the limits below (so that no file can make the lab overflow a clock, allocate
+//! without bound or write outside its report directory). Every error names the file and line.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use humantime::DurationError;
+use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 /// Longest line a peer accepts on stdin: the limit docs/protocol.md documents (the lab knows the
 /// peer by its contract alone, not by its code).
 const MAX_TEXT: usize = 8 * 1024;
+/// Longest duration a scenario may write (`sleep`, `within`, `chaos`, `every`, `timeout`): far
+/// beyond any experiment, yet short enough that scaled by a backend's factor and added to the
+/// clock it cannot overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+/// Most peer names one step may write (repeats included): each is work for the lab.
+pub const MAX_PEERS_PER_STEP: usize = 1024;
+/// Most distinct peers a scenario may start.
+pub const MAX_PEERS: usize = 1024;
+/// Most lines one `say` step types.
+pub const MAX_SAY_COUNT: u32 = 100_000;
+/// Longest peer or scenario name, in bytes.
+const MAX_NAME: usize = 64;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 const DEFAULT_WITHIN: Duration = Duration::from_secs(10);
 
@@ -130,15 +144,15 @@ struct RawStep {
     #[serde(rename = "await")]
     wait: Option<AwaitKind>,
     peers: Option<Vec<String>>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     within: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     sleep: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     chaos: Option<Duration>,
     rate: Option<f64>,
     seed: Option<u64>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     every: Option<Duration>,
     faults: Option<Vec<String>>,
     note: Option<String>,
@@ -147,9 +161,9 @@ struct RawStep {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawScenario {
-    name: Option<String>,
+    name: Option<Spanned<String>>,
     description: Option<String>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     timeout: Option<Duration>,
     flags: Option<Vec<String>>,
     keyed: Option<bool>,
@@ -181,17 +195,24 @@ impl Scenario {
         if raw.step.is_empty() {
             return Err(fail(1, "a scenario needs at least one [[step]]".into()));
         }
+        let name = match raw.name {
+            Some(name) => {
+                let line = line_of(text, name.span().start);
+                scenario_name(name.into_inner()).map_err(|m| fail(line, m))?
+            }
+            None => default_name.to_owned(),
+        };
         let mut steps = Vec::new();
         for spanned in raw.step {
             let line = line_of(text, spanned.span().start);
             let raw = spanned.into_inner();
             let note = raw.note.clone();
-            let action = raw.into_action().map_err(|m| fail(line, m))?;
+            let action = raw.into_action().and_then(check_size).map_err(|m| fail(line, m))?;
             steps.push(Step { line, note, action });
         }
         check_names(&steps).map_err(|(line, m)| fail(line, m))?;
         Ok(Scenario {
-            name: raw.name.unwrap_or_else(|| default_name.to_owned()),
+            name,
             description: raw.description.unwrap_or_default(),
             timeout: raw.timeout.unwrap_or(DEFAULT_TIMEOUT),
             flags: raw.flags.unwrap_or_default(),
@@ -204,6 +225,86 @@ impl Scenario {
 /// 1-based line of a byte offset.
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+}
+
+/// Reads a duration field (`250ms`, `1h 30m`), at most [`MAX_DURATION`].
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text).map(Some).map_err(serde::de::Error::custom)
+}
+
+/// Parses a duration term by term, adding the terms with checked arithmetic: humantime adds
+/// them with `Duration::new`, which panics when the sum reaches u64::MAX seconds with a carry
+/// (`18446744073709551615s 1000ms`).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let limit = humantime::format_duration(MAX_DURATION);
+    let too_long = || format!("duration {text:?} is over the limit of {limit}");
+    let mut sum = Duration::ZERO;
+    for (start, term) in terms(text) {
+        let d = humantime::parse_duration(term).map_err(|e| match e {
+            // Without a fraction, only a number too large for humantime overflows.
+            DurationError::NumberOverflow if !term.contains('.') => too_long(),
+            e => format!("bad duration {text:?}: {}", shifted(e, start)),
+        })?;
+        sum = sum.checked_add(d).filter(|s| *s <= MAX_DURATION).ok_or_else(too_long)?;
+    }
+    Ok(sum)
+}
+
+/// Splits a duration into its terms (`1h 30m` into `1h ` and `30m`) with their offsets: as
+/// humantime reads it, a term ends where a digit follows its unit. There is always one.
+fn terms(text: &str) -> Vec<(usize, &str)> {
+    let mut starts = vec![0];
+    let mut after_unit = false;
+    for (i, c) in text.char_indices() {
+        if c.is_ascii_digit() {
+            if after_unit {
+                starts.push(i);
+            }
+            after_unit = false;
+        } else if !c.is_whitespace() && c != '.' {
+            after_unit = true;
+        }
+    }
+    starts.push(text.len());
+    starts.windows(2).map(|w| (w[0], &text[w[0]..w[1]])).collect()
+}
+
+/// `e` with its offsets counted from the whole duration instead of from its term at `start`.
+fn shifted(e: DurationError, start: usize) -> DurationError {
+    match e {
+        DurationError::InvalidCharacter(at) => DurationError::InvalidCharacter(start + at),
+        DurationError::NumberExpected(at) => DurationError::NumberExpected(start + at),
+        DurationError::UnknownUnit { start: from, end, unit, value } => {
+            DurationError::UnknownUnit { start: start + from, end: start + end, unit, value }
+        }
+        e => e,
+    }
+}
+
+/// Whether `name` is 1 to [`MAX_NAME`] bytes of ASCII letters, digits, `-`, `_` and `extra`.
+fn is_plain(name: &str, extra: &[u8]) -> bool {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || extra.contains(&b);
+    !name.is_empty() && name.len() <= MAX_NAME && name.bytes().all(allowed)
+}
+
+/// A scenario's `name` names its report directory when several scenarios run, so it must be
+/// one plain path component: never `..`, never a `/`.
+fn scenario_name(name: String) -> Result<String, String> {
+    if is_plain(&name, b".") && name != "." && name != ".." {
+        return Ok(name);
+    }
+    Err(format!("bad scenario name {name:?}: use at most {MAX_NAME} letters, digits, -, _ and . (not . or .. alone)"))
+}
+
+/// Checks a step against [`MAX_PEERS_PER_STEP`]; every step goes through here, whatever form
+/// wrote its peers.
+fn check_size(action: Action) -> Result<Action, String> {
+    let named = action.peer_count();
+    if named > MAX_PEERS_PER_STEP {
+        return Err(format!("a step names at most {MAX_PEERS_PER_STEP} peers, this one {named}"));
+    }
+    Ok(action)
 }
 
 impl RawStep {
@@ -282,8 +383,8 @@ impl RawStep {
             "say" => {
                 let text = self.text.ok_or("a say step needs `text`")?;
                 let count = self.count.unwrap_or(1);
-                if count == 0 {
-                    return Err("`count` must be at least 1".into());
+                if !(1..=MAX_SAY_COUNT).contains(&count) {
+                    return Err(format!("`count` must be between 1 and {MAX_SAY_COUNT}"));
                 }
                 // As typed: a leading `/` is doubled, and `count` lines get a ` #N` suffix.
                 let escape = usize::from(text.starts_with('/'));
@@ -331,12 +432,8 @@ fn names(v: Option<OneOrMany>) -> Result<Vec<String>, String> {
     if v.is_empty() {
         return Err("name at least one peer".into());
     }
-    for n in &v {
-        let ok =
-            !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !ok {
-            return Err(format!("bad peer name {n:?}: use letters, digits, - and _"));
-        }
+    if let Some(n) = v.iter().find(|n| !is_plain(n, b"")) {
+        return Err(format!("bad peer name {n:?}: use at most {MAX_NAME} letters, digits, - and _"));
     }
     Ok(v)
 }
@@ -362,7 +459,9 @@ fn check_names(steps: &[Step]) -> Result<(), (usize, String)> {
                     if !running.insert(p) {
                         return Err((line, format!("{p:?} is already running")));
                     }
-                    known.insert(p);
+                    if known.insert(p) && known.len() > MAX_PEERS {
+                        return Err((line, format!("a scenario starts at most {MAX_PEERS} peers, {p:?} is one more")));
+                    }
                 }
             }
             Action::Stop(ps) | Action::Kill(ps) => {
@@ -426,6 +525,19 @@ fn check_names(steps: &[Step]) -> Result<(), (usize, String)> {
 }
 
 impl Action {
+    /// How many peer names the step writes, repeats included.
+    fn peer_count(&self) -> usize {
+        match self {
+            Action::Start { peers, via, .. } => peers.len() + via.len(),
+            Action::Stop(peers) | Action::Kill(peers) | Action::Restart(peers) => peers.len(),
+            Action::Partition(groups) => groups.iter().map(Vec::len).sum(),
+            Action::AwaitMesh { peers, .. } => peers.as_ref().map_or(0, Vec::len),
+            Action::Cut { .. } | Action::Heal(Some(_)) => 2,
+            Action::Say { .. } => 1,
+            Action::Heal(None) | Action::AwaitDelivery { .. } | Action::Sleep(_) | Action::Chaos(_) => 0,
+        }
+    }
+
     /// A short description for progress lines and reports.
     pub fn describe(&self) -> String {
         let list = |v: &[String]| v.join(", ");
@@ -566,5 +678,91 @@ mod tests {
             error(&say(&format!("/{}", "x".repeat(MAX_TEXT - 1)), 1)).contains("(here 8193)"),
             "so does the escape"
         );
+    }
+
+    #[test]
+    fn durations_are_at_most_a_day_wherever_they_are_written() {
+        let cases = [
+            ("timeout = \"2d\"\n[[step]]\nsleep = \"1s\"\n", 1, "2d"),
+            ("[[step]]\nsleep = \"300000000000y\"\n", 2, "300000000000y"),
+            ("[[step]]\nstart = \"a\"\n[[step]]\nawait = \"mesh\"\nwithin = \"25h\"\n", 5, "25h"),
+            ("[[step]]\nstart = \"a\"\n[[step]]\nchaos = \"100y\"\n", 4, "100y"),
+            ("[[step]]\nstart = \"a\"\n[[step]]\nchaos = \"1s\"\nevery = \"1d 1ns\"\n", 5, "1d 1ns"),
+            // humantime alone panics on this one: its terms add up to u64::MAX seconds and a carry.
+            ("[[step]]\nsleep = \"18446744073709551615s 1000ms\"\n", 2, "18446744073709551615s 1000ms"),
+            ("[[step]]\nsleep = \"99999999999999999999s\"\n", 2, "99999999999999999999s"),
+        ];
+        for (text, line, written) in cases {
+            assert_eq!(error(text), format!("t.toml:{line}: duration {written:?} is over the limit of 1day"));
+        }
+        assert_eq!(parse("[[step]]\nsleep = \"23h 59m 60s\"\n").unwrap().steps[0].action, Action::Sleep(MAX_DURATION));
+    }
+
+    #[test]
+    fn durations_read_as_humantime_reads_them() {
+        assert_eq!(parse_duration("1.5h30m"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration(" 1 2s 500 ms "), Ok(Duration::from_millis(12_500)));
+        assert_eq!(parse_duration("1h -3m"), Err("bad duration \"1h -3m\": expected number at 3".into()));
+        assert_eq!(parse_duration("2s 1h."), Err("bad duration \"2s 1h.\": invalid character at 5".into()));
+        assert_eq!(parse_duration(""), Err("bad duration \"\": value was empty".into()));
+        assert!(parse_duration("1m 3x").unwrap_err().contains("unknown time unit \"x\""));
+    }
+
+    #[test]
+    fn the_longest_duration_scaled_by_any_backend_still_fits_the_clock() {
+        let scaled = MAX_DURATION.mul_f64(crate::backend::docker::TIME_SCALE);
+        assert!(std::time::Instant::now().checked_add(scaled).is_some());
+    }
+
+    fn list(prefix: &str, n: usize) -> String {
+        let names: Vec<String> = (1..=n).map(|i| format!("\"{prefix}{i}\"")).collect();
+        format!("[{}]", names.join(", "))
+    }
+
+    #[test]
+    fn a_step_names_at_most_so_many_peers() {
+        let start = |n| format!("[[step]]\nstart = {}\n", list("p", n));
+        assert!(parse(&start(MAX_PEERS_PER_STEP)).is_ok());
+        assert_eq!(error(&start(MAX_PEERS_PER_STEP + 1)), "t.toml:1: a step names at most 1024 peers, this one 1025");
+        let repeats = format!("[[step]]\nstart = \"a\"\n[[step]]\nrestart = [{}]\n", vec!["\"a\""; 1025].join(", "));
+        assert_eq!(error(&repeats), "t.toml:3: a step names at most 1024 peers, this one 1025", "repeats count");
+    }
+
+    #[test]
+    fn a_scenario_starts_at_most_so_many_peers() {
+        let text = format!(
+            "[[step]]\nstart = {}\n[[step]]\nstart = {}\nvia = \"p1\"\n",
+            list("p", MAX_PEERS - 1),
+            list("q", 2)
+        );
+        assert_eq!(error(&text), "t.toml:3: a scenario starts at most 1024 peers, \"q2\" is one more");
+        let restarted =
+            format!("[[step]]\nstart = {}\n[[step]]\nstop = \"p1\"\n[[step]]\nstart = \"p1\"\n", list("p", MAX_PEERS));
+        assert!(parse(&restarted).is_ok(), "the same peer started again is not one more");
+    }
+
+    #[test]
+    fn a_say_step_types_at_most_so_many_lines() {
+        let say =
+            |count: u32| format!("[[step]]\nstart = \"a\"\n[[step]]\nsay = \"a\"\ntext = \"x\"\ncount = {count}\n");
+        assert!(parse(&say(MAX_SAY_COUNT)).is_ok());
+        for count in [0, MAX_SAY_COUNT + 1] {
+            assert_eq!(error(&say(count)), "t.toml:3: `count` must be between 1 and 100000");
+        }
+    }
+
+    #[test]
+    fn a_scenario_name_is_one_plain_path_component() {
+        let named = |name: &str| format!("description = \"d\"\nname = \"{name}\"\n[[step]]\nsleep = \"1ms\"\n");
+        assert_eq!(parse(&named("v1.2_x-y")).unwrap().name, "v1.2_x-y");
+        for bad in ["../../x", "..", ".", "", "a/b", "a b", &"x".repeat(65)] {
+            assert_eq!(
+                error(&named(bad)),
+                format!(
+                    "t.toml:2: bad scenario name {bad:?}: use at most 64 letters, digits, -, _ and . (not . or .. alone)"
+                )
+            );
+        }
+        assert_eq!(parse("[[step]]\nsleep = \"1ms\"\n").unwrap().name, "t", "the default: the file's name");
     }
 }

@@ -144,6 +144,8 @@ pub struct Said {
 #[derive(Debug, Clone)]
 struct Receipt {
     count: u32,
+    /// The text shown the first time.
+    text: String,
     first_at: Instant,
     caught_up: bool,
     /// When the connection it came over last came up (for catch-up latency).
@@ -321,11 +323,12 @@ impl World {
                 let origin = p.id.clone().unwrap_or_default();
                 p.sent += 1;
                 p.holds.insert(msg_id.clone());
+                self.check_texts(&msg_id, &text);
                 self.by_msg_id.insert(msg_id.clone(), self.said.len());
                 self.said.push(Said { msg_id, origin, origin_name: name.to_owned(), seq, text, at });
             }
-            PeerEvent::Message { msg_id, seq, from, via, caught_up, .. } => {
-                self.on_message(name, at, &msg_id, seq, &from.id, &via, caught_up)
+            PeerEvent::Message { msg_id, seq, from, via, caught_up, text } => {
+                self.on_message(name, at, &msg_id, seq, &from.id, &via, caught_up, text)
             }
             PeerEvent::Gap { from, upto, .. } => {
                 let me = p.id.clone().unwrap_or_default();
@@ -343,8 +346,39 @@ impl World {
         }
     }
 
+    /// Every showing of a line must show what its sender said: a line shown with other words
+    /// (a forgery that got through) breaks the run at once, whichever of the two the lab read
+    /// first.
+    fn check_texts(&mut self, msg_id: &str, said: &str) {
+        let wrong: Vec<String> = self
+            .receipts
+            .iter()
+            .filter(|((_, m), r)| m == msg_id && r.text != said)
+            .map(|((receiver, _), r)| {
+                format!("{} showed {msg_id} as {:?}, but its sender said {said:?}", self.name_of(receiver), r.text)
+            })
+            .collect();
+        self.violations.extend(wrong.into_iter().map(|what| Violation { peer: "*".into(), what }));
+    }
+
     #[allow(clippy::too_many_arguments)]
-    fn on_message(&mut self, name: &str, at: Instant, msg_id: &str, seq: u64, from: &str, via: &str, caught_up: bool) {
+    fn on_message(
+        &mut self,
+        name: &str,
+        at: Instant,
+        msg_id: &str,
+        seq: u64,
+        from: &str,
+        via: &str,
+        caught_up: bool,
+        text: String,
+    ) {
+        if let Some(said) = self.by_msg_id.get(msg_id).map(|i| self.said[*i].text.clone())
+            && said != text
+        {
+            let what = format!("showed {msg_id} as {text:?}, but its sender said {said:?}");
+            self.violations.push(Violation { peer: name.into(), what });
+        }
         let p = self.peers.get_mut(name).expect("checked by observe");
         let me = p.id.clone().unwrap_or_default();
         if from == me {
@@ -368,6 +402,7 @@ impl World {
         let link_up_at = self.link_up.get(&(me.clone(), via.to_owned())).copied();
         self.receipts.entry((me, msg_id.to_owned())).and_modify(|r| r.count += 1).or_insert(Receipt {
             count: 1,
+            text,
             first_at: at,
             caught_up,
             link_up_at,
@@ -611,6 +646,28 @@ mod tests {
         let msg_id = format!("id-{from}-{seq}");
         let via = format!("id-{from}");
         ev(w, who, PeerEvent::Message { msg_id, seq, from: r(from), via, text: "t".into(), caught_up: false });
+    }
+
+    #[test]
+    fn a_line_shown_with_other_words_than_its_sender_said_is_a_violation() {
+        let mut w = world(&["a", "b", "c"]);
+        link(&mut w, "a", "b");
+        link(&mut w, "a", "c");
+        // c shows a forgery before the lab has read a's `sent`; b shows one after.
+        let forged = || PeerEvent::Message {
+            msg_id: "id-a-1".into(),
+            seq: 1,
+            from: r("a"),
+            via: "id-m".into(),
+            text: "pay mallory".into(),
+            caught_up: true,
+        };
+        ev(&mut w, "c", forged());
+        say(&mut w, "a", 1);
+        assert_eq!(w.violations().len(), 1, "{:?}", w.violations());
+        ev(&mut w, "b", forged());
+        assert_eq!(w.violations().len(), 2, "{:?}", w.violations());
+        assert!(w.violations()[1].what.contains("as \"pay mallory\", but its sender said \"t\""));
     }
 
     #[test]

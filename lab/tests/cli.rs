@@ -1,5 +1,5 @@
 //! The `lab` command line: exit status 0 when every check passes, 1 when one fails, 2 for a bad
-//! scenario file (naming the line). A stand-in peer (a shell script that prints a listening
+//! scenario file or one over the limits (naming the line). A stand-in peer (a shell script that prints a listening
 //! event and never connects) keeps these tests independent of the real peer.
 
 use std::os::unix::fs::PermissionsExt;
@@ -47,6 +47,125 @@ fn a_bad_scenario_file_exits_2_naming_the_line() {
     let out = lab().arg("run").arg(&file).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8(out.stderr).unwrap().contains("broken.toml:1:"));
+}
+
+/// Runs `lab run` on `files`, which it must refuse at once: exit status 2, no panic. Returns
+/// its stderr. Killed after ten seconds, so that a scenario it does run cannot hang the tests.
+fn refused(files: &[&Path], more: &[&str]) -> String {
+    let mut child = lab()
+        .arg("run")
+        .args(files)
+        .args(more)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("lab ran {files:?} instead of refusing it");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+fn peer_list(prefix: &str, n: usize) -> String {
+    let names: Vec<String> = (1..=n).map(|i| format!("\"{prefix}{i}\"")).collect();
+    format!("[{}]", names.join(", "))
+}
+
+#[test]
+fn inputs_over_the_limits_exit_2_naming_the_file_and_line() {
+    let dir = temp_dir("limits");
+    let start_a = "[[step]]\nstart = \"a\"\n";
+    let cases = [
+        (
+            "sleep.toml",
+            "[[step]]\nsleep = \"300000000000y\"\n".to_string(),
+            2,
+            "duration \"300000000000y\" is over the limit of 1day",
+        ),
+        (
+            "carry.toml",
+            "[[step]]\nsleep = \"18446744073709551615s 1000ms\"\n".into(),
+            2,
+            "duration \"18446744073709551615s 1000ms\" is over the limit of 1day",
+        ),
+        (
+            "timeout.toml",
+            "timeout = \"2d\"\n[[step]]\nsleep = \"1s\"\n".into(),
+            1,
+            "duration \"2d\" is over the limit of 1day",
+        ),
+        (
+            "within.toml",
+            format!("{start_a}[[step]]\nawait = \"mesh\"\nwithin = \"25h\"\n"),
+            5,
+            "duration \"25h\" is over the limit of 1day",
+        ),
+        (
+            "every.toml",
+            format!("{start_a}[[step]]\nchaos = \"1m\"\nevery = \"2d\"\n"),
+            5,
+            "duration \"2d\" is over the limit of 1day",
+        ),
+        (
+            "chaos.toml",
+            format!("{start_a}[[step]]\nchaos = \"100y\"\n"),
+            4,
+            "duration \"100y\" is over the limit of 1day",
+        ),
+        (
+            "step.toml",
+            format!("[[step]]\nstart = {}\n", peer_list("p", 1025)),
+            1,
+            "a step names at most 1024 peers, this one 1025",
+        ),
+        (
+            "peers.toml",
+            format!("[[step]]\nstart = {}\n[[step]]\nstart = {}\n", peer_list("p", 1000), peer_list("q", 25)),
+            3,
+            "a scenario starts at most 1024 peers, \"q25\" is one more",
+        ),
+        (
+            "count.toml",
+            format!("{start_a}[[step]]\nsay = \"a\"\ntext = \"hi\"\ncount = 100001\n"),
+            3,
+            "`count` must be between 1 and 100000",
+        ),
+    ];
+    for (name, text, line, message) in cases {
+        let file = scenario(&dir, name, &text);
+        let stderr = refused(&[&file], &[]);
+        assert!(stderr.contains(&format!("{}:{line}: {message}", file.display())), "{name}: {stderr}");
+    }
+}
+
+#[test]
+fn a_scenario_name_cannot_put_its_report_outside_the_report_directory() {
+    let dir = temp_dir("escape");
+    let evil = scenario(&dir, "evil.toml", "name = \"../../x\"\n[[step]]\nsleep = \"1ms\"\n");
+    let good = scenario(&dir, "good.toml", "[[step]]\nsleep = \"1ms\"\n");
+    let report = dir.join("a").join("b").join("report");
+    let stderr = refused(&[&evil, &good], &["--report", report.to_str().unwrap()]);
+    assert!(
+        stderr.contains(&format!("{}:1: bad scenario name \"../../x\": use at most 64 letters", evil.display())),
+        "{stderr}"
+    );
+    assert!(!dir.join("a").exists(), "nothing written, inside the report directory or out");
+    // A name taken from the file (`..toml` gives `.`) cannot leave a directory of its own either.
+    let dot = scenario(&dir, "..toml", "[[step]]\nsleep = \"1ms\"\n");
+    let out = lab().arg("run").arg(&dot).arg(&good).arg("--report").arg(&report).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(report.join("scenario-1").join("report.json").is_file());
+    assert!(report.join("good").join("report.json").is_file());
+    assert!(!report.join("report.json").exists());
 }
 
 #[test]

@@ -50,6 +50,20 @@ pub fn signed_lines(me: &Identity, name: &str, after: u64, head: ChainHash, text
     (Lines { origin: me.id(), name: name.into(), lines, sig, catch_up: false }, h)
 }
 
+/// What became of a connection attempt: None when it was admitted, else why not. (A dialler's
+/// side of the handshake ends before the acceptor has checked the dialler's hello, so a
+/// refusal can come right after it; an admitted dialler is sent the acceptor's digest first.)
+pub async fn refusal(attempt: Result<Client, String>) -> Option<String> {
+    match attempt {
+        Err(e) => Some(e),
+        Ok(mut c) => match c.recv().await {
+            Some(Message::Refuse { reason }) => Some(format!("refused by the other side: {reason}")),
+            Some(_) => None,
+            None => Some("closed".into()),
+        },
+    }
+}
+
 /// A connection to a peer, past the handshake.
 pub struct Client {
     framed: Framed<TcpStream, LengthDelimitedCodec>,
@@ -74,10 +88,26 @@ impl Client {
             socket.bind(SocketAddr::new(ip, 0)).map_err(|e| e.to_string())?;
         }
         let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
+        Self::handshake(stream, Side::Dialer, me, hello, mesh_key).await
+    }
+
+    /// Accepts one connection on `listener` and completes the handshake as `me`, in an open mesh.
+    pub async fn accept(listener: &tokio::net::TcpListener, me: &Identity, hello: Hello) -> Result<Client, String> {
+        let (stream, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        Self::handshake(stream, Side::Acceptor, me, hello, None).await
+    }
+
+    async fn handshake(
+        stream: TcpStream,
+        side: Side,
+        me: &Identity,
+        hello: Hello,
+        mesh_key: Option<MeshKey>,
+    ) -> Result<Client, String> {
         let mut framed = Framed::new(stream, frame::codec());
         let local = Local { identity: me.clone(), mesh_key };
         let (mut hs, first) =
-            Handshake::start(Side::Dialer, &local, &hello, Instant::now(), DEADLINE).map_err(|f| f.error.to_string())?;
+            Handshake::start(side, &local, &hello, Instant::now(), DEADLINE).map_err(|f| f.error.to_string())?;
         for f in first {
             framed.send(f).await.map_err(|e| e.to_string())?;
         }
@@ -97,7 +127,12 @@ impl Client {
                     let transport = done.transport.take();
                     return Ok(Client { framed, transport, theirs: done.hello });
                 }
-                Err(fail) => return Err(fail.error.to_string()),
+                Err(fail) => {
+                    for f in fail.send {
+                        let _ = framed.send(f).await;
+                    }
+                    return Err(fail.error.to_string());
+                }
             }
         }
     }

@@ -108,6 +108,11 @@ impl TimedLines {
         TimedLines { lines }
     }
 
+    /// The next line if one comes within `wait` (None when it does not, or the output ended).
+    pub fn next_within(&self, wait: std::time::Duration) -> Option<String> {
+        self.lines.recv_timeout(wait).ok()
+    }
+
     /// The next line; fails the test if none comes within the deadline or the output ends.
     pub fn next(&self) -> String {
         match self.lines.recv_timeout(LINE_DEADLINE) {
@@ -116,6 +121,14 @@ impl TimedLines {
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the output ended"),
         }
     }
+}
+
+/// A loopback address of a test's own (127.x.y.z), so that tests running side by side never
+/// reach each other's peers.
+pub fn loopback() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let r = std::collections::hash_map::RandomState::new().build_hasher().finish().to_le_bytes();
+    format!("127.{}.{}.{}", r[0].max(1), r[1], r[2].clamp(2, 254))
 }
 
 /// Peer names as owned strings.

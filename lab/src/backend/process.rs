@@ -102,7 +102,13 @@ impl ProcessBackend {
     /// An address of this lab's block that no peer has, for a test's own hosts (an attacker, a
     /// relay): the last one of the block.
     pub fn spare_ip(&self) -> Ipv4Addr {
-        self.nth(MAX_PEERS - 1).expect("in the block")
+        self.spare_ips(1)[0]
+    }
+
+    /// `k` addresses of this lab's block that no peer has (from the end of the block), as long
+    /// as the lab runs fewer than `MAX_PEERS - k` peers.
+    pub fn spare_ips(&self, k: usize) -> Vec<Ipv4Addr> {
+        (0..k).map(|i| self.nth(MAX_PEERS - 1 - i).expect("in the block")).collect()
     }
 
     fn command(&self, spec: &PeerSpec, ip: Ipv4Addr, port: u16) -> anyhow::Result<Command> {
