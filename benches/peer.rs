@@ -28,7 +28,7 @@ const DEFAULTS: &[&str] = &[
 ];
 
 fn new_lab() -> Lab<ProcessBackend> {
-    let mut lab = Lab::new(ProcessBackend::new(env!("CARGO_BIN_EXE_peer")));
+    let mut lab = Lab::new(ProcessBackend::new(support::bench_peer()));
     lab.common_flags = DEFAULTS.iter().map(|s| s.to_string()).collect();
     lab
 }
@@ -49,7 +49,10 @@ fn pct(v: &[Duration], p: f64) -> Duration {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let names = ["p1", "p2", "p3", "p4", "p5", "p6"];
-    println!("peer binary: {} bytes", std::fs::metadata(env!("CARGO_BIN_EXE_peer")).unwrap().len());
+    println!("peer binary {}: {} bytes", support::bench_peer(), std::fs::metadata(support::bench_peer()).unwrap().len());
+    if std::env::var("MESHLAB_BENCH_PEER").is_err() {
+        crypto_rates();
+    }
 
     // Start to listening, and the six-peer demo's convergence after the last peer listens.
     let (mut starts, mut meshes, mut kills, mut rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -81,20 +84,22 @@ async fn main() {
         rss[rss.len() - 1]
     );
 
-    // 32 peers started together.
-    let mut big = Vec::new();
-    for _ in 0..5 {
-        let mut lab = new_lab();
-        let t0 = Instant::now();
-        lab.start(&["seed"], &[], &[]).await.unwrap();
-        let others: Vec<String> = (1..32).map(|i| format!("n{i:02}")).collect();
-        let refs: Vec<&str> = others.iter().map(String::as_str).collect();
-        lab.start(&refs, &["seed"], &[]).await.unwrap();
-        lab.await_mesh(None, WITHIN).await.unwrap();
-        big.push(lab.last_event_at().saturating_duration_since(t0));
-        lab.shutdown().await;
+    // 32 and 64 peers started together through one seed, each on its own loopback address.
+    for (n, runs) in [(32, 5), (64, 5)] {
+        let (mut from_spawn, mut from_listen) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let mut lab = new_lab();
+            let (spawn, listen) = support::started_through_one_seed(&mut lab, n, WITHIN).await;
+            from_spawn.push(spawn);
+            from_listen.push(listen);
+            lab.shutdown().await;
+        }
+        println!(
+            "{n} peers started together through one seed: full mesh {} after the first spawn, {} after the last listens (medians of {runs})",
+            ms(median(from_spawn)),
+            ms(median(from_listen))
+        );
     }
-    println!("32 peers started together, full mesh from the first spawn (median of 5): {}", ms(median(big)));
 
     // One line at a time: latency until shown by each of the five others, and by all five.
     let mut lab = new_lab();
@@ -129,4 +134,38 @@ async fn main() {
         lab.shutdown().await;
     }
     println!("10,000 lines from one peer, all shown once by five others (median of 3): {}", ms(median(bursts)));
+}
+
+/// Signatures and verifications a second on one core (ed25519-dalek, 100-byte messages), the
+/// median of five runs of 2,000 each; and a whole signed-hello handshake, both sides.
+fn crypto_rates() {
+    use meshlab::identity::{Domain, Identity, PublicKey};
+    let me = Identity::generate();
+    let key = PublicKey::of(&me.id()).unwrap();
+    let msg = [7u8; 100];
+    let sig = me.sign(Domain::Head, &[&msg]);
+    let rate = |f: &dyn Fn()| {
+        let mut runs: Vec<f64> = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                for _ in 0..2000 {
+                    f();
+                }
+                2000.0 / t.elapsed().as_secs_f64()
+            })
+            .collect();
+        runs.sort_by(f64::total_cmp);
+        runs[2]
+    };
+    let signs = rate(&|| {
+        std::hint::black_box(me.sign(Domain::Head, &[&msg]));
+    });
+    let verifies = rate(&|| {
+        assert!(key.verify(Domain::Head, &[&msg], &sig));
+    });
+    println!(
+        "ed25519 on one core: {signs:.0} signatures/s ({:.1} us each), {verifies:.0} verifications/s ({:.1} us each)",
+        1e6 / signs,
+        1e6 / verifies
+    );
 }

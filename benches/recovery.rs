@@ -15,7 +15,7 @@ use support::{names, rss_kib, six_peer_demo};
 const WITHIN: Duration = Duration::from_secs(30);
 
 fn new_lab() -> Lab<ProcessBackend> {
-    Lab::new(ProcessBackend::new(env!("CARGO_BIN_EXE_peer")))
+    Lab::new(ProcessBackend::new(support::bench_peer()))
 }
 
 fn ms(d: Duration) -> String {

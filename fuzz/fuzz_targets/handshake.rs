@@ -1,50 +1,89 @@
-//! The handshake's parsing surface, as a responder sees it: the bytes are cut into frames; the
-//! first is parsed as a preamble, the next two are fed to a Noise responder as the initiator's
-//! first and third messages (the third's payload parsed as a hello), and any frame is parsed as
-//! a hello. Never a panic.
+//! The version-2 handshake, driven through its state machine with a synthetic clock: the bytes
+//! are cut into frames and fed to one side of a handshake, in one of four settings chosen by
+//! the first byte. Settings 1 and 2 put a genuine preamble (and, keyed, a genuine first Noise
+//! message, with every later frame sealed under the session) in front of the fuzzed frames, so
+//! that hello and signature parsing are reached, not only the preamble. Never a panic.
 #![no_main]
 
-use std::sync::OnceLock;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use meshlab::frame::{self, Message, Preamble};
-use meshlab::noise::{Handshake, Keys, MeshKey, StaticKey};
+use meshlab::chain;
+use meshlab::frame::{self, Hello, Preamble, Security};
+use meshlab::handshake::{Handshake, Local, Progress, Side};
+use meshlab::id::Hex;
+use meshlab::identity::Identity;
+use meshlab::known::Known;
+use meshlab::noise::{MeshKey, Noise};
+use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 
-fn keys() -> &'static Keys {
-    static KEYS: OnceLock<Keys> = OnceLock::new();
-    KEYS.get_or_init(|| Keys { mesh: MeshKey::parse(&"ab".repeat(32)).unwrap(), local: StaticKey::generate() })
+fn hello(me: &Identity) -> Hello {
+    Hello {
+        id: me.id(),
+        incarnation: 1,
+        name: "fuzz".into(),
+        port: 4000,
+        advertise: None,
+        seq: 0,
+        head: chain::genesis(&me.id()),
+        known: Known::empty(),
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
+    let Some((&setting, rest)) = data.split_first() else { return };
     let mut codec = frame::codec();
-    let mut buf = BytesMut::from(data);
+    let mut buf = BytesMut::from(rest);
     let mut frames = Vec::new();
     while let Ok(Some(f)) = codec.decode(&mut buf) {
-        frames.push(f);
-        if frames.len() == 4 {
+        frames.push(f.freeze());
+        if frames.len() == 8 {
             break;
         }
     }
-    if let Some(first) = frames.first() {
-        let _ = serde_json::from_slice::<Preamble>(first);
+    let key = MeshKey::parse(&"ab".repeat(32)).unwrap();
+    let keyed = setting % 4 == 2;
+    let local = Local { identity: Identity::generate(), mesh_key: keyed.then(|| key.clone()) };
+    let side = if setting % 4 == 3 { Side::Dialer } else { Side::Acceptor };
+    let start = Instant::now();
+    let Ok((mut hs, _)) = Handshake::start(side, &local, &hello(&local.identity), start, Duration::from_secs(5)) else {
+        return;
+    };
+    let mut feed = Vec::new();
+    let mut seal = None;
+    if matches!(setting % 4, 1 | 2) {
+        let security = if keyed { Security::NoisePsk } else { Security::Open };
+        feed.push(Preamble::new(security, Hex::random()).encode());
     }
-    if let Ok(mut responder) = Handshake::new(keys(), false) {
-        if let Some(m1) = frames.get(1) {
-            if responder.read(m1).is_ok() && responder.write(b"{}").is_ok() {
-                if let Some(m3) = frames.get(2) {
-                    if let Ok(hello) = responder.read(m3) {
-                        let _ = Message::decode(&hello);
-                        let _ = responder.finish();
+    if keyed {
+        let mut initiator = Noise::new(&key, true).unwrap();
+        feed.push(initiator.write(&[]).unwrap());
+        seal = Some(initiator);
+    }
+    // The acceptor's answer to a keyed first message is read by our initiator, whose session
+    // then seals the fuzzed frames.
+    let mut transport: Option<meshlab::noise::Transport> = None;
+    for (i, frame) in feed.into_iter().chain(frames.iter().cloned()).enumerate() {
+        let frame = match &mut transport {
+            Some(t) => match t.seal.seal(&frame) {
+                Ok(sealed) => sealed,
+                Err(_) => return,
+            },
+            None => frame,
+        };
+        // A synthetic clock: each frame a little later, some past the deadline.
+        let now = start + Duration::from_millis(u64::from(setting) * i as u64 * 20);
+        match hs.receive(&frame, now) {
+            Ok(Progress::Continue(out)) => {
+                if let (Some(mut initiator), Some(second)) = (seal.take(), out.first()) {
+                    if initiator.read(second).is_ok() {
+                        transport = initiator.finish().ok();
                     }
                 }
             }
-        }
-    }
-    for f in &frames {
-        if let Ok(Message::Hello(h)) = Message::decode(f) {
-            let _ = frame::negotiate((frame::PROTOCOL_MIN, frame::PROTOCOL_MAX), (h.min_version, h.max_version));
+            Ok(Progress::Done(_)) | Err(_) => return,
         }
     }
 });

@@ -152,6 +152,30 @@ pub async fn six_peer_demo<B: meshlab_lab::backend::Backend>(lab: &mut meshlab_l
     lab.last_event_at().saturating_duration_since(listened)
 }
 
+/// The peer binary a benchmark measures: this tree's, or another build's given in
+/// MESHLAB_BENCH_PEER (to compare two builds on the same machine, on the same day).
+pub fn bench_peer() -> String {
+    std::env::var("MESHLAB_BENCH_PEER").unwrap_or_else(|_| env!("CARGO_BIN_EXE_peer").to_string())
+}
+
+/// From the first spawn, and from the last peer listening, to the full mesh of `n` peers
+/// started together through one seed, each on its own loopback address.
+pub async fn started_through_one_seed(
+    lab: &mut meshlab_lab::Lab<meshlab_lab::backend::process::ProcessBackend>,
+    n: usize,
+    within: std::time::Duration,
+) -> (std::time::Duration, std::time::Duration) {
+    let t0 = std::time::Instant::now();
+    lab.start(&["seed"], &[], &[]).await.unwrap();
+    let others: Vec<String> = (1..n).map(|i| format!("n{i:03}")).collect();
+    let refs: Vec<&str> = others.iter().map(String::as_str).collect();
+    lab.start(&refs, &["seed"], &[]).await.unwrap();
+    lab.await_mesh(None, within).await.unwrap();
+    let last_listen = lab.world().names().filter_map(|p| lab.world().peer(p)?.listening_at).max().unwrap();
+    let done = lab.last_event_at();
+    (done.saturating_duration_since(t0), done.saturating_duration_since(last_listen))
+}
+
 /// A process's resident memory, in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
