@@ -49,7 +49,11 @@ fn pct(v: &[Duration], p: f64) -> Duration {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let names = ["p1", "p2", "p3", "p4", "p5", "p6"];
-    println!("peer binary {}: {} bytes", support::bench_peer(), std::fs::metadata(support::bench_peer()).unwrap().len());
+    println!(
+        "peer binary {}: {} bytes",
+        support::bench_peer(),
+        std::fs::metadata(support::bench_peer()).unwrap().len()
+    );
     if std::env::var("MESHLAB_BENCH_PEER").is_err() {
         crypto_rates();
     }

@@ -29,13 +29,16 @@ pub struct Bucket {
 /// Refusals of live lines are counted over windows this long.
 const FLOOD_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// What the bucket says of one line.
+/// What the bucket says of a batch of lines.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
     Accept,
-    /// Refused; `first` is the first live refusal of the window (tell the sender).
+    /// Some lines refused for now.
     Refuse {
+        /// The first live refusal of the window: worth telling the sender.
         first: bool,
+        /// More live lines refused in this window than a whole burst: the sender floods.
+        flooding: bool,
     },
 }
 
@@ -56,7 +59,7 @@ impl Bucket {
             return (taken, Verdict::Accept);
         }
         if !live {
-            return (taken, Verdict::Refuse { first: false });
+            return (taken, Verdict::Refuse { first: false, flooding: false });
         }
         if now.duration_since(self.window) > FLOOD_WINDOW {
             self.window = now;
@@ -64,12 +67,7 @@ impl Bucket {
         }
         let first = self.refused_live == 0;
         self.refused_live += n - taken;
-        (taken, Verdict::Refuse { first })
-    }
-
-    /// The neighbour floods: more live lines refused in one window than a whole burst.
-    pub fn flooding(&self) -> bool {
-        self.refused_live as f64 > self.burst
+        (taken, Verdict::Refuse { first, flooding: self.refused_live as f64 > self.burst })
     }
 
     /// How full the bucket would be at `now`, from 0 to 1.
@@ -118,14 +116,27 @@ mod tests {
         let mut b = Bucket::new(10.0, 5.0, t0);
         let verdicts: Vec<Verdict> = (0..7).map(|_| b.take(t0, 1, true).1).collect();
         assert_eq!(verdicts.iter().filter(|v| **v == Verdict::Accept).count(), 5);
-        assert_eq!(verdicts[5], Verdict::Refuse { first: true });
-        assert_eq!(verdicts[6], Verdict::Refuse { first: false });
+        assert_eq!(verdicts[5], Verdict::Refuse { first: true, flooding: false });
+        assert_eq!(verdicts[6], Verdict::Refuse { first: false, flooding: false });
         assert_eq!(b.take(t0 + Duration::from_millis(100), 1, true).1, Verdict::Accept, "a tenth of a second later");
-        assert!(!b.flooding());
-        for _ in 0..5 {
-            b.take(t0 + Duration::from_millis(100), 1, true);
-        }
-        assert!(b.flooding());
+        let later = t0 + Duration::from_millis(100);
+        let floods: Vec<bool> =
+            (0..4).map(|_| matches!(b.take(later, 1, true).1, Verdict::Refuse { flooding: true, .. })).collect();
+        assert_eq!(floods, [false, false, false, true], "the sixth refusal of the window is past the burst of 5");
+        // A new window forgets the old refusals.
+        let next_window = t0 + FLOOD_WINDOW + Duration::from_secs(1);
+        assert_eq!(
+            b.take(next_window, 100, true).1,
+            Verdict::Refuse { first: true, flooding: true },
+            "a flood at once"
+        );
+        let after = next_window + FLOOD_WINDOW + Duration::from_secs(1);
+        assert_eq!(b.take(after, 20, true).1, Verdict::Refuse { first: true, flooding: true });
+        assert_eq!(
+            b.take(after, 1, false).1,
+            Verdict::Refuse { first: false, flooding: false },
+            "catch-up never floods"
+        );
     }
 
     #[test]
@@ -133,17 +144,21 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Bucket::new(10.0, 5.0, t0);
         assert_eq!(b.take(t0, 3, true), (3, Verdict::Accept));
-        assert_eq!(b.take(t0, 3, true), (2, Verdict::Refuse { first: true }), "2 of 3 now, the third later");
-        assert_eq!(b.take(t0, 2, true), (0, Verdict::Refuse { first: false }));
+        assert_eq!(
+            b.take(t0, 3, true),
+            (2, Verdict::Refuse { first: true, flooding: false }),
+            "2 of 3 now, the third later"
+        );
+        assert_eq!(b.take(t0, 2, true), (0, Verdict::Refuse { first: false, flooding: false }));
     }
 
     #[test]
     fn catch_up_we_asked_for_is_limited_but_never_flooding() {
         let t0 = Instant::now();
         let mut b = Bucket::new(10.0, 5.0, t0);
-        let accepted = (0..1000).filter(|_| b.take(t0, 1, false).1 == Verdict::Accept).count();
-        assert_eq!(accepted, 5);
-        assert!(!b.flooding());
+        let verdicts: Vec<Verdict> = (0..1000).map(|_| b.take(t0, 1, false).1).collect();
+        assert_eq!(verdicts.iter().filter(|v| **v == Verdict::Accept).count(), 5);
+        assert!(verdicts.iter().all(|v| !matches!(v, Verdict::Refuse { flooding: true, .. })));
     }
 
     #[test]
@@ -155,7 +170,7 @@ mod tests {
             assert_eq!(buckets.of(&id, t0).take(t0, 1, true).1, Verdict::Accept);
         }
         // A new connection of the same member: the same, empty bucket.
-        assert_eq!(buckets.of(&id, t0).take(t0, 1, true).1, Verdict::Refuse { first: true });
+        assert_eq!(buckets.of(&id, t0).take(t0, 1, true).1, Verdict::Refuse { first: true, flooding: false });
         let other = crate::identity::Identity::generate().id();
         assert_eq!(buckets.of(&other, t0).take(t0, 1, true).1, Verdict::Accept, "others have their own");
     }
@@ -171,6 +186,6 @@ mod tests {
             buckets.of(&crate::identity::Identity::generate().id(), t0);
         }
         assert!(buckets.by_id.len() <= MAX_BUCKETS);
-        assert_eq!(buckets.of(&drained, t0).take(t0, 1, true).1, Verdict::Refuse { first: true }, "still drained");
+        assert!(matches!(buckets.of(&drained, t0).take(t0, 1, true).1, Verdict::Refuse { .. }), "still drained");
     }
 }

@@ -456,8 +456,7 @@ impl Mesh {
             let bucket = self.lines.of(&from, now);
             let (taken, verdict) = bucket.take(now, new.min(batch.lines.len() as u64), !batch.catch_up);
             room = taken as usize;
-            if let Verdict::Refuse { first } = verdict {
-                let flooding = bucket.flooding();
+            if let Verdict::Refuse { first, flooding } = verdict {
                 self.refuse_lines(conn, first, flooding);
                 if room == 0 || self.table.by_conn_mut(conn).is_none() {
                     return;

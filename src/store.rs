@@ -480,13 +480,13 @@ impl Store {
     ) -> CatchUp {
         let mut out = CatchUp::default();
         for (id, &their_mark) in theirs {
-            if id == to {
-                continue;
-            }
             let Some(o) = self.origins.get(id) else { continue };
             if their_mark > o.mark {
                 out.they_are_ahead = true;
                 continue;
+            }
+            if id == to {
+                continue; // its own lines: it knows them better
             }
             // Below our floor we never held anything: others must answer for those lines.
             let mut from = their_mark.max(o.floor);
@@ -1002,6 +1002,11 @@ mod tests {
         assert_eq!(got, vec![1, 3, 4, 5], "alice's 3, 4, 5 (3 starts mid-batch), and our line");
         let ahead: BTreeMap<_, _> = [(alice.id(), 9)].into();
         assert!(s.catch_up_for(&asker, &ahead, usize::MAX, &me).they_are_ahead);
+        // A sender is never sent its own lines, but saying it has more of them counts.
+        let c = s.catch_up_for(&alice.id(), &ahead, usize::MAX, &me);
+        assert!(c.they_are_ahead && c.messages.is_empty());
+        let c = s.catch_up_for(&alice.id(), &[(alice.id(), 0)].into(), usize::MAX, &me);
+        assert!(c.messages.is_empty(), "its own lines are not sent back to it");
     }
 
     #[test]

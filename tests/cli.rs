@@ -197,6 +197,9 @@ fn the_chat_view_shows_name_at_addr_and_notices_only() {
     a.next_of("peer_up");
     a.say("hi \x1b[31mthere");
     assert_eq!(view.next(), format!("[a@{}] hi \u{fffd}[31mthere", addr));
+    // Bidi overrides, line separators and zero-width characters are neutralised too.
+    a.say("pay \u{202e}bob\u{2028}x\u{200b}y");
+    assert_eq!(view.next(), format!("[a@{}] pay \u{fffd}bob\u{fffd}x\u{fffd}y", addr));
     a.say("/quit");
     let line = view.next();
     assert!(line.starts_with("* a@") && line.ends_with(" left"), "{line:?}");

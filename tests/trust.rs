@@ -251,6 +251,58 @@ async fn gossip_naming_hundreds_of_listeners_of_one_host_does_not_lock_members_o
     lab.shutdown().await;
 }
 
+/// Connects a stranger from `host`; returns it, kept alive, if `a` admits it.
+async fn stranger(a: &str, host: std::net::Ipv4Addr) -> Option<tokio::task::JoinHandle<()>> {
+    let me = Identity::generate();
+    let mut c = Client::connect(a, Some(host.into()), &me, hello_of(&me, "stranger"), None).await.ok()?;
+    match c.recv().await {
+        Some(Message::Refuse { .. }) | None => None,
+        Some(_) => Some(c.keep_alive()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admitted_connections_are_capped_per_host_and_slots_are_kept_for_known_members() {
+    let _serial = support::shared();
+    let mut lab = new_lab();
+    lab.keep_state("b");
+    // 80 slots: 20 kept for members met before, 16 for a's own dials; 6 a host.
+    let tight: Vec<String> = ["--max-conns", "80", "--max-conns-per-host", "6"].iter().map(|s| s.to_string()).collect();
+    lab.start(&["a"], &[], &tight).await.unwrap();
+    lab.start(&["b"], &["a"], &[]).await.unwrap();
+    lab.await_mesh(None, WITHIN).await.unwrap();
+    let a = addr_of(&lab, "a");
+    let hosts = lab.backend().spare_ips(12);
+    // Strangers from one host: six get in, the seventh is turned away after its handshake.
+    let mut admitted = Vec::new();
+    for _ in 0..7 {
+        admitted.extend(stranger(&a, hosts[0]).await);
+    }
+    assert_eq!(admitted.len(), 6, "six connections from one host");
+    lab.await_log("a", "connections from its host (--max-conns-per-host)", WITHIN).await.unwrap();
+    // Strangers from other hosts take the 60 slots strangers may have (b was one when it came).
+    for host in &hosts[1..11] {
+        for _ in 0..6 {
+            admitted.extend(stranger(&a, *host).await);
+        }
+    }
+    assert_eq!(admitted.len(), 59, "strangers hold 60 slots with b");
+    lab.await_log("a", "the other slots are kept for known members", WITHIN).await.unwrap();
+    // b goes down; a stranger takes its slot; b comes back all the same: a has met it before.
+    lab.kill("b").await.unwrap();
+    lab.await_mark("a", "down", "b (", WITHIN).await.unwrap();
+    admitted.extend(stranger(&a, hosts[11]).await);
+    assert_eq!(admitted.len(), 60, "a stranger took b's slot");
+    lab.restart("b").await.unwrap();
+    lab.await_mesh(Some(&support::names(&["a", "b"])), WITHIN).await.unwrap();
+    lab.say("b", "back").await.unwrap();
+    lab.await_delivery(WITHIN).await.unwrap();
+    for c in admitted {
+        c.abort();
+    }
+    lab.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn neighbours_that_never_read_cannot_blow_up_a_peers_memory() {
     let _serial = support::exclusive();

@@ -137,6 +137,20 @@ impl Client {
         }
     }
 
+    /// Keeps the connection alive in the background (a ping now and then, whatever arrives
+    /// read and dropped) until the task is aborted or the peer closes it.
+    pub fn keep_alive(mut self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tokio::select! {
+                    frame = self.framed.next() => if !matches!(frame, Some(Ok(_))) { return },
+                    _ = tick.tick() => if self.send(&Message::Ping { seq: 0 }).await.is_err() { return },
+                }
+            }
+        })
+    }
+
     /// Sends a message (sealed in a private mesh).
     pub async fn send(&mut self, msg: &Message) -> std::io::Result<()> {
         self.send_raw(msg.encode()).await
