@@ -24,9 +24,13 @@ pub enum Input {
     Rejected(String),
 }
 
-/// Reads stdin until its end, sending each line's meaning to `tx`.
+/// Reads stdin until its end, sending each line's meaning to `tx`: on the runtime's own thread
+/// when stdin is a pipe or a socket, else through tokio's stdin thread.
 pub async fn read_stdin(tx: mpsc::Sender<Input>, lab: bool) {
-    read_lines(tokio::io::stdin(), tx, lab).await
+    match crate::stdio::Stdin::nonblocking() {
+        Some(stdin) => read_lines(stdin, tx, lab).await,
+        None => read_lines(tokio::io::stdin(), tx, lab).await,
+    }
 }
 
 async fn read_lines(mut input: impl AsyncRead + Unpin, tx: mpsc::Sender<Input>, lab: bool) {

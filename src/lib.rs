@@ -25,9 +25,10 @@ pub mod outbox;
 pub mod output;
 pub mod shutdown;
 pub mod state;
+pub mod stdio;
 pub mod store;
 
-pub use mesh::run;
+pub use mesh::{Io, run, serve};
 
 /// Logs go to stderr: warnings by default, more with RUST_LOG (e.g. `RUST_LOG=debug`).
 pub fn init_logging() {

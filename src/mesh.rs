@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -33,7 +34,7 @@ use crate::identity::{Domain, Identity};
 use crate::known::Known;
 use crate::neighbours::{Admission, ConnId, Link, Neighbour, Table};
 use crate::outbox::Budget;
-use crate::output::{DownReason, Event, HELP, Output, msg_id};
+use crate::output::{DownReason, Event, HELP, Output, Sink, msg_id};
 use crate::shutdown::Shutdown;
 use crate::state::{Restored, StateDir};
 use crate::store::{Delivery, Met, Outcome, Received, Store};
@@ -55,11 +56,34 @@ const LEAVE_FLUSH: Duration = Duration::from_millis(500);
 const GOSSIP_BURST: f64 = 512.0;
 const GOSSIP_RATE: f64 = 32.0;
 
-/// Runs a peer until it is told to leave.
+/// What a peer talks through. It is passed in, as mini-redis passes its listener and shutdown
+/// in, so that one program can run many peers (a test, say) with channels for stdin and stdout.
+pub struct Io {
+    pub listener: TcpListener,
+    /// What is typed: lines and commands.
+    pub input: mpsc::Receiver<Input>,
+    /// Where events go.
+    pub output: Sink,
+    /// Resolves when the peer is asked to leave.
+    pub shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+/// Runs a peer on this process's stdin, stdout and signals until it is told to leave.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let bind = SocketAddr::new(cfg.bind, cfg.port);
     let listener = TcpListener::bind(bind).await.with_context(|| format!("cannot listen on {bind}"))?;
-    Mesh::new(cfg, listener)?.run().await
+    // Installed before the peer says it listens: a signal at any moment after is a goodbye.
+    let mut signals = Shutdown::install().context("cannot install signal handlers")?;
+    let (typed, input) = mpsc::channel(64);
+    tokio::spawn(console::read_stdin(typed, cfg.lab));
+    let output = Sink::stdout(cfg.limits().stdout_bytes);
+    let shutdown = Box::pin(async move { signals.requested().await });
+    serve(cfg, Io { listener, input, output, shutdown }).await
+}
+
+/// Runs a peer on the given IO until it is told to leave.
+pub async fn serve(cfg: Config, io: Io) -> anyhow::Result<()> {
+    Mesh::new(cfg, io)?.run().await
 }
 
 struct Mesh {
@@ -68,6 +92,8 @@ struct Mesh {
     incarnation: u64,
     local: SocketAddr,
     listener: TcpListener,
+    input: Option<mpsc::Receiver<Input>>,
+    shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
     ctx: Arc<Context>,
     events: mpsc::Receiver<ConnEvent>,
     table: Table,
@@ -100,7 +126,7 @@ enum Unshown {
 }
 
 impl Mesh {
-    fn new(cfg: Config, listener: TcpListener) -> anyhow::Result<Mesh> {
+    fn new(cfg: Config, io: Io) -> anyhow::Result<Mesh> {
         let now = Instant::now();
         let name = cfg.name();
         let mesh_key = cfg.mesh_key()?;
@@ -143,13 +169,15 @@ impl Mesh {
             me,
             name,
             incarnation: random_u64(),
-            local: listener.local_addr()?,
-            listener,
+            local: io.listener.local_addr()?,
+            listener: io.listener,
+            input: Some(io.input),
+            shutdown: io.shutdown,
             ctx,
             events,
             table: Table::default(),
             book,
-            out: Output::new(cfg.json, limits.stdout_bytes),
+            out: Output::new(cfg.json, io.output),
             hook,
             permits: Arc::new(Semaphore::new(cfg.max_conns as usize)),
             budget: Budget::new(limits.queued_bytes),
@@ -170,7 +198,6 @@ impl Mesh {
     }
 
     async fn run(mut self) -> anyhow::Result<()> {
-        let mut shutdown = Shutdown::install().context("cannot install signal handlers")?;
         self.out.emit(&Event::Listening {
             id: &self.me,
             name: &self.name,
@@ -188,8 +215,7 @@ impl Mesh {
         if let Some(hook) = &self.hook {
             self.out.emit(&Event::Hook { cuts: hook.table() });
         }
-        let (stdin_tx, mut stdin) = mpsc::channel(64);
-        tokio::spawn(console::read_stdin(stdin_tx, self.cfg.lab));
+        let mut stdin = self.input.take().expect("taken once");
         let mut stdin_open = true;
         let mut sync = tokio::time::interval(self.cfg.sync_interval);
         loop {
@@ -225,7 +251,7 @@ impl Mesh {
                 accepted = self.listener.accept(), if accepting => self.on_accept(accepted),
                 _ = sync.tick() => self.on_tick(),
                 _ = sleep_until(wake) => {}
-                _ = shutdown.requested() => break,
+                _ = &mut self.shutdown => break,
             }
             self.commit();
         }
@@ -498,7 +524,7 @@ impl Mesh {
         let Some(n) = self.table.get_mut(via) else { return };
         let conn = n.conn;
         tracing::warn!(
-            "closing connection to {}@{}: it relayed lines their sender did not sign",
+            "closing connection to {}@{}: it sent lines (or a gone statement) their sender did not sign",
             n.info.name,
             n.info.addr
         );
@@ -613,6 +639,9 @@ impl Mesh {
         let Some(room) = self.table.get_mut(from).map(|n| n.outbox.catch_up_room()) else { return };
         let identity = self.ctx.local.identity.clone();
         let catch_up = self.store.catch_up_for(from, have, room, &identity);
+        for forger in &catch_up.forged_by {
+            self.forged(forger, Instant::now());
+        }
         let Some(n) = self.table.get_mut(from) else { return };
         for m in catch_up.messages {
             n.send(m.encode());

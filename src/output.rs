@@ -115,62 +115,24 @@ const PRINT_WAIT: Duration = Duration::from_millis(100);
 /// Events waiting for stdout before new ones are dropped.
 pub const OUTPUT_QUEUE: usize = 65_536;
 
-/// Writes events to stdout from a thread of its own, through a queue bounded in events and in
-/// bytes: a reader that stops reading (a paused terminal, `peer | less`, a full pipe) never
-/// stalls the peer. If the queue fills, events are dropped and counted, with a warning on stderr.
-/// (A peer with a state directory prints lines on its own thread instead: see [`Output::emit_now`].)
+/// Writes events to stdout (or wherever its [`Sink`] goes) through a queue bounded in bytes: a
+/// reader that stops reading (a paused terminal, `peer | less`, a full pipe) never stalls the
+/// peer. If the queue fills, events are dropped and counted, with a warning on stderr. (A peer
+/// with a state directory prints lines at once instead: see [`Output::emit_now`].)
 pub struct Output {
     json: bool,
-    queue: Option<SyncSender<Item>>,
-    /// Bytes waiting for stdout before new events are dropped (a line of control characters
-    /// escapes to six times its size in JSON, so events alone are no bound on memory).
-    max_bytes: usize,
-    /// Bytes queued and not yet written, shared with the stdout thread.
-    queued_bytes: Arc<AtomicUsize>,
-    done: Receiver<()>,
+    sink: Sink,
     dropped: u64,
 }
 
-/// What the stdout thread is given.
-enum Item {
-    Line(Vec<u8>),
-    /// Answer once everything before has been written.
-    Barrier(SyncSender<()>),
-}
-
 impl Output {
-    pub fn new(json: bool, max_bytes: usize) -> Output {
-        let (queue, lines) = sync_channel::<Item>(OUTPUT_QUEUE);
-        let (finished, done) = sync_channel(1);
-        let queued_bytes = Arc::new(AtomicUsize::new(0));
-        let written = queued_bytes.clone();
-        std::thread::Builder::new()
-            .name("stdout".into())
-            .spawn(move || {
-                write_lines(lines, &written);
-                let _ = finished.send(());
-            })
-            .expect("cannot start the stdout thread");
-        Output { json, queue: Some(queue), max_bytes, queued_bytes, done, dropped: 0 }
+    pub fn new(json: bool, sink: Sink) -> Output {
+        Output { json, sink, dropped: 0 }
     }
 
     pub fn emit(&mut self, event: &Event) {
         let Some(line) = self.render(event) else { return };
-        let Some(queue) = &self.queue else { return };
-        let size = line.len();
-        let queued = if self.queued_bytes.load(Ordering::Acquire) + size > self.max_bytes {
-            false
-        } else {
-            self.queued_bytes.fetch_add(size, Ordering::AcqRel);
-            match queue.try_send(Item::Line(line)) {
-                Err(TrySendError::Full(_)) => {
-                    self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
-                    false
-                }
-                _ => true,
-            }
-        };
-        if !queued {
+        if !self.sink.push(line) {
             self.dropped += 1;
             if self.dropped.is_power_of_two() {
                 tracing::warn!("stdout is not being read: {} events dropped so far", self.dropped);
@@ -178,15 +140,13 @@ impl Output {
         }
     }
 
-    /// Writes events to stdout now, on this thread, after everything emitted before them. For
-    /// a peer with a state directory, which records them as shown right after. This write
-    /// blocks: a stdout nobody reads stalls such a peer (its neighbours then time it out), the
-    /// price of never showing a line twice across crashes.
+    /// Writes events now, after everything emitted before them. For a peer with a state
+    /// directory, which records them as shown right after. This write blocks: a stdout nobody
+    /// reads stalls such a peer (its neighbours then time it out), the price of never showing a
+    /// line twice across crashes.
     pub fn emit_now(&mut self, events: &[Event]) {
         let lines: Vec<u8> = events.iter().filter_map(|e| self.render(e)).flatten().collect();
-        self.written(PRINT_WAIT);
-        let mut out = io::stdout().lock();
-        if let Err(e) = out.write_all(&lines).and_then(|_| out.flush()) {
+        if let Err(e) = self.sink.write_now(&lines) {
             tracing::warn!("cannot write to stdout ({e})");
         }
     }
@@ -208,6 +168,218 @@ impl Output {
         }
     }
 
+    /// Lets the queued events out, waiting at most `wait` for stdout to take them.
+    pub fn close(&mut self, wait: Duration) {
+        self.sink.close(wait);
+    }
+}
+
+/// Where a peer's output goes.
+pub enum Sink {
+    /// Stdout as a pipe or a socket, written on the peer's own thread (see crate::stdio).
+    Direct(Direct),
+    /// Stdout as a terminal or a file, written by a thread of its own.
+    Thread(Threaded),
+    /// Events as bytes to a channel: a peer run inside another program (a test).
+    Channel(tokio::sync::mpsc::UnboundedSender<Vec<u8>>),
+}
+
+impl Sink {
+    /// Stdout, written the cheapest way it can be; at most `max_bytes` wait for a slow reader.
+    /// Must be called inside a tokio runtime.
+    pub fn stdout(max_bytes: usize) -> Sink {
+        match crate::stdio::Stdout::nonblocking() {
+            Some(out) => Sink::Direct(Direct::new(out, max_bytes)),
+            None => Sink::Thread(Threaded::new(max_bytes)),
+        }
+    }
+
+    /// Queues (or writes) a line; false when it had to be dropped.
+    fn push(&mut self, line: Vec<u8>) -> bool {
+        match self {
+            Sink::Direct(d) => d.push(line),
+            Sink::Thread(t) => t.push(line),
+            Sink::Channel(c) => c.send(line).is_ok(),
+        }
+    }
+
+    /// Writes `lines` now, after everything queued.
+    fn write_now(&mut self, lines: &[u8]) -> io::Result<()> {
+        match self {
+            Sink::Direct(d) => d.write_now(lines),
+            Sink::Thread(t) => t.write_now(lines),
+            Sink::Channel(c) => c.send(lines.to_vec()).map_err(|_| io::Error::other("the channel is closed")),
+        }
+    }
+
+    fn close(&mut self, wait: Duration) {
+        match self {
+            Sink::Direct(d) => d.close(wait),
+            Sink::Thread(t) => t.close(wait),
+            Sink::Channel(_) => {}
+        }
+    }
+}
+
+/// Stdout written on the peer's thread: a line goes out at once when stdout has room; what it
+/// cannot take yet waits in a queue that a task drains as stdout takes more.
+pub struct Direct {
+    shared: Arc<DirectShared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct DirectShared {
+    out: crate::stdio::Stdout,
+    waiting: std::sync::Mutex<std::collections::VecDeque<u8>>,
+    more: tokio::sync::Notify,
+    max_bytes: usize,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl Direct {
+    fn new(out: crate::stdio::Stdout, max_bytes: usize) -> Direct {
+        let shared = Arc::new(DirectShared {
+            out,
+            waiting: Default::default(),
+            more: tokio::sync::Notify::new(),
+            max_bytes,
+            broken: Default::default(),
+        });
+        let task = tokio::spawn(drain(shared.clone()));
+        Direct { shared, task }
+    }
+
+    fn push(&mut self, line: Vec<u8>) -> bool {
+        let mut waiting = self.shared.waiting.lock().expect("never poisoned");
+        if waiting.is_empty() {
+            let written = match self.shared.out.try_write(&line) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.shared.broke(e);
+                    return true;
+                }
+            };
+            if written == line.len() {
+                return true;
+            }
+            waiting.extend(&line[written..]);
+        } else if waiting.len() + line.len() > self.shared.max_bytes {
+            return false;
+        } else {
+            waiting.extend(&line);
+        }
+        self.shared.more.notify_one();
+        true
+    }
+
+    fn write_now(&mut self, lines: &[u8]) -> io::Result<()> {
+        let mut waiting = self.shared.waiting.lock().expect("never poisoned");
+        let before: Vec<u8> = waiting.drain(..).collect();
+        self.shared.out.write_all_blocking(&before)?;
+        self.shared.out.write_all_blocking(lines)
+    }
+
+    fn close(&mut self, wait: Duration) {
+        self.task.abort();
+        let deadline = std::time::Instant::now() + wait;
+        let mut waiting = self.shared.waiting.lock().expect("never poisoned");
+        while !waiting.is_empty() && std::time::Instant::now() < deadline {
+            let (front, _) = waiting.as_slices();
+            match self.shared.out.try_write(front) {
+                Ok(0) => std::thread::sleep(Duration::from_millis(1)),
+                Ok(n) => drop(waiting.drain(..n)),
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+impl DirectShared {
+    fn broke(&self, e: io::Error) {
+        if !self.broken.swap(true, Ordering::Relaxed) {
+            tracing::warn!("cannot write to stdout ({e}); events are being dropped");
+        }
+    }
+}
+
+/// Writes what waits whenever there is some, as fast as stdout takes it.
+async fn drain(shared: Arc<DirectShared>) {
+    loop {
+        shared.more.notified().await;
+        loop {
+            let chunk: Vec<u8> = {
+                let waiting = shared.waiting.lock().expect("never poisoned");
+                let (front, _) = waiting.as_slices();
+                front[..front.len().min(64 * 1024)].to_vec()
+            };
+            if chunk.is_empty() {
+                break;
+            }
+            match shared.out.write(&chunk).await {
+                Ok(n) => drop(shared.waiting.lock().expect("never poisoned").drain(..n)),
+                Err(e) => {
+                    shared.broke(e);
+                    shared.waiting.lock().expect("never poisoned").clear();
+                }
+            }
+        }
+    }
+}
+
+/// Stdout written by a thread of its own, through a queue bounded in events and in bytes.
+pub struct Threaded {
+    queue: Option<SyncSender<Item>>,
+    max_bytes: usize,
+    /// Bytes queued and not yet written, shared with the stdout thread.
+    queued_bytes: Arc<AtomicUsize>,
+    done: Receiver<()>,
+}
+
+/// What the stdout thread is given.
+enum Item {
+    Line(Vec<u8>),
+    /// Answer once everything before has been written.
+    Barrier(SyncSender<()>),
+}
+
+impl Threaded {
+    fn new(max_bytes: usize) -> Threaded {
+        let (queue, lines) = sync_channel::<Item>(OUTPUT_QUEUE);
+        let (finished, done) = sync_channel(1);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let written = queued_bytes.clone();
+        std::thread::Builder::new()
+            .name("stdout".into())
+            .spawn(move || {
+                write_lines(lines, &written);
+                let _ = finished.send(());
+            })
+            .expect("cannot start the stdout thread");
+        Threaded { queue: Some(queue), max_bytes, queued_bytes, done }
+    }
+
+    fn push(&mut self, line: Vec<u8>) -> bool {
+        let Some(queue) = &self.queue else { return true };
+        let size = line.len();
+        if self.queued_bytes.load(Ordering::Acquire) + size > self.max_bytes {
+            return false;
+        }
+        self.queued_bytes.fetch_add(size, Ordering::AcqRel);
+        match queue.try_send(Item::Line(line)) {
+            Err(TrySendError::Full(_)) => {
+                self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+                false
+            }
+            _ => true,
+        }
+    }
+
+    fn write_now(&mut self, lines: &[u8]) -> io::Result<()> {
+        self.written(PRINT_WAIT);
+        let mut out = io::stdout().lock();
+        out.write_all(lines).and_then(|_| out.flush())
+    }
+
     /// Waits, at most `wait`, until every event emitted so far has been written to stdout.
     fn written(&self, wait: Duration) {
         let Some(queue) = &self.queue else { return };
@@ -217,8 +389,7 @@ impl Output {
         }
     }
 
-    /// Lets the queued events out, waiting at most `wait` for stdout to take them.
-    pub fn close(&mut self, wait: Duration) {
+    fn close(&mut self, wait: Duration) {
         self.queue = None;
         let _ = self.done.recv_timeout(wait);
     }

@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -59,6 +60,10 @@ pub struct Line {
     pub hash: ChainHash,
     /// The sender's signature on the chain head here, when a batch ended here.
     pub sig: Option<Signature>,
+    /// Whether `sig` was checked. A batch that came straight from its sender, on a connection
+    /// that proved the sender's key, is shown unchecked (the check is off a line's path); it is
+    /// checked before it is ever relayed.
+    checked: AtomicBool,
     stored: Instant,
 }
 
@@ -155,6 +160,9 @@ pub struct CatchUp {
     pub truncated: bool,
     /// The neighbour holds lines we lack: send it our digest so it sends them.
     pub they_are_ahead: bool,
+    /// Senders whose own lines, shown as they came, turned out not signed by them when they
+    /// were to be passed on: they are not, and the sender is a forger.
+    pub forged_by: Vec<PeerId>,
 }
 
 /// A batch of lines this peer is about to say: recorded first, then stored and sent.
@@ -269,6 +277,7 @@ impl Store {
                 sent_at_ms: l.sent_at_ms,
                 hash: l.hash,
                 sig: l.sig,
+                checked: AtomicBool::new(true),
                 stored: now,
             });
             self.store(line);
@@ -329,6 +338,7 @@ impl Store {
                 sent_at_ms: l.sent_at_ms,
                 hash: l.hash,
                 sig: l.sig,
+                checked: AtomicBool::new(true),
                 stored: now,
             });
             self.store(line);
@@ -564,6 +574,7 @@ impl Store {
 
     /// Checks a batch that continues the watermark and shows its first `room` new lines (all of
     /// them, at most). Returns them, and whether some were left out.
+    /// A batch straight from its sender is not checked now (see [`Line::checked`]).
     fn accept(
         &mut self,
         batch: Lines,
@@ -571,6 +582,7 @@ impl Store {
         room: usize,
         now: Instant,
     ) -> Result<(Vec<Delivery>, bool), Forged> {
+        let direct = via == batch.origin;
         let o = self.origins.get_mut(&batch.origin).expect("checked by the caller");
         let skip = (o.mark + 1 - batch.first()) as usize;
         let mut head = o.head;
@@ -581,7 +593,7 @@ impl Store {
                 head
             })
             .collect();
-        if !chain::head_is_signed(&o.key, batch.last(), &head, &batch.sig) {
+        if !direct && !chain::head_is_signed(&o.key, batch.last(), &head, &batch.sig) {
             return Err(Forged);
         }
         let taken = hashes.len().min(room);
@@ -603,6 +615,7 @@ impl Store {
                 sent_at_ms: body.at,
                 hash,
                 sig: (body.seq == last).then_some(batch.sig),
+                checked: AtomicBool::new(!direct),
                 stored: now,
             });
             self.store(line.clone());
@@ -764,6 +777,23 @@ fn own_line(l: &Line) -> OwnLine {
     }
 }
 
+/// Whether a held line ends a batch whose signature checks out (checked now if it came
+/// straight from its sender unchecked). A signature that fails makes `out` name the sender.
+fn signed_head(o: &Origin, line: &Line, out: &mut CatchUp) -> bool {
+    let Some(sig) = &line.sig else { return false };
+    if line.checked.load(Ordering::Relaxed) {
+        return true;
+    }
+    if chain::head_is_signed(&o.key, line.seq, &line.hash, sig) {
+        line.checked.store(true, Ordering::Relaxed);
+        return true;
+    }
+    if !out.forged_by.contains(&line.origin) {
+        out.forged_by.push(line.origin);
+    }
+    false
+}
+
 /// Adds `lines` messages for `o`'s held lines from index `start`, each ending at a signed head
 /// and fitting a frame, while the budget lasts. Returns false when the budget ran out first.
 fn send_lines(o: &Origin, start: usize, budget: usize, out: &mut CatchUp) -> bool {
@@ -781,7 +811,7 @@ fn send_lines(o: &Origin, start: usize, budget: usize, out: &mut CatchUp) -> boo
                 over_budget = true;
                 break;
             }
-            if line.sig.is_some() {
+            if signed_head(o, line, out) {
                 end = Some((i, cost));
             }
         }
@@ -884,7 +914,8 @@ mod tests {
         assert_eq!((shown(&r), r.cut_short), (vec![3, 4, 5, 6], false), "the rest checks out from line 2's hash");
         let mut forged = alice.one(&["7", "8"]);
         forged.lines[1].text = "eight".into();
-        let r = s.receive(forged, alice.id(), 1, now);
+        let relay = Identity::generate().id();
+        let r = s.receive(forged, relay, 1, now);
         assert_eq!(r.outcome, Outcome::Forged, "checked whole even when only one line may be shown");
         assert!(shown(&r).is_empty());
     }
@@ -921,6 +952,31 @@ mod tests {
             vec![1, 2],
             "the real lines still get through"
         );
+    }
+
+    #[test]
+    fn a_senders_own_batch_is_shown_unchecked_but_checked_before_it_is_passed_on() {
+        let (mut s, me) = receiver();
+        let mut alice = Sender::new();
+        meet(&mut s, &alice);
+        let now = Instant::now();
+        let good = alice.one(&["fine"]);
+        let mut bad = alice.one(&["tampered on the way"]);
+        bad.lines[0].text = "injected".into();
+        assert_eq!(shown(&s.receive(good, alice.id(), usize::MAX, now)), vec![1]);
+        assert_eq!(shown(&s.receive(bad, alice.id(), usize::MAX, now)), vec![2], "straight from alice: shown");
+        let asker = Identity::generate().id();
+        let c = s.catch_up_for(&asker, &[(alice.id(), 0)].into(), usize::MAX, &me);
+        let sent: Vec<u64> = c
+            .messages
+            .iter()
+            .flat_map(|m| match m {
+                Message::Lines(b) => b.lines.iter().map(|l| l.seq).collect(),
+                _ => vec![],
+            })
+            .collect();
+        assert_eq!(sent, vec![1], "the line that does not check out is never passed on");
+        assert_eq!(c.forged_by, vec![alice.id()]);
     }
 
     #[test]

@@ -81,6 +81,23 @@ async fn every_line_is_shown_exactly_once_by_every_other_peer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_ten_thousand_lines_is_shown_whole_by_every_other_peer() {
+    // Stdin and stdout are pipes here, read and written on the peer's own thread: a wake-up lost
+    // between a full stdout and a write once stalled every peer's output for good.
+    let _serial = support::shared();
+    let mut lab = lab();
+    lab.start(&["a"], &[], &[]).await.unwrap();
+    lab.start(&["b", "c"], &["a"], &[]).await.unwrap();
+    lab.await_mesh(None, MESH).await.unwrap();
+    for i in 0..10_000 {
+        lab.say("a", &format!("burst line {i}")).await.unwrap();
+    }
+    let (_, d) = lab.await_delivery(Duration::from_secs(60)).await.unwrap();
+    assert_eq!((d.said, d.shown, d.duplicated), (10_000, 20_000, 0));
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_two_kills_the_rest_stay_meshed_and_keep_chatting() {
     let _serial = support::shared();
     let mut lab = lab();

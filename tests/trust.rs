@@ -136,7 +136,7 @@ async fn lines_a_relayer_made_up_are_refused_and_the_relayer_is_held_off() {
     at_a.send(&Message::Lines(forged.clone())).await.unwrap();
     at_c.send(&Message::Lines(forged)).await.unwrap();
     for x in ["a", "c"] {
-        lab.await_log(x, "it relayed lines their sender did not sign", WITHIN).await.unwrap();
+        lab.await_log(x, "their sender did not sign", WITHIN).await.unwrap();
     }
     at_a.closed_by_peer().await;
     at_c.closed_by_peer().await;
@@ -160,7 +160,7 @@ async fn one_forged_gone_statement_cannot_silence_a_sender() {
     let head = Hex([1; 32]);
     let sig = mallory.sign(Domain::Gone, &[&u64::MAX.to_be_bytes(), &head.0]);
     c.send(&Message::Gone(Gone { origin: b, upto: u64::MAX, head, sig })).await.unwrap();
-    lab.await_log("a", "it relayed lines their sender did not sign", WITHIN).await.unwrap();
+    lab.await_log("a", "their sender did not sign", WITHIN).await.unwrap();
     c.closed_by_peer().await;
     lab.say("b", "not silenced").await.unwrap();
     lab.await_delivery(WITHIN).await.unwrap();

@@ -92,19 +92,45 @@ pub struct ChaosSpec {
     pub faults: Vec<String>,
 }
 
+/// Peers as a step names them: one, a list, or many numbered ones.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum OneOrMany {
     One(String),
     Many(Vec<String>),
+    /// `{ count = 255, prefix = "n" }`: n001 to n255 (numbers as wide as the count).
+    Numbered(Numbered),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Numbered {
+    count: usize,
+    prefix: String,
+    /// The first number (default 1).
+    #[serde(default = "one")]
+    from: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl OneOrMany {
-    fn into_vec(self) -> Vec<String> {
-        match self {
+    /// The names, or why they cannot be written out (too many, checked before any is made).
+    fn into_vec(self) -> Result<Vec<String>, String> {
+        Ok(match self {
             OneOrMany::One(s) => vec![s],
             OneOrMany::Many(v) => v,
-        }
+            OneOrMany::Numbered(Numbered { count, prefix, from }) => {
+                if count == 0 || count > MAX_PEERS_PER_STEP {
+                    return Err(format!("`count` must be 1 to {MAX_PEERS_PER_STEP} peers in one step, not {count}"));
+                }
+                let last = from.checked_add(count - 1).filter(|l| *l < 1_000_000).ok_or("numbers up to 999999")?;
+                let width = last.to_string().len();
+                (from..=last).map(|i| format!("{prefix}{i:0width$}")).collect()
+            }
+        })
     }
 }
 
@@ -357,7 +383,7 @@ impl RawStep {
         Ok(match verb {
             "start" => Action::Start {
                 peers: names(self.start)?,
-                via: self.via.map(OneOrMany::into_vec).unwrap_or_default(),
+                via: self.via.map(OneOrMany::into_vec).transpose()?.unwrap_or_default(),
                 flags: self.flags.unwrap_or_default(),
                 keep_state: self.keep_state.unwrap_or(false),
             },
@@ -428,7 +454,7 @@ impl RawStep {
 }
 
 fn names(v: Option<OneOrMany>) -> Result<Vec<String>, String> {
-    let v = v.expect("verb checked").into_vec();
+    let v = v.expect("verb checked").into_vec()?;
     if v.is_empty() {
         return Err("name at least one peer".into());
     }
@@ -634,6 +660,20 @@ mod tests {
 
     fn error(text: &str) -> String {
         parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn many_peers_start_in_one_line() {
+        let s = parse("[[step]]\nstart = \"seed\"\n[[step]]\nstart = { count = 255, prefix = \"n\" }\nvia = \"seed\"\n[[step]]\nkill = { count = 2, prefix = \"n\", from = 254 }\n").unwrap();
+        let Action::Start { peers, .. } = &s.steps[1].action else { panic!() };
+        assert_eq!((peers.len(), peers[0].as_str(), peers[254].as_str()), (255, "n001", "n255"));
+        assert_eq!(s.steps[2].action, Action::Kill(vec!["n254".into(), "n255".into()]));
+        let nine = parse("[[step]]\nstart = { count = 9, prefix = \"p\" }\n").unwrap();
+        let Action::Start { peers, .. } = &nine.steps[0].action else { panic!() };
+        assert_eq!(peers.first().map(String::as_str), Some("p1"), "numbers are as wide as the count");
+        assert!(error("[[step]]\nstart = { count = 2000, prefix = \"n\" }\n").contains("1 to 1024 peers in one step"));
+        assert!(error("[[step]]\nstart = { count = 0, prefix = \"n\" }\n").starts_with("t.toml:1: "));
+        assert!(error("[[step]]\nstart = { count = 2, prefix = \"bad name\" }\n").contains("bad peer name"));
     }
 
     #[test]
