@@ -195,9 +195,13 @@ impl Config {
     /// How --max-memory is shared out: the history and the early-line buffer take
     /// --history-bytes each (at most an eighth each), frames queued towards neighbours a
     /// quarter, stdout an eighth; the rest is for connections (a frame of 64 KiB being read on
-    /// each at most) and the program itself.
+    /// each at most) and the program itself. Catch-up is made at most a sixteenth of it a second (4 MiB/s by default).
     pub fn limits(&self) -> Limits {
-        Limits { queued_bytes: self.max_memory / 4, stdout_bytes: self.max_memory / 8 }
+        Limits {
+            queued_bytes: self.max_memory / 4,
+            stdout_bytes: self.max_memory / 8,
+            catch_up_rate: self.max_memory / 16,
+        }
     }
 
     pub fn schedule(&self) -> Schedule {
@@ -241,6 +245,8 @@ pub struct Limits {
     pub queued_bytes: usize,
     /// Events queued for stdout.
     pub stdout_bytes: usize,
+    /// Bytes of catch-up made a second, for all neighbours together.
+    pub catch_up_rate: usize,
 }
 
 /// A size in bytes: a number, optionally followed by KiB, MiB or GiB (or K, M, G, the same).

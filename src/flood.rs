@@ -70,6 +70,11 @@ impl Bucket {
         (taken, Verdict::Refuse { first, flooding: self.refused_live as f64 > self.burst })
     }
 
+    /// Whole tokens the bucket holds at `now`.
+    pub fn available(&self, now: Instant) -> u64 {
+        (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst) as u64
+    }
+
     /// How full the bucket would be at `now`, from 0 to 1.
     fn level(&self, now: Instant) -> f64 {
         ((self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate) / self.burst).min(1.0)

@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::connection::{self, CloseReason, ConnEvent, Context, MAX_HALF_OPEN_PER_IP, Ready, Role};
 use crate::console::{self, Input};
 use crate::dialbook::{DialBook, Hold};
-use crate::flood::{Buckets, Verdict};
+use crate::flood::{Bucket, Buckets, Verdict};
 use crate::frame::{Gone, Hello, Lines, MAX_GOSSIP, Message, PROTOCOL_MAX, PeerInfo};
 use crate::handshake::Local;
 use crate::hook::{self, Hook};
@@ -108,6 +108,9 @@ struct Mesh {
     lines: Buckets,
     /// How many members each neighbour may still tell us of.
     gossip: Buckets,
+    /// Bytes of catch-up this peer may still make, for all neighbours together: neighbours that
+    /// ask for everything and never read cannot keep its one thread encoding.
+    catch_up: Bucket,
     tasks: TaskTracker,
     next_conn: ConnId,
     last_refusal_warning: Option<Instant>,
@@ -183,6 +186,7 @@ impl Mesh {
             budget: Budget::new(limits.queued_bytes),
             lines: Buckets::new(cfg.line_rate, cfg.line_burst),
             gossip: Buckets::new(GOSSIP_RATE, GOSSIP_BURST),
+            catch_up: Bucket::new(limits.catch_up_rate as f64, limits.catch_up_rate as f64, now),
             tasks: TaskTracker::new(),
             next_conn: 0,
             last_refusal_warning: None,
@@ -636,9 +640,12 @@ impl Mesh {
     /// Sends a neighbour what its digest says it lacks (as much as its queue has room for; the
     /// rest in later rounds), and our digest if it has more.
     fn answer_digest(&mut self, from: &PeerId, have: &BTreeMap<PeerId, u64>) {
+        let now = Instant::now();
         let Some(room) = self.table.get_mut(from).map(|n| n.outbox.catch_up_room()) else { return };
+        let room = room.min(self.catch_up.available(now) as usize);
         let identity = self.ctx.local.identity.clone();
         let catch_up = self.store.catch_up_for(from, have, room, &identity);
+        self.catch_up.take(now, catch_up.bytes as u64, false);
         for forger in &catch_up.forged_by {
             self.forged(forger, Instant::now());
         }
