@@ -1,8 +1,8 @@
 //! One TCP connection to another peer, from handshake to close.
 //!
 //! A connection task drives the handshake ([`crate::handshake`]) under a deadline, hands the
-//! result to the mesh, then runs a reader and a writer. The writer sends what the mesh
-//! queues plus a heartbeat on every tick; the reader passes valid messages to the mesh and drops
+//! result to the mesh, then runs a reader and a writer. The writer sends what the mesh queues;
+//! the reader passes valid messages to the mesh and drops
 //! the connection on silence, on a malformed frame or on a protocol violation, with one log
 //! line saying why. Nothing a remote sends can make this task panic or allocate more than one
 //! frame. When the mesh drops its queue sender, the writer flushes what is queued and the
@@ -19,12 +19,12 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep_until, timeout, timeout_at};
+use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::frame::{self, Hello, Message};
 use crate::handshake::{Established, Handshake, HandshakeError, Local, Progress, Side};
-use crate::neighbours::{ConnId, Drops};
+use crate::neighbours::ConnId;
 use crate::noise::{Opener, Sealer};
 use crate::outbox::{Budget, Drain, Outbox, outbox};
 
@@ -86,7 +86,6 @@ pub struct Ready {
     pub established: Box<Established>,
     pub observed: SocketAddr,
     pub outbox: Outbox,
-    pub drops: Arc<Drops>,
 }
 
 /// How a connection ended.
@@ -130,8 +129,8 @@ pub struct Context {
     pub local: Local,
     pub reported: Reported,
     pub half_open: Arc<HalfOpenCounts>,
-    /// This peer's latest sequence number, which heartbeats carry.
-    pub own_seq: Arc<AtomicU64>,
+    /// Bytes and frames that crossed this peer's connections, both ways.
+    pub traffic: Arc<Traffic>,
     pub heartbeat: Duration,
     pub timeout: Duration,
     pub handshake_timeout: Duration,
@@ -218,11 +217,6 @@ impl Writer {
         self.flush().await
     }
 
-    async fn send(&mut self, payload: Bytes) -> std::io::Result<()> {
-        let frame = self.wrap(payload)?;
-        self.frames.send(frame).await
-    }
-
     async fn flush(&mut self) -> std::io::Result<()> {
         SinkExt::<Bytes>::flush(&mut self.frames).await
     }
@@ -290,9 +284,10 @@ pub async fn run(stream: TcpStream, role: Role, hello: Hello, conn: ConnId, ctx:
         Err(_) => return, // already gone
     };
     let _ = stream.set_nodelay(true);
+    watch_in_the_kernel(&stream, &ctx);
     let (rd, wr) = stream.into_split();
     let mut reader = Reader { frames: FramedRead::with_capacity(rd, frame::codec(), READ_BUFFER), open: None };
-    let mut writer = Writer { frames: FramedWrite::new(wr, frame::codec()), seal: None };
+    let mut writer = Writer { frames: FramedWrite::with_capacity(wr, frame::codec(), WRITE_BUFFER), seal: None };
     let side = match role {
         Role::Dialer { .. } => Side::Dialer,
         Role::Acceptor(_) => Side::Acceptor,
@@ -309,15 +304,14 @@ pub async fn run(stream: TcpStream, role: Role, hello: Hello, conn: ConnId, ctx:
     tracing::debug!(%peer, version = established.version, "handshake complete");
 
     let (outbox, drain) = outbox(budget);
-    let drops = Arc::new(Drops::default());
-    let ready = Ready { conn, role, established, observed, outbox, drops: drops.clone() };
+    let ready = Ready { conn, role, established, observed, outbox };
     if ctx.events.send(ConnEvent::Ready(Box::new(ready))).await.is_err() {
         return;
     }
-    let mut writing = tokio::spawn(write_loop(writer, drain, ctx.heartbeat, drops.clone(), ctx.own_seq.clone()));
+    let mut writing = tokio::spawn(write_loop(writer, drain, ctx.traffic.clone()));
     let mut written = false;
     let reason = tokio::select! {
-        reason = read_loop(&mut reader, conn, &ctx, &drops, &peer) => reason,
+        reason = read_loop(&mut reader, conn, &ctx, &peer) => reason,
         result = &mut writing => {
             written = true;
             match result {
@@ -341,9 +335,27 @@ pub async fn run(stream: TcpStream, role: Role, hello: Hello, conn: ConnId, ctx:
     let _ = ctx.events.send(ConnEvent::Closed { conn, reason }).await;
 }
 
-/// A connection's read buffer starts this small (it grows for a large frame): a peer with 255
-/// neighbours keeps 255 of them.
+/// A connection's read and write buffers start this small (they grow for a large frame): a
+/// peer with 255 neighbours keeps 255 of each.
 const READ_BUFFER: usize = 1024;
+const WRITE_BUFFER: usize = 1024;
+
+/// Lets the kernel watch a connection at rest, so that an idle link costs no wake-up of this
+/// process: after `--heartbeat` (in whole seconds, at least one) without traffic it probes the
+/// other side (TCP keepalive), and it
+/// ends the connection when `--timeout` passes without an acknowledgement, probe or data
+/// (TCP_USER_TIMEOUT); the read then fails with ETIMEDOUT. That notices a silent cut within the
+/// timeout (a frozen process, whose kernel still answers, is the mesh's probes' business).
+fn watch_in_the_kernel(stream: &TcpStream, ctx: &Context) {
+    let socket = socket2::SockRef::from(stream);
+    // The kernel counts keepalive times in whole seconds.
+    let every = Duration::from_secs(ctx.heartbeat.as_secs_f64().ceil().max(1.0) as u64);
+    let probes = ctx.timeout.as_secs().div_ceil(every.as_secs()) as u32 + 1;
+    let keepalive = socket2::TcpKeepalive::new().with_time(every).with_interval(every).with_retries(probes);
+    if let Err(e) = socket.set_tcp_keepalive(&keepalive).and_then(|_| socket.set_tcp_user_timeout(Some(ctx.timeout))) {
+        tracing::debug!("cannot set keepalive on a connection: {e}");
+    }
+}
 
 /// Drives the handshake state machine over the connection, under its deadline.
 async fn handshake(
@@ -402,29 +414,25 @@ fn direction(role: &Role) -> &'static str {
     }
 }
 
-async fn read_loop(reader: &mut Reader, conn: ConnId, ctx: &Context, drops: &Drops, peer: &str) -> CloseReason {
-    let mut deadline = Instant::now() + ctx.timeout;
+async fn read_loop(reader: &mut Reader, conn: ConnId, ctx: &Context, peer: &str) -> CloseReason {
     loop {
-        let next = tokio::select! {
-            next = reader.next() => next,
-            _ = sleep_until(deadline) => return CloseReason::Timeout,
-        };
-        let payload = match next {
+        let payload = match reader.next().await {
             None => return CloseReason::Closed,
             Some(Ok(p)) => p,
             Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
                 tracing::warn!("closing connection to {peer}: bad frame: {e}");
                 return CloseReason::Violation;
             }
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                tracing::debug!("connection to {peer} timed out in the kernel: {e}");
+                return CloseReason::Timeout;
+            }
             Some(Err(e)) => {
                 tracing::debug!("connection to {peer} failed: {e}");
                 return CloseReason::Closed;
             }
         };
-        if drops.inbound.load(Ordering::Relaxed) {
-            continue;
-        }
-        deadline = Instant::now() + ctx.timeout;
+        ctx.traffic.received(payload.len());
         match Message::decode(&payload) {
             Ok(msg @ (Message::Hello(_) | Message::Auth { .. } | Message::Refuse { .. })) => {
                 tracing::warn!("closing connection to {peer}: unexpected {} after the handshake", msg.kind());
@@ -446,46 +454,44 @@ async fn read_loop(reader: &mut Reader, conn: ConnId, ctx: &Context, drops: &Dro
 /// Most frames written before a flush.
 const BATCH: usize = 64;
 
-/// Writes queued frames, and a heartbeat whenever the connection has been idle for an interval.
-async fn write_loop(
-    mut writer: Writer,
-    mut queue: Drain,
-    heartbeat: Duration,
-    drops: Arc<Drops>,
-    own_seq: Arc<AtomicU64>,
-) -> std::io::Result<()> {
-    let mut tick = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let dropped = || drops.outbound.load(Ordering::Relaxed);
-    let mut last_write = Instant::now();
+/// Writes queued frames, as many as are queued before each flush.
+async fn write_loop(mut writer: Writer, mut queue: Drain, traffic: Arc<Traffic>) -> std::io::Result<()> {
     loop {
-        tokio::select! {
-            biased;
-            next = queue.recv() => {
-                let Some(payload) = next else { return writer.flush().await };
-                let mut batch = vec![payload];
-                while batch.len() < BATCH {
-                    match queue.try_recv() {
-                        Some(p) => batch.push(p),
-                        None => break,
-                    }
-                }
-                if !dropped() {
-                    for p in batch {
-                        writer.feed(p).await?;
-                    }
-                    writer.flush().await?;
-                    last_write = Instant::now();
-                }
-            }
-            _ = tick.tick() => {
-                if !dropped() && last_write.elapsed() + heartbeat / 10 >= heartbeat {
-                    let ping = Message::Ping { seq: own_seq.load(Ordering::Relaxed) };
-                    writer.send(ping.encode()).await?;
-                    last_write = Instant::now();
-                }
+        let Some(payload) = queue.recv().await else { return writer.flush().await };
+        let mut batch = vec![payload];
+        while batch.len() < BATCH {
+            match queue.try_recv() {
+                Some(p) => batch.push(p),
+                None => break,
             }
         }
+        for p in batch {
+            traffic.sent(p.len());
+            writer.feed(p).await?;
+        }
+        writer.flush().await?;
+    }
+}
+
+/// Counts of what crossed a peer's connections: frames and payload bytes (as the mesh sees
+/// them, before sealing), each way.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub frames_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+impl Traffic {
+    fn received(&self, bytes: usize) {
+        self.frames_in.fetch_add(1, Ordering::Relaxed);
+        self.bytes_in.fetch_add(bytes as u64 + 4, Ordering::Relaxed);
+    }
+
+    fn sent(&self, bytes: usize) {
+        self.frames_out.fetch_add(1, Ordering::Relaxed);
+        self.bytes_out.fetch_add(bytes as u64 + 4, Ordering::Relaxed);
     }
 }
 

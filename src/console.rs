@@ -17,6 +17,8 @@ use crate::hook::{self, LabCommand};
 pub enum Input {
     Say(String),
     Peers,
+    /// `/stats`: counts of connections and traffic.
+    Stats,
     Help,
     Quit,
     Lab(LabCommand),
@@ -81,6 +83,7 @@ pub fn parse_line(line: &str, lab: bool) -> Option<Input> {
     let (word, rest) = command.split_once(char::is_whitespace).unwrap_or((command, ""));
     Some(match word {
         "peers" => Input::Peers,
+        "stats" => Input::Stats,
         "help" => Input::Help,
         "quit" | "exit" => Input::Quit,
         "lab" if lab => hook::parse_command(rest).map_or_else(Input::Rejected, Input::Lab),

@@ -181,9 +181,13 @@ pub enum Message {
         peers: Vec<PeerInfo>,
     },
     Lines(Lines),
-    /// Per sender, the highest contiguous sequence number held.
+    /// Per sender, the highest contiguous sequence number held; and the senders the digest's
+    /// sender no longer hears directly, whose new lines it asks the receiver to pass on for a
+    /// while (see docs/protocol.md, *Following*).
     Digest {
         have: BTreeMap<PeerId, u64>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        follow: Vec<PeerId>,
     },
     Gone(Gone),
     /// This connection duplicates another one between the same pair and is being closed.
@@ -256,7 +260,7 @@ impl Message {
             }
             Message::Peers { peers } => check_peers(peers),
             Message::Lines(l) => check_lines(l),
-            Message::Digest { have } if have.len() > MAX_DIGEST => {
+            Message::Digest { have, follow } if have.len() > MAX_DIGEST || follow.len() > MAX_DIGEST => {
                 Err(invalid("have", format!("more than {MAX_DIGEST} senders")))
             }
             Message::Refuse { reason: text } | Message::Notice { text, .. } if text.len() > 1024 => {
@@ -374,7 +378,7 @@ mod tests {
             lines(1, &["hi", "there"]),
             Message::Ping { seq: 3 },
             Message::Pong { seq: 0 },
-            Message::Digest { have },
+            Message::Digest { have, follow: vec![id('e')] },
             Message::Gone(Gone { origin: id('c'), upto: 3, head: Hex([1; 32]), sig: Hex([2; 64]) }),
             Message::Goodbye { sig: Hex([3; 64]) },
             Message::Dup,
@@ -457,9 +461,8 @@ mod tests {
         let widest =
             PeerInfo { id: id('f'), name: "\"".repeat(MAX_NAME), addr: format!("{}.b:65535", "a".repeat(251)) };
         let peers = Message::Peers { peers: vec![widest; MAX_GOSSIP] };
-        let digest = Message::Digest {
-            have: (0..MAX_DIGEST).map(|i| (format!("{i:064x}").parse().unwrap(), u64::MAX)).collect(),
-        };
+        let ids: Vec<PeerId> = (0..MAX_DIGEST).map(|i| format!("{i:064x}").parse().unwrap()).collect();
+        let digest = Message::Digest { have: ids.iter().map(|id| (*id, u64::MAX)).collect(), follow: ids };
         let worst = "\x01".repeat(MAX_TEXT);
         assert!(line_cost(&worst) <= LINES_BUDGET, "one line of the worst text fits");
         let Message::Lines(mut one) = lines(u64::MAX - 1, &[&worst]) else { unreachable!() };

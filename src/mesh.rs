@@ -6,11 +6,11 @@
 //! waits on a single neighbour: frames are queued with `try_send`, and a neighbour whose queue
 //! is full is repaired by the next anti-entropy round instead.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -49,6 +49,14 @@ const STABLE: Duration = Duration::from_secs(1);
 const EVENT_BATCH: usize = 256;
 /// After a failed accept (out of file descriptors, say), accepting pauses this long.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Probes sent per `--heartbeat`, at most (see `on_probe_tick`).
+const PROBES_PER_BEAT: usize = 16;
+/// Neighbours asked at a time to follow a sender this peer no longer hears directly.
+const ORPHAN_FANOUT: usize = 2;
+/// How often such a request is renewed (to the next neighbours in turn), and how long a
+/// neighbour follows a sender for another after a request.
+const FOLLOW_RENEW: Duration = Duration::from_secs(5);
+const FOLLOW_FOR: Duration = Duration::from_secs(15);
 /// How long leaving waits for goodbyes to be flushed.
 const LEAVE_FLUSH: Duration = Duration::from_millis(500);
 /// Members a neighbour may tell us of at once (a newcomer learns a whole mesh from its first
@@ -108,6 +116,13 @@ struct Mesh {
     lines: Buckets,
     /// How many members each neighbour may still tell us of.
     gossip: Buckets,
+    /// Senders not heard directly any more, and until when neighbours follow them for us.
+    orphans: HashMap<PeerId, Instant>,
+    /// Per sender, the neighbours that asked us to follow it for them, and until when.
+    followers: HashMap<PeerId, HashMap<PeerId, Instant>>,
+    /// Where the orphan rota stands.
+    rota: usize,
+    stats: Stats,
     /// Bytes of catch-up this peer may still make, for all neighbours together: neighbours that
     /// ask for everything and never read cannot keep its one thread encoding.
     catch_up: Bucket,
@@ -150,7 +165,7 @@ impl Mesh {
             local: Local { identity, mesh_key },
             reported: Default::default(),
             half_open: Default::default(),
-            own_seq: Arc::new(AtomicU64::new(store.my_seq())),
+            traffic: Default::default(),
             heartbeat: cfg.heartbeat,
             timeout: cfg.timeout,
             handshake_timeout: cfg.handshake_timeout,
@@ -186,6 +201,10 @@ impl Mesh {
             budget: Budget::new(limits.queued_bytes),
             lines: Buckets::new(cfg.line_rate, cfg.line_burst),
             gossip: Buckets::new(GOSSIP_RATE, GOSSIP_BURST),
+            orphans: HashMap::new(),
+            followers: HashMap::new(),
+            rota: 0,
+            stats: Stats::default(),
             catch_up: Bucket::new(limits.catch_up_rate as f64, limits.catch_up_rate as f64, now),
             tasks: TaskTracker::new(),
             next_conn: 0,
@@ -222,6 +241,8 @@ impl Mesh {
         let mut stdin = self.input.take().expect("taken once");
         let mut stdin_open = true;
         let mut sync = tokio::time::interval(self.cfg.sync_interval);
+        let mut probe = tokio::time::interval(self.cfg.heartbeat / 2);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.dial_due();
             let now = Instant::now();
@@ -254,6 +275,7 @@ impl Mesh {
                 },
                 accepted = self.listener.accept(), if accepting => self.on_accept(accepted),
                 _ = sync.tick() => self.on_tick(),
+                _ = probe.tick() => self.on_probe_tick(Instant::now()),
                 _ = sleep_until(wake) => {}
                 _ = &mut self.shutdown => break,
             }
@@ -341,13 +363,13 @@ impl Mesh {
             key: e.key,
             conn: r.conn,
             outbox: r.outbox,
-            drops: r.drops,
             incarnation: h.incarnation,
             link,
             superseded: false,
             leaving: false,
-            digest_sent: None,
             lagging: false,
+            last_heard: now,
+            probe: None,
             up_since: now,
             host: addr::host_of(r.observed.ip()),
             stranger: !self.store.knows(&h.id),
@@ -373,6 +395,9 @@ impl Mesh {
         if announce {
             self.out.emit(&Event::PeerUp { peer: &info, seq: h.seq, protocol: e.version });
         }
+        self.stats.admitted += 1;
+        // Heard directly again.
+        self.orphans.remove(&info.id);
         self.tell_members(&info.id, &h.known);
         self.send_digest(&h.id);
     }
@@ -443,6 +468,8 @@ impl Mesh {
         let now = Instant::now();
         let Some(n) = self.table.by_conn_mut(conn) else { return };
         let from = n.info.id;
+        n.last_heard = now;
+        n.probe = None;
         match msg {
             Message::Dup => n.superseded = true,
             Message::Goodbye { sig } => {
@@ -470,9 +497,16 @@ impl Mesh {
                     self.out.emit(&Event::Notice { from: &from, text: &text });
                 }
             }
-            Message::Digest { have } => self.answer_digest(&from, &have),
+            Message::Digest { have, follow } => {
+                self.follow(from, &follow, now);
+                self.answer_digest(&from, &have);
+            }
             Message::Gone(gone) => self.on_gone(from, gone, now),
-            Message::Ping { .. } | Message::Pong { .. } => {}
+            Message::Ping { seq } => {
+                n.send(Message::Pong { seq: self.store.my_seq() }.encode());
+                self.heard_of(conn, from, seq);
+            }
+            Message::Pong { seq } => self.heard_of(conn, from, seq),
             Message::Hello(_) | Message::Auth { .. } | Message::Refuse { .. } => {}
         }
     }
@@ -514,11 +548,30 @@ impl Mesh {
         }
     }
 
-    /// Shows what arrived, and deals with neighbours that relayed forgeries.
+    /// Shows what arrived, passes it on to followers of its sender, and deals with neighbours
+    /// that relayed forgeries.
     fn received(&mut self, r: Received, now: Instant) {
+        let mut shown: Vec<(PeerId, u64, PeerId)> = Vec::new();
+        for d in &r.delivered {
+            if !shown.iter().any(|(o, _, _)| *o == d.line.origin) {
+                shown.push((d.line.origin, d.line.seq, d.via));
+            }
+        }
+        if !self.followers.is_empty() {
+            self.pass_on(&shown, now);
+        }
         self.unshown.extend(r.delivered.into_iter().map(Unshown::Line));
         for via in r.forged_by {
             self.forged(&via, now);
+        }
+    }
+
+    /// A neighbour said (in a probe) that it has said lines up to `seq`: if we lack some, a
+    /// digest round with it at the next tick brings them.
+    fn heard_of(&mut self, conn: ConnId, from: PeerId, seq: u64) {
+        self.store.note_latest(&from, seq);
+        if self.store.mark(&from).is_some_and(|(mark, _)| mark < seq) {
+            self.needs_digest_round(conn);
         }
     }
 
@@ -526,15 +579,29 @@ impl Mesh {
     /// disconnected and held off.
     fn forged(&mut self, via: &PeerId, now: Instant) {
         let Some(n) = self.table.get_mut(via) else { return };
-        let conn = n.conn;
         tracing::warn!(
             "closing connection to {}@{}: it sent lines (or a gone statement) their sender did not sign",
             n.info.name,
             n.info.addr
         );
-        if let Some(n) = self.table.remove_conn(conn) {
-            self.out.emit(&Event::PeerDown { peer: &n.info, reason: DownReason::Closed });
-            self.book.left(&n.info.id, Hold::Forged, now);
+        let conn = n.conn;
+        self.drop_neighbour(conn, DownReason::Closed, Some(Hold::Forged), now);
+    }
+
+    /// Closes a neighbour's connection from this side: it is reported down with `reason`, and
+    /// either held off (`hold`) or redialled like any neighbour lost.
+    fn drop_neighbour(&mut self, conn: ConnId, reason: DownReason, hold: Option<Hold>, now: Instant) {
+        let Some(n) = self.table.remove_conn(conn) else { return };
+        self.out.emit(&Event::PeerDown { peer: &n.info, reason });
+        match hold {
+            Some(hold) => self.book.left(&n.info.id, hold, now),
+            None => {
+                self.orphans.entry(n.info.id).or_insert(now);
+                self.book.lost(&n.info.id, &n.info.addr, self.me < n.info.id, true, now);
+            }
+        }
+        if self.table.is_empty() {
+            self.book.isolated(now);
         }
     }
 
@@ -659,14 +726,14 @@ impl Mesh {
         }
     }
 
+    /// Sends a neighbour our digest: where we stand with every sender known to have said
+    /// something (none at all: nothing to send).
     fn send_digest(&mut self, to: &PeerId) {
-        let version = self.store.version();
-        let digests = self.store.digests(Instant::now());
+        let digests = self.store.digests(Instant::now(), None);
         if let Some(n) = self.table.get_mut(to) {
             for d in &digests {
                 n.send(d.encode());
             }
-            n.digest_sent = Some(version);
         }
     }
 
@@ -677,6 +744,7 @@ impl Mesh {
         if n.leaving {
             self.out.emit(&Event::PeerDown { peer: &n.info, reason: DownReason::Goodbye });
             self.book.left(&id, Hold::Left, now);
+            self.orphans.remove(&id);
         } else if n.superseded {
             self.table.hold_for_swap(n, now + SWAP_GRACE);
             return;
@@ -689,6 +757,7 @@ impl Mesh {
             self.out.emit(&Event::PeerDown { peer: &n.info, reason });
             let stable = now.duration_since(n.up_since) >= STABLE;
             self.book.lost(&id, &n.info.addr, self.me < id, stable, now);
+            self.orphans.entry(id).or_insert(now);
         }
         if self.table.is_empty() {
             self.book.isolated(now);
@@ -707,6 +776,7 @@ impl Mesh {
             self.say(std::mem::take(&mut lines));
             match input {
                 Input::Peers => self.out.emit(&Event::Peers { peers: &self.table.infos() }),
+                Input::Stats => self.emit_stats(),
                 Input::Help => self.out.emit(&Event::Help { text: HELP }),
                 Input::Lab(cmd) => self.apply_lab(cmd),
                 Input::Rejected(message) => self.out.emit(&Event::Error { message }),
@@ -749,17 +819,67 @@ impl Mesh {
                 n.send(frame.clone());
             }
         }
-        self.ctx.own_seq.store(self.store.my_seq(), Ordering::Relaxed);
     }
 
+    /// Applies a lab hook command: a neighbour now cut (either way) is disconnected at once, and
+    /// its connections are refused after their handshake until healed.
     fn apply_lab(&mut self, cmd: hook::LabCommand) {
         let Some(hook) = self.hook.as_mut() else { return };
         hook.apply(cmd);
-        for n in self.table.iter() {
-            let (inbound, outbound) = hook.cut(&n.info.name).map_or((false, false), |d| d.drops());
-            n.drops.set(inbound, outbound);
+        let table = hook.table();
+        let cut: Vec<ConnId> = self.table.iter().filter(|n| table.contains_key(&n.info.name)).map(|n| n.conn).collect();
+        for conn in cut {
+            self.drop_neighbour(conn, DownReason::Cut, None, Instant::now());
         }
-        self.out.emit(&Event::Hook { cuts: hook.table() });
+        self.out.emit(&Event::Hook { cuts: table });
+    }
+
+    /// Sends probes to neighbours that have been quiet, a few at a time, and gives up on those
+    /// that left a probe unanswered for `--timeout`: a frozen peer, whose kernel still keeps
+    /// its connections up, is noticed here. Every link is probed within `--heartbeat` while a
+    /// peer has at most [`PROBES_PER_BEAT`] neighbours; beyond, the rota takes longer.
+    fn on_probe_tick(&mut self, now: Instant) {
+        let timeout = self.cfg.timeout;
+        let silent: Vec<(ConnId, bool)> = self
+            .table
+            .iter()
+            .filter(|n| n.probe.is_some_and(|t| now.duration_since(t) >= timeout))
+            .map(|n| (n.conn, self.is_cut(&n.info.name)))
+            .collect();
+        for (conn, cut) in silent {
+            let reason = if cut { DownReason::Cut } else { DownReason::Timeout };
+            self.drop_neighbour(conn, reason, None, now);
+        }
+        let quiet_for = self.cfg.heartbeat;
+        let mut quiet: Vec<(Instant, PeerId)> = self
+            .table
+            .iter()
+            .filter(|n| n.probe.is_none() && now.duration_since(n.last_heard) >= quiet_for)
+            .map(|n| (n.last_heard, n.info.id))
+            .collect();
+        quiet.sort_unstable();
+        let ping = Message::Ping { seq: self.store.my_seq() }.encode();
+        for (_, id) in quiet.into_iter().take(PROBES_PER_BEAT / 2) {
+            if let Some(n) = self.table.get_mut(&id) {
+                n.send(ping.clone());
+                n.probe = Some(now);
+            }
+        }
+    }
+
+    fn emit_stats(&mut self) {
+        let t = &self.ctx.traffic;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        self.out.emit(&Event::Stats {
+            neighbours: self.table.len(),
+            dials: self.stats.dials,
+            accepted: self.stats.accepted,
+            admitted: self.stats.admitted,
+            frames_in: load(&t.frames_in),
+            bytes_in: load(&t.bytes_in),
+            frames_out: load(&t.frames_out),
+            bytes_out: load(&t.bytes_out),
+        });
     }
 
     /// When the loop must wake up on its own: the next due dial (unless the dial limit is
@@ -800,6 +920,7 @@ impl Mesh {
         let ctx = self.ctx.clone();
         let hello = self.hello();
         let budget = self.budget.clone();
+        self.stats.accepted += 1;
         self.tasks.spawn(async move {
             connection::run(stream, Role::Acceptor(half_open), hello, conn, ctx, budget).await;
             drop(permit);
@@ -835,6 +956,7 @@ impl Mesh {
             let conn = self.next_conn();
             let ctx = self.ctx.clone();
             let hello = hello.clone();
+            self.stats.dials += 1;
             let budget = self.budget.clone();
             self.tasks.spawn(async move {
                 connection::dial(target, hello, conn, ctx, budget).await;
@@ -854,14 +976,77 @@ impl Mesh {
         if self.table.is_empty() {
             self.book.isolated(now);
         }
-        let version = self.store.version();
-        let stale: Vec<PeerId> =
-            self.table.iter().filter(|n| n.lagging || n.digest_sent != Some(version)).map(|n| n.info.id).collect();
-        for id in stale {
+        let lagging: Vec<PeerId> = self.table.iter().filter(|n| n.lagging).map(|n| n.info.id).collect();
+        for id in lagging {
             if let Some(n) = self.table.get_mut(&id) {
                 n.lagging = false;
             }
             self.send_digest(&id);
+        }
+        self.followers.retain(|_, f| {
+            f.retain(|_, until| *until > now);
+            !f.is_empty()
+        });
+        self.ask_about_orphans(now);
+    }
+
+    /// Senders this peer no longer hears directly (their link went down without a goodbye) may
+    /// still speak through others: it asks two neighbours at a time, in turn, to follow each
+    /// of them (pass their new lines on) for a while, renewing the request before it lapses, with
+    /// a digest that also brings what it missed. Nothing at all while every sender is heard
+    /// directly, however large the mesh.
+    fn ask_about_orphans(&mut self, now: Instant) {
+        let age = self.cfg.history_age;
+        self.orphans.retain(|id, _| self.store.active_within(id, age, now));
+        let neighbours = self.table.len();
+        let wanted: Vec<PeerId> = self.orphans.iter().filter(|(_, until)| **until <= now).map(|(id, _)| *id).collect();
+        if wanted.is_empty() || neighbours == 0 {
+            return;
+        }
+        let mut digests = self.store.digests(now, Some(&wanted));
+        for (d, ids) in digests.iter_mut().zip(wanted.chunks(crate::frame::MAX_DIGEST)) {
+            if let Message::Digest { follow, .. } = d {
+                *follow = ids.to_vec();
+            }
+        }
+        let frames: Vec<bytes::Bytes> = digests.iter().map(Message::encode).collect();
+        for _ in 0..ORPHAN_FANOUT.min(neighbours) {
+            self.rota = (self.rota + 1) % neighbours;
+            let Some(n) = self.table.iter_mut().nth(self.rota) else { break };
+            for f in &frames {
+                n.send(f.clone());
+            }
+        }
+        for id in wanted {
+            self.orphans.insert(id, now + FOLLOW_RENEW);
+        }
+    }
+
+    /// A neighbour asks us to follow these senders for it: their new lines go to it as they
+    /// come, for [`FOLLOW_FOR`].
+    fn follow(&mut self, follower: PeerId, senders: &[PeerId], now: Instant) {
+        let known = senders.iter().filter(|s| **s != follower && **s != self.me && self.store.knows(s));
+        for sender in known.copied().collect::<Vec<_>>() {
+            self.followers.entry(sender).or_default().insert(follower, now + FOLLOW_FOR);
+        }
+    }
+
+    /// Passes lines just shown here on to the neighbours that follow their sender.
+    fn pass_on(&mut self, shown: &[(PeerId, u64, PeerId)], now: Instant) {
+        for (origin, first, via) in shown {
+            let Some(followers) = self.followers.get_mut(origin) else { continue };
+            followers.retain(|_, until| *until > now);
+            let to: Vec<PeerId> = followers.keys().filter(|f| *f != via).copied().collect();
+            for f in to {
+                let Some(room) = self.table.get_mut(&f).map(|n| n.outbox.catch_up_room()) else { continue };
+                let out = self.store.lines_from(origin, *first, room);
+                if let Some(n) = self.table.get_mut(&f) {
+                    for m in out.messages {
+                        n.send(m.encode());
+                    }
+                    n.lagging |= out.truncated;
+                }
+            }
         }
     }
 
@@ -899,6 +1084,14 @@ fn restore(identity: &Identity, restored: Restored, retention: crate::store::Ret
         store.restore_mark(id, mark, head, now);
     }
     store
+}
+
+/// Counts for `/stats`.
+#[derive(Debug, Default)]
+struct Stats {
+    dials: u64,
+    accepted: u64,
+    admitted: u64,
 }
 
 #[derive(Debug, PartialEq, Eq)]

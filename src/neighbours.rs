@@ -9,8 +9,6 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -22,20 +20,6 @@ use crate::outbox::{Outbox, Refused};
 
 /// Identifies one connection task.
 pub type ConnId = u64;
-
-/// Lab fault injection for one connection: drop what arrives, or what would be sent.
-#[derive(Debug, Default)]
-pub struct Drops {
-    pub inbound: AtomicBool,
-    pub outbound: AtomicBool,
-}
-
-impl Drops {
-    pub fn set(&self, inbound: bool, outbound: bool) {
-        self.inbound.store(inbound, Ordering::Relaxed);
-        self.outbound.store(outbound, Ordering::Relaxed);
-    }
-}
 
 /// Which of two connections between the same pair wins: the smaller link.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -53,17 +37,19 @@ pub struct Neighbour {
     pub key: PublicKey,
     pub conn: ConnId,
     pub outbox: Outbox,
-    pub drops: Arc<Drops>,
     pub incarnation: u64,
     pub link: Link,
     /// The other side said this connection is a duplicate: a replacement is coming.
     pub superseded: bool,
     /// The other side said goodbye.
     pub leaving: bool,
-    /// Store version of the last digest sent to it.
-    pub digest_sent: Option<u64>,
-    /// A frame could not be queued: it needs a digest round to catch up.
+    /// It needs a digest round to catch up: a frame to it could not be queued, or one of its
+    /// lines was turned away here, or it said (in a probe) that it has lines we lack.
     pub lagging: bool,
+    /// When a frame last came from it.
+    pub last_heard: Instant,
+    /// When a probe (`ping`) went to it that nothing has answered since.
+    pub probe: Option<Instant>,
     /// When this connection was admitted.
     pub up_since: Instant,
     /// The host it connects from (for per-host limits).
@@ -165,6 +151,11 @@ impl Table {
         self.by_id.contains_key(id) || self.swapping.contains_key(id)
     }
 
+    /// Neighbours connected now.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.by_id.is_empty() && self.swapping.is_empty()
     }
@@ -208,13 +199,13 @@ mod tests {
             key: PublicKey::of(&crate::identity::Identity::generate().id()).unwrap(),
             conn,
             outbox,
-            drops: Arc::default(),
             incarnation,
             link: Link { dialer: id(dialer), nonce: crate::id::Hex([nonce; 32]) },
             superseded: false,
             leaving: false,
-            digest_sent: None,
             lagging: false,
+            last_heard: Instant::now(),
+            probe: None,
             up_since: Instant::now(),
             host: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             stranger: false,

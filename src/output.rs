@@ -81,6 +81,19 @@ pub enum Event<'a> {
     Peers {
         peers: &'a [PeerInfo],
     },
+    /// The answer to `/stats`: neighbours now, and counts since the start.
+    Stats {
+        neighbours: usize,
+        /// Connections this peer dialled, accepted, and admitted after their handshake.
+        dials: u64,
+        accepted: u64,
+        admitted: u64,
+        /// Frames and bytes (length prefix and payload, before sealing) after the handshakes.
+        frames_in: u64,
+        bytes_in: u64,
+        frames_out: u64,
+        bytes_out: u64,
+    },
     Help {
         text: &'a str,
     },
@@ -105,6 +118,7 @@ pub fn msg_id(origin: &PeerId, seq: u64) -> String {
 
 pub const HELP: &str = "Type a line to send it to every peer. Commands:\n  \
     /peers  list connected peers\n  \
+    /stats  connections and traffic so far\n  \
     /help   this help\n  \
     /quit   leave the mesh (also Ctrl-C)\n  \
     //text  send a line that starts with /";
@@ -472,6 +486,9 @@ fn chat_view(event: &Event) -> View {
             View::Stdout(format!("* {} peers: {}", peers.len(), list.join(", ")))
         }
         Event::Help { text } => View::Stdout(text.to_string()),
+        Event::Stats { neighbours, dials, accepted, admitted, bytes_in, bytes_out, .. } => View::Stdout(format!(
+            "* {neighbours} neighbours; {dials} dials, {accepted} accepted, {admitted} admitted; {bytes_in} bytes in, {bytes_out} out"
+        )),
         Event::Error { message } => View::Stderr(format!("! {message}")),
         Event::Notice { from, text } => View::Stdout(format!("* {} says: {}", who(from), clean(text))),
     }

@@ -111,6 +111,9 @@ struct Origin {
     pending: BTreeMap<u64, Pending>,
     /// The sender's latest signed word that lines are gone, to pass on.
     gone: Option<Gone>,
+    /// The highest sequence number the sender is known to have said (its hello, its probes,
+    /// others' digests): a sender known to have said nothing is left out of digests.
+    latest: u64,
     /// The host whose connection introduced this sender (None: restored from the state dir).
     host: Option<IpAddr>,
     last_active: Instant,
@@ -458,23 +461,50 @@ impl Store {
         Ok(Some((missed, r)))
     }
 
-    /// Our digest, split into frames of at most [`MAX_DIGEST`] senders. Senders silent for
-    /// longer than the retention age are left out: nobody holds their lines any more.
-    pub fn digests(&self, now: Instant) -> Vec<Message> {
-        let live = self
-            .origins
-            .iter()
-            .filter(|(id, o)| **id == self.me || now.duration_since(o.last_active) <= self.retention.age);
+    /// Our digest (of `only` these senders, whatever they said, or of all), split into frames
+    /// of at most [`MAX_DIGEST`] senders. Of all, senders known to have said nothing are left
+    /// out (so a mesh that has not chatted yet exchanges no digests at all), and so are senders
+    /// silent for longer than the retention age: nobody holds their lines any more. Empty:
+    /// nothing to send.
+    pub fn digests(&self, now: Instant, only: Option<&[PeerId]>) -> Vec<Message> {
+        let age = self.retention.age;
+        let wanted = |id: &PeerId, o: &Origin| match only {
+            Some(ids) => ids.contains(id),
+            None => (*id == self.me || now.duration_since(o.last_active) <= age) && o.latest.max(o.mark) > 0,
+        };
         let mut out = Vec::new();
         let mut have = BTreeMap::new();
-        for (id, o) in live {
+        for (id, o) in self.origins.iter().filter(|(id, o)| wanted(id, o)) {
             have.insert(*id, o.mark);
             if have.len() == MAX_DIGEST {
-                out.push(Message::Digest { have: std::mem::take(&mut have) });
+                out.push(Message::Digest { have: std::mem::take(&mut have), follow: Vec::new() });
             }
         }
-        if !have.is_empty() || out.is_empty() {
-            out.push(Message::Digest { have });
+        if !have.is_empty() {
+            out.push(Message::Digest { have, follow: Vec::new() });
+        }
+        out
+    }
+
+    /// A sender is known to have said lines up to `seq`.
+    pub fn note_latest(&mut self, id: &PeerId, seq: u64) {
+        if let Some(o) = self.origins.get_mut(id) {
+            o.latest = o.latest.max(seq);
+        }
+    }
+
+    /// Whether `id` is a sender heard of within `age`.
+    pub fn active_within(&self, id: &PeerId, age: Duration, now: Instant) -> bool {
+        self.origins.get(id).is_some_and(|o| now.duration_since(o.last_active) <= age)
+    }
+
+    /// `lines` messages (checked, ending at signed heads) of `origin`'s held lines from `from`
+    /// on: for passing new lines on to a neighbour that follows the sender.
+    pub fn lines_from(&self, origin: &PeerId, from: u64, budget: usize) -> CatchUp {
+        let mut out = CatchUp::default();
+        if let Some(o) = self.origins.get(origin) {
+            let start = o.lines.partition_point(|l| l.seq < from);
+            out.truncated = !send_lines(o, start, budget, &mut out);
         }
         out
     }
@@ -490,11 +520,13 @@ impl Store {
     ) -> CatchUp {
         let mut out = CatchUp::default();
         for (id, &their_mark) in theirs {
-            let Some(o) = self.origins.get(id) else { continue };
+            let Some(o) = self.origins.get_mut(id) else { continue };
             if their_mark > o.mark {
+                o.latest = o.latest.max(their_mark);
                 out.they_are_ahead = true;
                 continue;
             }
+            let o = &self.origins[id];
             if id == to {
                 continue; // its own lines: it knows them better
             }
@@ -753,6 +785,7 @@ impl Origin {
             lines: VecDeque::new(),
             pending: BTreeMap::new(),
             gone: None,
+            latest: mark,
             host,
             last_active: now,
         }

@@ -274,15 +274,15 @@ async fn floods_of_digests_and_absurd_sequence_numbers_do_no_harm() {
     // for us nor spin on it.
     for _ in 0..1000 {
         let have = [(b, 0)].into();
-        f.send(&Message::Digest { have }).await.unwrap();
+        f.send(&Message::Digest { have, follow: vec![] }).await.unwrap();
     }
     // Sequence numbers at the edge of u64, about ourselves and about a stranger.
     let stranger = Identity::generate().id();
     let (ours, _) = signed_lines(&mallory, "mallory", u64::MAX - 1, meshlab::chain::genesis(&me), &["edge"]);
     for m in [
-        Message::Digest { have: [(b, u64::MAX), (stranger, u64::MAX)].into() },
+        Message::Digest { have: [(b, u64::MAX), (stranger, u64::MAX)].into(), follow: vec![] },
         Message::Gone(Gone { origin: me, upto: u64::MAX, head: Hex([0; 32]), sig: Hex([0; 64]) }),
-        Message::Digest { have: [(me, u64::MAX)].into() },
+        Message::Digest { have: [(me, u64::MAX)].into(), follow: vec![] },
         Message::Lines(ours),
         Message::Ping { seq: u64::MAX },
     ] {

@@ -324,7 +324,7 @@ async fn neighbours_that_never_read_cannot_blow_up_a_peers_memory() {
             let mut c = Client::connect(&a, Some(ip.into()), &me, hello_of(&me, "reader"), None).await.unwrap();
             askers.push(tokio::spawn(async move {
                 for _ in 0..5 {
-                    if c.send(&Message::Digest { have: [(b, 0)].into() }).await.is_err() {
+                    if c.send(&Message::Digest { have: [(b, 0)].into(), follow: vec![] }).await.is_err() {
                         break;
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -51,6 +51,7 @@ pub enum PeerEvent {
     Peers {
         peers: Vec<PeerRef>,
     },
+    Stats(Stats),
     Hook {
         cuts: std::collections::BTreeMap<String, String>,
     },
@@ -63,6 +64,19 @@ pub enum PeerEvent {
     },
     #[serde(other)]
     Other,
+}
+
+/// A peer's answer to `/stats`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct Stats {
+    pub neighbours: usize,
+    pub dials: u64,
+    pub accepted: u64,
+    pub admitted: u64,
+    pub frames_in: u64,
+    pub bytes_in: u64,
+    pub frames_out: u64,
+    pub bytes_out: u64,
 }
 
 impl PeerEvent {

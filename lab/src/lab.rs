@@ -232,6 +232,22 @@ impl<B: Backend> Lab<B> {
         Ok(self.world.peer(name).map(|p| p.listed.clone()).unwrap_or_default())
     }
 
+    /// Asks every running peer for its counts (`/stats`) and returns them, by name.
+    pub async fn stats(&mut self) -> Result<BTreeMap<String, crate::event::Stats>, LabError> {
+        let running = self.world.running();
+        let before: BTreeMap<String, u64> =
+            running.iter().map(|n| (n.clone(), self.world.peer(n).map_or(0, |p| p.answers))).collect();
+        for name in &running {
+            self.command(name, "/stats").await?;
+        }
+        let deadline = Instant::now() + self.scaled(PROCESS_DEADLINE);
+        self.wait_until(deadline, "every peer to answer /stats", |w| {
+            before.iter().find(|(n, a)| w.peer(n).is_some_and(|p| p.answers == **a)).map(|(n, _)| format!("{n} has not"))
+        })
+        .await?;
+        Ok(running.into_iter().filter_map(|n| Some((n.clone(), self.world.peer(&n)?.stats.clone()?))).collect())
+    }
+
     /// Waits until a peer's process has exited (after `/quit`, say).
     pub async fn await_exit(&mut self, name: &str, within: Duration) -> Result<(), LabError> {
         let deadline = Instant::now() + self.scaled(within);
@@ -290,7 +306,8 @@ impl<B: Backend> Lab<B> {
             format!("a mesh of {} as the cuts allow", members.join(", "))
         };
         let deadline = started + self.scaled(within);
-        self.wait_until(deadline, expected, |w| summarise(w.mesh_problems(&members, &cuts, exact))).await?;
+        self.wait_until(deadline, expected, |w| summarise(w.mesh_problems(&members, &cuts, exact, SUMMARISED + 1)))
+            .await?;
         Ok(self.last_event_at.saturating_duration_since(started))
     }
 
@@ -314,7 +331,13 @@ impl<B: Backend> Lab<B> {
                 return summarise(unconfirmed);
             }
             let d = w.delivery(&cuts);
-            if d.complete() { None } else { summarise(d.lost) }
+            if d.complete() {
+                return None;
+            }
+            let more = d.lost - d.lost_examples.len();
+            let mut seen = d.lost_examples;
+            seen.extend((more > 0).then(|| format!("{more} more")));
+            Some(seen.join("; "))
         })
         .await?;
         Ok((self.last_event_at.saturating_duration_since(started), self.world.delivery(&self.cuts)))
@@ -491,12 +514,15 @@ impl<B: Backend> Lab<B> {
     }
 }
 
-/// None when there is nothing to report; otherwise the first few items and a count.
+/// Items a failed check lists.
+const SUMMARISED: usize = 6;
+
+/// None when there is nothing to report; otherwise the first few items (and that there are
+/// more, when there are).
 fn summarise(items: Vec<String>) -> Option<String> {
-    const SHOWN: usize = 6;
     match items.len() {
         0 => None,
-        n if n <= SHOWN => Some(items.join("; ")),
-        n => Some(format!("{}; and {} more", items[..SHOWN].join("; "), n - SHOWN)),
+        n if n <= SUMMARISED => Some(items.join("; ")),
+        _ => Some(format!("{}; and more", items[..SUMMARISED].join("; "))),
     }
 }

@@ -60,7 +60,7 @@ fn html(r: &Report) -> String {
         d.said,
         d.owed,
         d.shown,
-        d.lost.len(),
+        d.lost,
         d.duplicated,
         d.out_of_order,
         d.gapped

@@ -337,7 +337,7 @@ fn print_summary(r: &Report) {
         d.said,
         d.shown,
         d.owed,
-        d.lost.len(),
+        d.lost,
         d.duplicated,
         d.out_of_order,
         d.gapped

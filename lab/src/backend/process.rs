@@ -221,8 +221,12 @@ impl Backend for ProcessBackend {
     }
 
     async fn shutdown(&mut self) {
-        for (_, mut proc) in self.procs.drain() {
+        // Every peer is signalled first, then all are awaited: 256 peers go in one step.
+        let procs: Vec<Proc> = self.procs.drain().map(|(_, p)| p).collect();
+        for proc in &procs {
             signal(&proc.pidfd, libc::SIGKILL);
+        }
+        for mut proc in procs {
             let _ = proc.exited.wait_for(|e| *e).await;
         }
     }
