@@ -176,6 +176,10 @@ pub enum Message {
     Pong {
         seq: u64,
     },
+    /// The sender found `id` silent (a probe went unanswered): probe it yourself.
+    Suspect {
+        id: PeerId,
+    },
     /// Members the receiver did not know of, for collaborative discovery.
     Peers {
         peers: Vec<PeerInfo>,
@@ -236,6 +240,7 @@ impl Message {
             Message::Refuse { .. } => "refuse",
             Message::Ping { .. } => "ping",
             Message::Pong { .. } => "pong",
+            Message::Suspect { .. } => "suspect",
             Message::Peers { .. } => "peers",
             Message::Lines(_) => "lines",
             Message::Digest { .. } => "digest",

@@ -49,8 +49,9 @@ const STABLE: Duration = Duration::from_secs(1);
 const EVENT_BATCH: usize = 256;
 /// After a failed accept (out of file descriptors, say), accepting pauses this long.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
-/// Probes sent per `--heartbeat`, at most (see `on_probe_tick`).
-const PROBES_PER_BEAT: usize = 16;
+/// Probes a peer sends per `--heartbeat` (see `on_probe_tick`): one, whatever the mesh's size,
+/// so that a mesh at rest costs a probe per peer and beat, not per link.
+const PROBES_PER_BEAT: usize = 1;
 /// Neighbours asked at a time to follow a sender this peer no longer hears directly.
 const ORPHAN_FANOUT: usize = 2;
 /// How often such a request is renewed (to the next neighbours in turn), and how long a
@@ -241,7 +242,7 @@ impl Mesh {
         let mut stdin = self.input.take().expect("taken once");
         let mut stdin_open = true;
         let mut sync = tokio::time::interval(self.cfg.sync_interval);
-        let mut probe = tokio::time::interval(self.cfg.heartbeat / 2);
+        let mut probe = tokio::time::interval(self.cfg.heartbeat);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.dial_due();
@@ -370,6 +371,7 @@ impl Mesh {
             lagging: false,
             last_heard: now,
             probe: None,
+            suspected_at: None,
             up_since: now,
             host: addr::host_of(r.observed.ip()),
             stranger: !self.store.knows(&h.id),
@@ -507,6 +509,7 @@ impl Mesh {
                 self.heard_of(conn, from, seq);
             }
             Message::Pong { seq } => self.heard_of(conn, from, seq),
+            Message::Suspect { id } => self.on_suspect(&from, id, now),
             Message::Hello(_) | Message::Auth { .. } | Message::Refuse { .. } => {}
         }
     }
@@ -834,21 +837,27 @@ impl Mesh {
         self.out.emit(&Event::Hook { cuts: table });
     }
 
-    /// Sends probes to neighbours that have been quiet, a few at a time, and gives up on those
-    /// that left a probe unanswered for `--timeout`: a frozen peer, whose kernel still keeps
-    /// its connections up, is noticed here. Every link is probed within `--heartbeat` while a
-    /// peer has at most [`PROBES_PER_BEAT`] neighbours; beyond, the rota takes longer.
+    /// Probes the neighbour heard from least lately, and gives up on those that left a probe
+    /// unanswered for `--timeout`: a frozen peer, whose kernel still keeps its connections up,
+    /// is noticed here (a cut is noticed by the kernel, see crate::connection). Each peer probes
+    /// one neighbour per `--heartbeat`, so a frozen peer is probed by someone about every beat,
+    /// however large the mesh; whoever finds it silent tells the others (`suspect`), who probe it
+    /// at once. A mesh at rest thus costs one probe per peer and beat.
     fn on_probe_tick(&mut self, now: Instant) {
         let timeout = self.cfg.timeout;
-        let silent: Vec<(ConnId, bool)> = self
+        let silent: Vec<(ConnId, PeerId, bool)> = self
             .table
             .iter()
             .filter(|n| n.probe.is_some_and(|t| now.duration_since(t) >= timeout))
-            .map(|n| (n.conn, self.is_cut(&n.info.name)))
+            .map(|n| (n.conn, n.info.id, self.is_cut(&n.info.name)))
             .collect();
-        for (conn, cut) in silent {
+        for (conn, id, cut) in silent {
             let reason = if cut { DownReason::Cut } else { DownReason::Timeout };
             self.drop_neighbour(conn, reason, None, now);
+            let word = Message::Suspect { id }.encode();
+            for n in self.table.iter_mut() {
+                n.send(word.clone());
+            }
         }
         let quiet_for = self.cfg.heartbeat;
         let mut quiet: Vec<(Instant, PeerId)> = self
@@ -858,12 +867,31 @@ impl Mesh {
             .map(|n| (n.last_heard, n.info.id))
             .collect();
         quiet.sort_unstable();
-        let ping = Message::Ping { seq: self.store.my_seq() }.encode();
-        for (_, id) in quiet.into_iter().take(PROBES_PER_BEAT / 2) {
-            if let Some(n) = self.table.get_mut(&id) {
-                n.send(ping.clone());
-                n.probe = Some(now);
-            }
+        for (_, id) in quiet.into_iter().take(PROBES_PER_BEAT) {
+            self.probe(&id, now);
+        }
+    }
+
+    /// Sends a neighbour a probe, unless one is out already.
+    fn probe(&mut self, id: &PeerId, now: Instant) {
+        let seq = self.store.my_seq();
+        if let Some(n) = self.table.get_mut(id).filter(|n| n.probe.is_none()) {
+            n.send(Message::Ping { seq }.encode());
+            n.probe = Some(now);
+        }
+    }
+
+    /// A neighbour found `id` silent: probe it now, unless it spoke lately. (Advice: at worst
+    /// one probe; a neighbour's word is taken at most once a beat.)
+    fn on_suspect(&mut self, from: &PeerId, id: PeerId, now: Instant) {
+        let beat = self.cfg.heartbeat;
+        let Some(n) = self.table.get_mut(from) else { return };
+        if n.suspected_at.is_some_and(|t| now.duration_since(t) < beat) {
+            return;
+        }
+        n.suspected_at = Some(now);
+        if self.table.get_mut(&id).is_some_and(|m| now.duration_since(m.last_heard) >= beat) {
+            self.probe(&id, now);
         }
     }
 

@@ -50,6 +50,8 @@ pub struct Neighbour {
     pub last_heard: Instant,
     /// When a probe (`ping`) went to it that nothing has answered since.
     pub probe: Option<Instant>,
+    /// When its word that another neighbour is silent (`suspect`) was last taken.
+    pub suspected_at: Option<Instant>,
     /// When this connection was admitted.
     pub up_since: Instant,
     /// The host it connects from (for per-host limits).
@@ -206,6 +208,7 @@ mod tests {
             lagging: false,
             last_heard: Instant::now(),
             probe: None,
+            suspected_at: None,
             up_since: Instant::now(),
             host: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             stranger: false,

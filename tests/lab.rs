@@ -13,7 +13,8 @@ use meshlab_lab::backend::process::ProcessBackend;
 use meshlab_lab::runner::{self, Report, RunOptions};
 use meshlab_lab::scenario::Scenario;
 
-const SHIPPED: &[&str] = &["six-peer-demo", "partition-heal", "churn", "thirty-two", "chaos", "private-mesh"];
+const SHIPPED: &[&str] =
+    &["six-peer-demo", "partition-heal", "churn", "thirty-two", "sixty-four", "two-fifty-six", "chaos", "private-mesh"];
 
 fn scenarios_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/scenarios")
@@ -46,10 +47,14 @@ async fn run_shipped(name: &str) -> Report {
 
 /// For the heaviest scenarios: nothing else runs meanwhile on the two cores.
 async fn run_shipped_alone(name: &str, seed: Option<u64>) -> Report {
+    run_alone_with(name, seed, process_lab()).await
+}
+
+async fn run_alone_with(name: &str, seed: Option<u64>, mut lab: Lab<ProcessBackend>) -> Report {
     let _serial = support::exclusive();
     let scenario = Scenario::load(&scenarios_dir().join(format!("{name}.toml"))).unwrap();
     let options = RunOptions { progress: true, seed };
-    let report = runner::run(&scenario, &mut process_lab(), &options).await;
+    let report = runner::run(&scenario, &mut lab, &options).await;
     assert!(report.passed, "{name} failed: {:#?}", report.failure);
     let d = &report.delivery;
     assert!(d.owed > 0 && d.shown == d.owed, "{d:?}");
@@ -104,6 +109,20 @@ async fn churn() {
 async fn thirty_two() {
     let report = run_shipped_alone("thirty-two", None).await;
     assert_eq!(report.mesh.links.len(), 32 * 31 / 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four() {
+    let report = run_shipped_alone("sixty-four", None).await;
+    assert_eq!(report.mesh.links.len(), 64 * 63 / 2);
+}
+
+/// 256 peers on two cores want the release build's speed (the tests' debug build cannot keep up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_fifty_six() {
+    let lab = Lab::new(ProcessBackend::new(support::release_peer()));
+    let report = run_alone_with("two-fifty-six", None, lab).await;
+    assert_eq!(report.mesh.links.len(), 256 * 255 / 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,8 +372,8 @@ async fn churn_on_docker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn thirty_two_on_docker() {
-    run_shipped_on_docker("thirty-two", None).await;
+async fn sixty_four_on_docker() {
+    run_shipped_on_docker("sixty-four", None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

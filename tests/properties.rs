@@ -55,7 +55,8 @@ fn message() -> impl Strategy<Value = Message> {
                     texts.into_iter().zip(first..).map(|((text, at), seq)| LineBody { seq, text, at }).collect();
                 Message::Lines(Lines { origin, name, lines, sig, catch_up })
             }),
-        proptest::collection::btree_map(id(), any::<u64>(), 0..20).prop_map(|have| Message::Digest { have, follow: vec![] }),
+        proptest::collection::btree_map(id(), any::<u64>(), 0..20)
+            .prop_map(|have| Message::Digest { have, follow: vec![] }),
         proptest::collection::vec(peer_info(), 0..10).prop_map(|peers| Message::Peers { peers }),
         (id(), 1u64.., sig()).prop_map(|(origin, upto, sig)| Message::Gone(Gone {
             origin,

@@ -57,13 +57,7 @@ fn html(r: &Report) -> String {
         h,
         "<h2>Delivery</h2><table><tr><th>lines said</th><th>owed showings</th><th>shown</th><th>lost</th><th>duplicated</th><th>out of order</th><th>gapped</th></tr>\
          <tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr></table>",
-        d.said,
-        d.owed,
-        d.shown,
-        d.lost,
-        d.duplicated,
-        d.out_of_order,
-        d.gapped
+        d.said, d.owed, d.shown, d.lost, d.duplicated, d.out_of_order, d.gapped
     );
     h.push_str("<table><tr><th>receiver</th><th>owed</th><th>shown</th><th>lost</th><th>duplicated</th><th>out of order</th><th>gapped</th></tr>");
     for (name, rc) in &d.per_receiver {

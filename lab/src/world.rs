@@ -125,11 +125,13 @@ pub struct PeerState {
     pub hook: BTreeMap<String, String>,
     /// Ids of its neighbours.
     pub neighbours: BTreeSet<String>,
-    /// Lines (msg ids) this process showed or said.
-    holds: HashSet<String>,
     /// What the current process logged on stderr (the last lines, bounded).
     pub stderr: VecDeque<String>,
     pub exit: Option<String>,
+    /// The id, interned.
+    key: Option<Key>,
+    /// Lines this process showed or said.
+    holds: HashSet<Key>,
 }
 
 /// A line said by some peer.
@@ -143,15 +145,58 @@ pub struct Said {
     pub at: Instant,
 }
 
+/// An id or msg id as a small integer: at 256 peers the world holds millions of showings, and
+/// each is keyed by two of them.
+type Key = u32;
+
+/// Strings to keys and back.
+#[derive(Default)]
+struct Interner {
+    keys: HashMap<String, Key>,
+    strings: Vec<String>,
+}
+
+impl Interner {
+    fn intern(&mut self, s: &str) -> Key {
+        if let Some(&k) = self.keys.get(s) {
+            return k;
+        }
+        let k = Key::try_from(self.strings.len()).expect("fewer than 2^32 ids");
+        self.strings.push(s.to_owned());
+        self.keys.insert(s.to_owned(), k);
+        k
+    }
+
+    fn get(&self, s: &str) -> Option<Key> {
+        self.keys.get(s).copied()
+    }
+
+    fn string(&self, k: Key) -> &str {
+        &self.strings[k as usize]
+    }
+}
+
+/// Nanoseconds since the world started: a showing's times in 8 bytes instead of 16.
+type Nanos = u64;
+
+/// How one receiver showed one line.
 #[derive(Debug, Clone)]
 struct Receipt {
     count: u32,
-    /// The text shown the first time.
-    text: String,
-    first_at: Instant,
-    caught_up: bool,
-    /// When the connection it came over last came up (for catch-up latency).
-    link_up_at: Option<Instant>,
+    first_at: Nanos,
+    /// When the connection a caught-up line came over last came up (for catch-up latency).
+    caught_up_after: Option<Nanos>,
+}
+
+/// What the world knows of one msg id.
+#[derive(Debug, Default)]
+struct LineRecord {
+    /// Its index in `said`, once the sender's `sent` was read.
+    said: Option<usize>,
+    /// When the last receiver so far first showed it.
+    last_shown: Option<Nanos>,
+    /// Showings read before the sender's `sent`: their texts are checked when it comes.
+    unchecked: Vec<(Key, String)>,
 }
 
 /// One thing worth drawing on the report's timeline.
@@ -185,6 +230,9 @@ pub struct Delivery {
     pub gapped: usize,
     /// The same figures for each receiver, by name.
     pub per_receiver: BTreeMap<String, Receiver>,
+    /// When the last owed showing made so far was read.
+    #[serde(skip)]
+    pub last_shown_at: Option<Instant>,
 }
 
 /// Delivery figures of one receiver.
@@ -207,16 +255,26 @@ impl Delivery {
 pub struct World {
     pub started: Instant,
     peers: BTreeMap<String, PeerState>,
-    names: HashMap<String, String>,
+    /// Peer ids and msg ids as keys.
+    ids: Interner,
+    msgs: Interner,
+    /// The name behind each id key, as events gave it.
+    names: HashMap<Key, String>,
     said: Vec<Said>,
-    by_msg_id: HashMap<String, usize>,
-    /// (receiver id, msg id) → how it was shown. Keyed by msg id, not by the `sent` event,
-    /// because the lab may read a receiver's `message` before the sender's `sent`.
-    receipts: HashMap<(String, String), Receipt>,
-    baselines: HashMap<(String, String), u64>,
-    last_shown: HashMap<(String, String), u64>,
-    gapped_upto: HashMap<(String, String), u64>,
-    link_up: HashMap<(String, String), Instant>,
+    /// For each line in `said`: its msg id and origin as keys.
+    said_keys: Vec<(Key, Key)>,
+    lines: Vec<LineRecord>,
+    /// (receiver, msg) → how it was shown. Keyed by msg id, not by the `sent` event, because
+    /// the lab may read a receiver's `message` before the sender's `sent`.
+    receipts: HashMap<(Key, Key), Receipt>,
+    /// (receiver, sender) → the sender's seq when the receiver first met it.
+    baselines: HashMap<(Key, Key), u64>,
+    /// (receiver, sender) → the highest seq shown.
+    last_shown: HashMap<(Key, Key), u64>,
+    /// (receiver, sender) → the seq up to which the receiver reported a gap.
+    gapped_upto: HashMap<(Key, Key), u64>,
+    /// (receiver, neighbour) → when their connection last came up.
+    link_up: HashMap<(Key, Key), Instant>,
     violations: Vec<Violation>,
     /// Every peer's stderr across its processes, bounded per peer (for the report).
     logs: BTreeMap<String, VecDeque<String>>,
@@ -235,9 +293,12 @@ impl World {
         World {
             started,
             peers: BTreeMap::new(),
+            ids: Interner::default(),
+            msgs: Interner::default(),
             names: HashMap::new(),
             said: Vec::new(),
-            by_msg_id: HashMap::new(),
+            said_keys: Vec::new(),
+            lines: Vec::new(),
             receipts: HashMap::new(),
             baselines: HashMap::new(),
             last_shown: HashMap::new(),
@@ -256,6 +317,7 @@ impl World {
         let p = self.peers.entry(name.to_owned()).or_default();
         p.instance = instance;
         p.id = None;
+        p.key = None;
         p.listening = false;
         p.listening_at = None;
         p.sent = 0;
@@ -305,51 +367,50 @@ impl World {
     }
 
     fn on_event(&mut self, name: &str, at: Instant, e: PeerEvent) {
-        let p = self.peers.get_mut(name).expect("checked by observe");
         match e {
             PeerEvent::Listening { id, addr, .. } => {
-                self.names.insert(id.clone(), name.to_owned());
+                let key = self.ids.intern(&id);
+                self.names.insert(key, name.to_owned());
+                let p = self.peers.get_mut(name).expect("checked by observe");
                 p.id = Some(id);
+                p.key = Some(key);
                 p.listen = Some(addr);
                 p.listening = true;
                 p.listening_at = Some(at);
             }
             PeerEvent::PeerUp { peer, seq } => {
-                let me = p.id.clone().unwrap_or_default();
-                p.neighbours.insert(peer.id.clone());
-                self.names.insert(peer.id.clone(), peer.name.clone());
-                self.baselines.entry((me.clone(), peer.id.clone())).or_insert(seq);
-                self.link_up.insert((me, peer.id), at);
+                let (me, other) = (self.key_of(name), self.ids.intern(&peer.id));
+                if self.names.get(&other) != Some(&peer.name) {
+                    self.names.insert(other, peer.name.clone());
+                }
+                self.baselines.entry((me, other)).or_insert(seq);
+                self.link_up.insert((me, other), at);
+                self.peer_mut(name).neighbours.insert(peer.id);
                 self.mark(name, "up", peer.name);
             }
             PeerEvent::PeerDown { peer, reason } => {
-                p.neighbours.remove(&peer.id);
+                self.peer_mut(name).neighbours.remove(&peer.id);
                 self.mark(name, "down", format!("{} ({reason})", peer.name));
             }
-            PeerEvent::Sent { msg_id, seq, text } => {
-                let origin = p.id.clone().unwrap_or_default();
-                p.sent += 1;
-                p.holds.insert(msg_id.clone());
-                self.check_texts(&msg_id, &text);
-                self.by_msg_id.insert(msg_id.clone(), self.said.len());
-                self.said.push(Said { msg_id, origin, origin_name: name.to_owned(), seq, text, at });
-            }
+            PeerEvent::Sent { msg_id, seq, text } => self.on_sent(name, at, msg_id, seq, text),
             PeerEvent::Message { msg_id, seq, from, via, caught_up, text } => {
                 self.on_message(name, at, &msg_id, seq, &from.id, &via, caught_up, text)
             }
             PeerEvent::Gap { from, upto, .. } => {
-                let me = p.id.clone().unwrap_or_default();
-                self.gapped_upto.insert((me, from.id), upto);
+                let key = (self.key_of(name), self.ids.intern(&from.id));
+                self.gapped_upto.insert(key, upto);
                 self.mark(name, "gap", from.name);
             }
             PeerEvent::Error { message } => self.mark(name, "error", message),
             PeerEvent::Notice { from, text } => self.mark(name, "notice", format!("{}: {text}", from.name)),
-            PeerEvent::Hook { cuts } => p.hook = cuts,
+            PeerEvent::Hook { cuts } => self.peer_mut(name).hook = cuts,
             PeerEvent::Peers { peers } => {
+                let p = self.peer_mut(name);
                 p.listed = peers.into_iter().map(|r| r.name).collect();
                 p.answers += 1;
             }
             PeerEvent::Stats(stats) => {
+                let p = self.peer_mut(name);
                 p.stats = Some(stats);
                 p.answers += 1;
             }
@@ -357,19 +418,54 @@ impl World {
         }
     }
 
+    fn peer_mut(&mut self, name: &str) -> &mut PeerState {
+        self.peers.get_mut(name).expect("checked by observe")
+    }
+
+    /// The id key of a peer's current process (the empty id before it listened).
+    fn key_of(&mut self, name: &str) -> Key {
+        match self.peers.get(name).and_then(|p| p.key) {
+            Some(k) => k,
+            None => self.ids.intern(""),
+        }
+    }
+
+    fn record_of(&mut self, msg: Key) -> &mut LineRecord {
+        let i = msg as usize;
+        if self.lines.len() <= i {
+            self.lines.resize_with(i + 1, LineRecord::default);
+        }
+        &mut self.lines[i]
+    }
+
+    fn nanos(&self, at: Instant) -> Nanos {
+        at.saturating_duration_since(self.started).as_nanos() as Nanos
+    }
+
+    fn instant(&self, nanos: Nanos) -> Instant {
+        self.started + Duration::from_nanos(nanos)
+    }
+
     /// Every showing of a line must show what its sender said: a line shown with other words
     /// (a forgery that got through) breaks the run at once, whichever of the two the lab read
     /// first.
-    fn check_texts(&mut self, msg_id: &str, said: &str) {
-        let wrong: Vec<String> = self
-            .receipts
-            .iter()
-            .filter(|((_, m), r)| m == msg_id && r.text != said)
-            .map(|((receiver, _), r)| {
-                format!("{} showed {msg_id} as {:?}, but its sender said {said:?}", self.name_of(receiver), r.text)
-            })
-            .collect();
-        self.violations.extend(wrong.into_iter().map(|what| Violation { peer: "*".into(), what }));
+    fn on_sent(&mut self, name: &str, at: Instant, msg_id: String, seq: u64, text: String) {
+        let (origin, msg) = (self.key_of(name), self.msgs.intern(&msg_id));
+        let index = self.said.len();
+        let record = self.record_of(msg);
+        record.said = Some(index);
+        let unchecked = std::mem::take(&mut record.unchecked);
+        for (receiver, shown) in unchecked.into_iter().filter(|(_, shown)| *shown != text) {
+            let what =
+                format!("{} showed {msg_id} as {shown:?}, but its sender said {text:?}", self.name_of_key(receiver));
+            self.violations.push(Violation { peer: "*".into(), what });
+        }
+        let p = self.peer_mut(name);
+        p.sent += 1;
+        p.holds.insert(msg);
+        let origin_id = p.id.clone().unwrap_or_default();
+        self.said_keys.push((msg, origin));
+        self.said.push(Said { msg_id, origin: origin_id, origin_name: name.to_owned(), seq, text, at });
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -384,22 +480,24 @@ impl World {
         caught_up: bool,
         text: String,
     ) {
-        if let Some(said) = self.by_msg_id.get(msg_id).map(|i| self.said[*i].text.clone())
-            && said != text
-        {
-            let what = format!("showed {msg_id} as {text:?}, but its sender said {said:?}");
-            self.violations.push(Violation { peer: name.into(), what });
+        let (me, msg) = (self.key_of(name), self.msgs.intern(msg_id));
+        let said = self.record_of(msg).said;
+        match said {
+            Some(i) if self.said[i].text != text => {
+                let what = format!("showed {msg_id} as {text:?}, but its sender said {:?}", self.said[i].text);
+                self.violations.push(Violation { peer: name.into(), what });
+            }
+            Some(_) => {}
+            None => self.record_of(msg).unchecked.push((me, text)),
         }
-        let p = self.peers.get_mut(name).expect("checked by observe");
-        let me = p.id.clone().unwrap_or_default();
-        if from == me {
+        if self.peers.get(name).and_then(|p| p.id.as_deref()) == Some(from) {
             self.violations.push(Violation { peer: name.into(), what: format!("showed its own line {msg_id}") });
             return;
         }
-        let order_key = (me.clone(), from.to_owned());
+        let order_key = (me, self.ids.intern(from));
         let last = self.last_shown.get(&order_key).copied().unwrap_or(0);
         if seq <= last {
-            let what = if self.receipts.contains_key(&(me.clone(), msg_id.to_owned())) {
+            let what = if self.receipts.contains_key(&(me, msg)) {
                 *self.duplicated.entry(name.to_owned()).or_default() += 1;
                 format!("showed {msg_id} twice")
             } else {
@@ -409,15 +507,22 @@ impl World {
             self.violations.push(Violation { peer: name.into(), what });
         }
         self.last_shown.insert(order_key, seq.max(last));
-        p.holds.insert(msg_id.to_owned());
-        let link_up_at = self.link_up.get(&(me.clone(), via.to_owned())).copied();
-        self.receipts.entry((me, msg_id.to_owned())).and_modify(|r| r.count += 1).or_insert(Receipt {
-            count: 1,
-            text,
-            first_at: at,
-            caught_up,
-            link_up_at,
+        self.peer_mut(name).holds.insert(msg);
+        let first_at = self.nanos(at);
+        let caught_up_after = match self.ids.get(via) {
+            Some(via) if caught_up => self.link_up.get(&(me, via)).map(|t| self.nanos(*t)),
+            _ => None,
+        }
+        .or(caught_up.then_some(0));
+        let mut first = false;
+        self.receipts.entry((me, msg)).and_modify(|r| r.count += 1).or_insert_with(|| {
+            first = true;
+            Receipt { count: 1, first_at, caught_up_after }
         });
+        if first {
+            let record = self.record_of(msg);
+            record.last_shown = Some(record.last_shown.map_or(first_at, |t| t.max(first_at)));
+        }
     }
 
     pub fn peer(&self, name: &str) -> Option<&PeerState> {
@@ -434,7 +539,14 @@ impl World {
 
     /// The name behind an id, if the lab has seen it.
     pub fn name_of(&self, id: &str) -> String {
-        self.names.get(id).cloned().unwrap_or_else(|| format!("{}…", short(id)))
+        match self.ids.get(id) {
+            Some(key) => self.name_of_key(key),
+            None => format!("{}…", short(id)),
+        }
+    }
+
+    fn name_of_key(&self, key: Key) -> String {
+        self.names.get(&key).cloned().unwrap_or_else(|| format!("{}…", short(self.ids.string(key))))
     }
 
     /// Every peer's stderr lines, each prefixed with its process's instance number.
@@ -453,11 +565,12 @@ impl World {
     /// How the mesh differs from what the cuts allow among `members` (empty: converged).
     /// With `exact`, a member connected to anyone outside the expected set also counts.
     /// At most `limit` are listed (a check that only needs to know whether there are any stops
-    /// at the first: at 256 peers a full list is 65,000 pairs, and the lab asks after every
-    /// batch of events).
+    /// at the first: at 256 peers a full list is 65,000 pairs).
     pub fn mesh_problems(&self, members: &[String], cuts: &Cuts, exact: bool, limit: usize) -> Vec<String> {
         let mut problems = Vec::new();
-        for a in members {
+        let ids: Vec<Option<&String>> =
+            members.iter().map(|m| self.peers.get(m).filter(|p| p.running).and_then(|p| p.id.as_ref())).collect();
+        for (a, a_id) in members.iter().zip(&ids) {
             if problems.len() >= limit {
                 break;
             }
@@ -465,31 +578,33 @@ impl World {
                 problems.push(format!("{a} was never started"));
                 continue;
             };
-            if !pa.running || pa.id.is_none() {
+            if a_id.is_none() {
                 problems.push(format!("{a} is not running"));
                 continue;
             }
-            let mut expected = BTreeSet::new();
-            for b in members.iter().filter(|b| *b != a) {
-                let Some(b_id) = self.peers.get(b).filter(|p| p.running).and_then(|p| p.id.as_ref()) else { continue };
-                let linked = pa.neighbours.contains(b_id);
+            let mut expected = 0;
+            for (b, b_id) in members.iter().zip(&ids).filter(|(b, _)| *b != a) {
+                let Some(b_id) = b_id else { continue };
+                let linked = pa.neighbours.contains(*b_id);
                 if cuts.severed(a, b) {
                     if linked {
                         problems.push(format!("{a} is still connected to {b} across a cut"));
                     }
                 } else {
-                    expected.insert(b_id.clone());
+                    expected += usize::from(linked);
                     if !linked {
                         problems.push(format!("{a} is not connected to {b}"));
                     }
                 }
             }
-            if exact {
-                for extra in pa.neighbours.difference(&expected) {
-                    let other = self.name_of(extra);
-                    if !cuts.severed(a, &other) {
-                        problems.push(format!("{a} lists {other} ({}) which is not a live member", short(extra)));
-                    }
+            if exact && pa.neighbours.len() > expected {
+                let members: HashSet<&String> = ids.iter().flatten().copied().collect();
+                for extra in pa.neighbours.iter().filter(|n| !members.contains(n)) {
+                    problems.push(format!(
+                        "{a} lists {} ({}) which is not a live member",
+                        self.name_of(extra),
+                        short(extra)
+                    ));
                 }
             }
         }
@@ -498,86 +613,102 @@ impl World {
 
     /// Checks every line said so far against every running receiver.
     pub fn delivery(&self, cuts: &Cuts) -> Delivery {
-        let running: Vec<(&String, &PeerState)> =
-            self.peers.iter().filter(|(_, p)| p.running && p.id.is_some()).collect();
-        let names: Vec<&str> = running.iter().map(|(n, _)| n.as_str()).collect();
-        let component = components(&names, cuts);
+        let running: Vec<(&String, &PeerState, Key)> =
+            self.peers.iter().filter(|(_, p)| p.running).filter_map(|(n, p)| Some((n, p, p.key?))).collect();
+        let names: Vec<&str> = running.iter().map(|(n, _, _)| n.as_str()).collect();
+        let (component, components) = components(&names, cuts);
         let mut d = Delivery {
             said: self.said.len(),
             duplicated: self.duplicated.values().sum(),
             out_of_order: self.out_of_order.values().sum(),
             ..Delivery::default()
         };
+        let mut per_receiver: Vec<Receiver> = vec![Receiver::default(); running.len()];
+        let mut last_shown: Option<Nanos> = None;
+        let mut reachable = vec![false; components];
+        for (line, &(msg, origin)) in self.said.iter().zip(&self.said_keys) {
+            // Holders: processes that showed the line, and its sender if still running under
+            // the same identity (a peer with a state directory keeps its own lines).
+            reachable.fill(false);
+            let origin_at = running.iter().position(|(_, _, key)| *key == origin);
+            if let Some(i) = origin_at {
+                reachable[component[i]] = true;
+            }
+            if origin_at.is_none() || components > 1 {
+                for (i, (_, p, _)) in running.iter().enumerate() {
+                    if p.holds.contains(&msg) {
+                        reachable[component[i]] = true;
+                    }
+                }
+            }
+            for (i, (name, _, me)) in running.iter().enumerate() {
+                if *me == origin || !reachable[component[i]] {
+                    continue;
+                }
+                match self.baselines.get(&(*me, origin)) {
+                    Some(&base) if line.seq > base => {}
+                    _ => continue,
+                }
+                let r = &mut per_receiver[i];
+                r.owed += 1;
+                if let Some(receipt) = self.receipts.get(&(*me, msg)) {
+                    r.shown += 1;
+                    last_shown = Some(last_shown.map_or(receipt.first_at, |t| t.max(receipt.first_at)));
+                } else if self.gapped_upto.get(&(*me, origin)).is_some_and(|&u| line.seq <= u) {
+                    r.gapped += 1;
+                } else {
+                    r.lost += 1;
+                    if d.lost_examples.len() < LOST_EXAMPLES {
+                        let example =
+                            format!("{name} has not shown {}'s line {} {:?}", line.origin_name, line.seq, line.text);
+                        d.lost_examples.push(example);
+                    }
+                }
+            }
+        }
+        for ((name, _, _), r) in running.iter().zip(per_receiver) {
+            d.owed += r.owed;
+            d.shown += r.shown;
+            d.lost += r.lost;
+            d.gapped += r.gapped;
+            if r != Receiver::default() {
+                d.per_receiver.insert((*name).clone(), r);
+            }
+        }
         for (name, n) in &self.duplicated {
             d.per_receiver.entry(name.clone()).or_default().duplicated = *n;
         }
         for (name, n) in &self.out_of_order {
             d.per_receiver.entry(name.clone()).or_default().out_of_order = *n;
         }
-        for line in &self.said {
-            let msg_id = &line.msg_id;
-            // Holders: processes that showed the line, and its sender if still running under
-            // the same identity (a peer with a state directory keeps its own lines).
-            let reachable: HashSet<usize> = running
-                .iter()
-                .filter(|(_, p)| p.holds.contains(msg_id) || p.id.as_ref() == Some(&line.origin))
-                .map(|(n, _)| component[n.as_str()])
-                .collect();
-            for (name, p) in &running {
-                let me = p.id.as_ref().expect("filtered");
-                if *me == line.origin || !reachable.contains(&component[name.as_str()]) {
-                    continue;
-                }
-                match self.baselines.get(&(me.clone(), line.origin.clone())) {
-                    Some(&base) if line.seq > base => {}
-                    _ => continue,
-                }
-                d.owed += 1;
-                let r = d.per_receiver.entry((*name).clone()).or_default();
-                r.owed += 1;
-                if self.receipts.contains_key(&(me.clone(), msg_id.clone())) {
-                    d.shown += 1;
-                    r.shown += 1;
-                } else if self.gapped_upto.get(&(me.clone(), line.origin.clone())).is_some_and(|&u| line.seq <= u) {
-                    d.gapped += 1;
-                    r.gapped += 1;
-                } else {
-                    r.lost += 1;
-                    d.lost += 1;
-                    if d.lost_examples.len() < LOST_EXAMPLES {
-                        let example = format!("{name} has not shown {}'s line {} {:?}", line.origin_name, line.seq, line.text);
-                        d.lost_examples.push(example);
-                    }
-                }
-            }
-        }
+        d.last_shown_at = last_shown.map(|t| self.instant(t));
         d
     }
 
     /// When the current process named `receiver` showed the line `msg_id` (first time), if it did.
     pub fn shown_at(&self, receiver: &str, msg_id: &str) -> Option<Instant> {
-        let id = self.peers.get(receiver)?.id.clone()?;
-        self.receipts.get(&(id, msg_id.to_owned())).map(|r| r.first_at)
+        let me = self.peers.get(receiver)?.key?;
+        let receipt = self.receipts.get(&(me, self.msgs.get(msg_id)?))?;
+        Some(self.instant(receipt.first_at))
     }
 
     /// When `peer`'s current process first brought a neighbour up.
     pub fn first_up(&self, peer: &str) -> Option<Instant> {
         let p = self.peers.get(peer)?;
-        let (id, since) = (p.id.clone()?, p.listening_at?);
-        self.link_up.iter().filter(|((me, _), at)| *me == id && **at >= since).map(|(_, at)| *at).min()
+        let (me, since) = (p.key?, p.listening_at?);
+        self.link_up.iter().filter(|((k, _), at)| *k == me && **at >= since).map(|(_, at)| *at).min()
     }
 
     /// For each line shown by someone, the time until the last of its receivers showed it.
     pub fn completion_times(&self) -> Vec<Duration> {
-        let mut last: HashMap<&str, Instant> = HashMap::new();
-        for ((_, msg_id), r) in &self.receipts {
-            let t = last.entry(msg_id).or_insert(r.first_at);
-            *t = (*t).max(r.first_at);
-        }
         let mut out: Vec<Duration> = self
             .said
             .iter()
-            .filter_map(|s| last.get(s.msg_id.as_str()).map(|t| t.saturating_duration_since(s.at)))
+            .zip(&self.said_keys)
+            .filter_map(|(s, (msg, _))| {
+                let last = self.lines[*msg as usize].last_shown?;
+                Some(self.instant(last).saturating_duration_since(s.at))
+            })
             .collect();
         out.sort();
         out
@@ -587,14 +718,13 @@ impl World {
     pub fn latencies(&self) -> (Vec<Duration>, Vec<Duration>) {
         let mut direct = Vec::new();
         let mut catch_up = Vec::new();
-        for ((_, msg_id), r) in &self.receipts {
-            let Some(&index) = self.by_msg_id.get(msg_id) else { continue };
-            let said = self.said[index].at;
-            if r.caught_up {
-                let from = r.link_up_at.map_or(said, |t| t.max(said));
-                catch_up.push(r.first_at.saturating_duration_since(from));
-            } else {
-                direct.push(r.first_at.saturating_duration_since(said));
+        for ((_, msg), r) in &self.receipts {
+            let Some(index) = self.lines[*msg as usize].said else { continue };
+            let said = self.nanos(self.said[index].at);
+            let latency = |from: Nanos| Duration::from_nanos(r.first_at.saturating_sub(from));
+            match r.caught_up_after {
+                Some(link_up) => catch_up.push(latency(link_up.max(said))),
+                None => direct.push(latency(said)),
             }
         }
         direct.sort();
@@ -608,28 +738,31 @@ fn short(id: &str) -> String {
     id.chars().take(8).collect()
 }
 
-/// Groups of peers that can reach each other over the links the cuts leave.
-fn components<'a>(names: &[&'a str], cuts: &Cuts) -> HashMap<&'a str, usize> {
+/// Groups of peers that can reach each other over the links the cuts leave: each name's group,
+/// in the order of `names`, and how many groups there are.
+fn components(names: &[&str], cuts: &Cuts) -> (Vec<usize>, usize) {
     if cuts.is_empty() {
-        return names.iter().map(|n| (*n, 0)).collect();
+        return (vec![0; names.len()], 1);
     }
-    let mut component: HashMap<&str, usize> = HashMap::new();
-    for (c, start) in names.iter().enumerate() {
-        if component.contains_key(start) {
+    let mut component: Vec<Option<usize>> = vec![None; names.len()];
+    let mut count = 0;
+    for start in 0..names.len() {
+        if component[start].is_some() {
             continue;
         }
-        let mut queue = VecDeque::from([*start]);
-        component.insert(start, c);
+        let mut queue = VecDeque::from([start]);
+        component[start] = Some(count);
         while let Some(x) = queue.pop_front() {
-            for y in names {
-                if !component.contains_key(y) && !cuts.severed(x, y) {
-                    component.insert(y, c);
+            for y in 0..names.len() {
+                if component[y].is_none() && !cuts.severed(names[x], names[y]) {
+                    component[y] = Some(count);
                     queue.push_back(y);
                 }
             }
         }
+        count += 1;
     }
-    component
+    (component.into_iter().map(|c| c.expect("every name visited")).collect(), count)
 }
 
 #[cfg(test)]

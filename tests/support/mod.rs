@@ -152,6 +152,29 @@ pub async fn six_peer_demo<B: meshlab_lab::backend::Backend>(lab: &mut meshlab_l
     lab.last_event_at().saturating_duration_since(listened)
 }
 
+/// A release build of the peer, for tests that need its speed (hundreds of peers on two
+/// cores): MESHLAB_RELEASE_PEER when set (.ci/run points it at the one its quick start built from
+/// the same tree), else this tree's, built once per test binary.
+pub fn release_peer() -> std::path::PathBuf {
+    static BUILT: OnceLock<std::path::PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            if let Ok(path) = std::env::var("MESHLAB_RELEASE_PEER") {
+                return path.into();
+            }
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let out = Command::new(env!("CARGO"))
+                .args(["build", "--release", "--locked", "--bin", "peer"])
+                .current_dir(root)
+                .output()
+                .expect("cargo runs");
+            assert!(out.status.success(), "cargo build --release failed:\n{}", String::from_utf8_lossy(&out.stderr));
+            let target = std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root.join("target"), Into::into);
+            target.join("release/peer")
+        })
+        .clone()
+}
+
 /// The peer binary a benchmark measures: this tree's, or another build's given in
 /// MESHLAB_BENCH_PEER (to compare two builds on the same machine, on the same day).
 pub fn bench_peer() -> String {

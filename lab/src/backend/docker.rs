@@ -216,6 +216,7 @@ impl Backend for DockerBackend {
             bail!("{} is already running", spec.name);
         }
         let ip = self.ip_of(&spec.name)?;
+        ensure_neighbour_room(self.hosts.len())?;
         let name = self.container_name(&spec.name);
         let binds = match spec.keep_state {
             true => Some(format!("{}:{STATE_MOUNT}", self.states.of(&spec.name)?.display())),
@@ -439,6 +440,39 @@ async fn create_network(docker: &Docker, run: &str) -> anyhow::Result<(String, [
 }
 
 /// Packet filtering needs root, nsenter and iptables-restore on the host.
+/// The kernel's neighbour (ARP) table is shared by every network namespace of the host, and a
+/// full mesh of `n` containers fills it with about n² entries (each container's entry for each
+/// other, and for the gateway). Past `gc_thresh3` (1,024 by default) the kernel drops new entries
+/// and connections time out: at 64 containers about half the pairs never connect. So before a
+/// network outgrows the table, the table is raised (as root), or the run stops saying how.
+fn ensure_neighbour_room(containers: usize) -> anyhow::Result<()> {
+    const THRESHOLDS: &str = "/proc/sys/net/ipv4/neigh/default";
+    let needed = containers * containers + 256;
+    let read = |name: &str| -> Option<usize> {
+        std::fs::read_to_string(format!("{THRESHOLDS}/{name}")).ok()?.trim().parse().ok()
+    };
+    let Some(hard) = read("gc_thresh3") else {
+        return Ok(()); // no IPv4 neighbour table to size here
+    };
+    if hard >= needed {
+        return Ok(());
+    }
+    let target = needed.next_power_of_two();
+    let raise = |name: &str, value: usize| std::fs::write(format!("{THRESHOLDS}/{name}"), value.to_string());
+    let soft = read("gc_thresh2").unwrap_or(0).max(target / 2);
+    raise("gc_thresh3", target).and_then(|()| raise("gc_thresh2", soft)).with_context(|| {
+        format!(
+            "{containers} containers need about {needed} entries in the host's neighbour table, which holds \
+             {hard}: run `sysctl -w net.ipv4.neigh.default.gc_thresh3={target}` as root"
+        )
+    })?;
+    tracing::warn!(
+        "raised the host's neighbour table (net.ipv4.neigh.default.gc_thresh3) from {hard} to {target} entries \
+         for {containers} containers"
+    );
+    Ok(())
+}
+
 fn probe_cut_method() -> CutMethod {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
