@@ -56,7 +56,7 @@ struct Common {
     /// Write report.json and report.html here.
     #[arg(long, value_name = "DIR")]
     report: Option<PathBuf>,
-    /// The peer binary for the process backend [default: `peer` next to this program, else on PATH].
+    /// The peer binary for the process and netns backends [default: `peer` next to this program, else on PATH].
     #[arg(long, env = "MESHLAB_PEER")]
     peer_bin: Option<PathBuf>,
     /// The peer image for the docker backend (build it with scripts/build-image).
@@ -70,6 +70,8 @@ enum BackendKind {
     Process,
     /// Containers of the peer image on a network of their own (needs a Docker engine).
     Docker,
+    /// Local processes, each in a network namespace of its own on a bridge (needs root).
+    Netns,
 }
 
 fn default_scenarios() -> PathBuf {
@@ -130,6 +132,13 @@ async fn run_all(scenarios: Vec<Scenario>, common: Common, seed: Option<u64>, in
             BackendKind::Process => {
                 run_one(scenario, ProcessBackend::new(&peer), &options, report_dir.as_deref(), interrupt).await
             }
+            BackendKind::Netns => match ProcessBackend::in_namespaces(&peer) {
+                Ok(backend) => run_one(scenario, backend, &options, report_dir.as_deref(), interrupt).await,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::from(2);
+                }
+            },
             BackendKind::Docker => match DockerBackend::connect(&common.image).await {
                 Ok(backend) => run_one(scenario, backend, &options, report_dir.as_deref(), interrupt).await,
                 Err(e) => {

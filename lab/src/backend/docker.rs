@@ -35,7 +35,10 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
-use super::{Backend, PeerSpec, StateDirs, Stop, hook_commands, hook_flags, stop_within, with_lab_timing};
+use super::{
+    Backend, Cut, PeerSpec, StateDirs, Stop, ensure_neighbour_room, filter_rules, hook_commands, hook_flags,
+    restore_rules, stop_within, with_lab_timing,
+};
 use crate::world::{Observation, Observed};
 
 /// The image scripts/build-image makes.
@@ -145,35 +148,12 @@ impl DockerBackend {
         args
     }
 
-    async fn apply_packet_filter(&mut self, name: &str, cuts: &[(String, bool, bool)]) -> anyhow::Result<()> {
-        let mut rules = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
-        for (other, inbound, outbound) in cuts {
-            let ip = self.ip_of(other)?;
-            if *inbound {
-                rules.push_str(&format!("-A INPUT -s {ip}/32 -j DROP\n"));
-            }
-            if *outbound {
-                rules.push_str(&format!("-A OUTPUT -d {ip}/32 -j DROP\n"));
-            }
-        }
-        rules.push_str("COMMIT\n");
+    async fn apply_packet_filter(&mut self, name: &str, cuts: &[Cut]) -> anyhow::Result<()> {
+        let rules = filter_rules(cuts, |other| self.ip_of(other))?;
         let pid = self.peers.get(name).with_context(|| format!("{name} is not running"))?.pid;
-        let mut child = tokio::process::Command::new("nsenter")
-            .args(["-t", &pid.to_string(), "-n", "iptables-restore"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("cannot run nsenter")?;
-        child.stdin.take().expect("piped").write_all(rules.as_bytes()).await?;
-        let out = child.wait_with_output().await?;
-        if !out.status.success() {
-            bail!(
-                "iptables-restore in {name}'s network namespace failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        restore_rules(&["nsenter", "-t", &pid.to_string(), "-n", "iptables-restore"], &rules)
+            .await
+            .with_context(|| format!("iptables-restore in {name}'s network namespace failed"))
     }
 
     async fn remove(&mut self, id: &str) {
@@ -440,39 +420,6 @@ async fn create_network(docker: &Docker, run: &str) -> anyhow::Result<(String, [
 }
 
 /// Packet filtering needs root, nsenter and iptables-restore on the host.
-/// The kernel's neighbour (ARP) table is shared by every network namespace of the host, and a
-/// full mesh of `n` containers fills it with about n² entries (each container's entry for each
-/// other, and for the gateway). Past `gc_thresh3` (1,024 by default) the kernel drops new entries
-/// and connections time out: at 64 containers about half the pairs never connect. So before a
-/// network outgrows the table, the table is raised (as root), or the run stops saying how.
-fn ensure_neighbour_room(containers: usize) -> anyhow::Result<()> {
-    const THRESHOLDS: &str = "/proc/sys/net/ipv4/neigh/default";
-    let needed = containers * containers + 256;
-    let read = |name: &str| -> Option<usize> {
-        std::fs::read_to_string(format!("{THRESHOLDS}/{name}")).ok()?.trim().parse().ok()
-    };
-    let Some(hard) = read("gc_thresh3") else {
-        return Ok(()); // no IPv4 neighbour table to size here
-    };
-    if hard >= needed {
-        return Ok(());
-    }
-    let target = needed.next_power_of_two();
-    let raise = |name: &str, value: usize| std::fs::write(format!("{THRESHOLDS}/{name}"), value.to_string());
-    let soft = read("gc_thresh2").unwrap_or(0).max(target / 2);
-    raise("gc_thresh3", target).and_then(|()| raise("gc_thresh2", soft)).with_context(|| {
-        format!(
-            "{containers} containers need about {needed} entries in the host's neighbour table, which holds \
-             {hard}: run `sysctl -w net.ipv4.neigh.default.gc_thresh3={target}` as root"
-        )
-    })?;
-    tracing::warn!(
-        "raised the host's neighbour table (net.ipv4.neigh.default.gc_thresh3) from {hard} to {target} entries \
-         for {containers} containers"
-    );
-    Ok(())
-}
-
 fn probe_cut_method() -> CutMethod {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {

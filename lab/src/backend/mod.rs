@@ -1,17 +1,24 @@
 //! Where peers run. A backend starts, signals and feeds peer processes and applies cuts; it
 //! reports everything a peer prints as [`Observed`] values. Scenarios never see which backend
 //! runs them: the process backend (local processes, the peer's lab hook for cuts) and the docker
-//! backend (containers, packet filtering for cuts) run the same files.
+//! backend (containers, packet filtering for cuts) and the netns backend (processes in network
+//! namespaces of their own, packet filtering for cuts) run the same files.
 
 pub mod docker;
+pub mod netns;
 pub mod process;
 
 use std::time::Duration;
+
+use anyhow::Context;
 
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
 use crate::world::Observed;
+
+/// A cut as the lab asks for it: (the other peer's name, drop inbound, drop outbound).
+pub type Cut = (String, bool, bool);
 
 /// How to start one peer.
 #[derive(Debug, Clone)]
@@ -169,6 +176,74 @@ pub fn hook_flags(cuts: &[(String, bool, bool)]) -> Vec<String> {
         });
     }
     flags
+}
+
+/// The kernel's neighbour (ARP) table is shared by every network namespace of the host, and a
+/// full mesh of `n` hosts (containers or namespaces) fills it with about n² entries (each host's entry for each
+/// other, and for the gateway). Past `gc_thresh3` (1,024 by default) the kernel drops new entries
+/// and connections time out: at 64 hosts about half the pairs never connect. So before a
+/// network outgrows the table, the table is raised (as root), or the run stops saying how.
+pub fn ensure_neighbour_room(hosts: usize) -> anyhow::Result<()> {
+    const THRESHOLDS: &str = "/proc/sys/net/ipv4/neigh/default";
+    let needed = hosts * hosts + 256;
+    let read = |name: &str| -> Option<usize> {
+        std::fs::read_to_string(format!("{THRESHOLDS}/{name}")).ok()?.trim().parse().ok()
+    };
+    let Some(hard) = read("gc_thresh3") else {
+        return Ok(()); // no IPv4 neighbour table to size here
+    };
+    if hard >= needed {
+        return Ok(());
+    }
+    let target = needed.next_power_of_two();
+    let raise = |name: &str, value: usize| std::fs::write(format!("{THRESHOLDS}/{name}"), value.to_string());
+    let soft = read("gc_thresh2").unwrap_or(0).max(target / 2);
+    raise("gc_thresh3", target).and_then(|()| raise("gc_thresh2", soft)).with_context(|| {
+        format!(
+            "{hosts} hosts need about {needed} entries in the host's neighbour table, which holds \
+             {hard}: run `sysctl -w net.ipv4.neigh.default.gc_thresh3={target}` as root"
+        )
+    })?;
+    tracing::warn!(
+        "raised the host's neighbour table (net.ipv4.neigh.default.gc_thresh3) from {hard} to {target} entries \
+         for {hosts} hosts"
+    );
+    Ok(())
+}
+
+/// The iptables-restore input that drops what `cuts` say, given each other peer's address.
+pub fn filter_rules(
+    cuts: &[Cut],
+    mut address_of: impl FnMut(&str) -> anyhow::Result<std::net::Ipv4Addr>,
+) -> anyhow::Result<String> {
+    let mut rules = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+    for (other, inbound, outbound) in cuts {
+        let ip = address_of(other)?;
+        if *inbound {
+            rules.push_str(&format!("-A INPUT -s {ip}/32 -j DROP\n"));
+        }
+        if *outbound {
+            rules.push_str(&format!("-A OUTPUT -d {ip}/32 -j DROP\n"));
+        }
+    }
+    rules.push_str("COMMIT\n");
+    Ok(rules)
+}
+
+/// Feeds `rules` to `command` (an iptables-restore entered into a peer's network namespace).
+pub async fn restore_rules(command: &[&str], rules: &str) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(command[0])
+        .args(&command[1..])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {}", command[0]))?;
+    child.stdin.take().expect("piped").write_all(rules.as_bytes()).await?;
+    let out = child.wait_with_output().await?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr).trim());
+    Ok(())
 }
 
 #[allow(async_fn_in_trait)]

@@ -1,4 +1,5 @@
-//! The process backend: each peer is a local `peer` process, needing no privilege.
+//! The process backend: each peer is a local `peer` process, needing no privilege; and the netns
+//! backend, the same processes each in a network namespace of its own (see [`super::netns`]).
 //!
 //! Each peer gets a loopback address of its own, as hosts on a network have (Linux routes all
 //! of 127.0.0.0/8 to the loopback interface): a lab takes a random block of 508 addresses
@@ -24,7 +25,10 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
-use super::{Backend, PeerSpec, StateDirs, Stop, hook_commands, hook_flags, merge_flags, stop_within, with_lab_timing};
+use super::netns::{self, Namespaces};
+use super::{
+    Backend, Cut, PeerSpec, StateDirs, Stop, hook_commands, hook_flags, merge_flags, stop_within, with_lab_timing,
+};
 use crate::world::{Observation, Observed};
 
 /// Most peer names one process-backend lab runs (its block of loopback addresses, less the one
@@ -33,14 +37,22 @@ pub const MAX_PEERS: usize = 507;
 
 pub struct ProcessBackend {
     peer_bin: PathBuf,
-    /// The first address of this lab's block: 127.a.b.0.
-    block: [u8; 3],
+    network: Network,
     /// Each peer name's address, and how many were given out.
     addresses: HashMap<String, Ipv4Addr>,
     procs: HashMap<String, Proc>,
     /// Last port each name listened on, reused on restart.
     ports: HashMap<String, u16>,
     states: StateDirs,
+}
+
+/// Where the peer processes live.
+enum Network {
+    /// Each on a loopback address of its own in the block 127.a.b.0/23 (this is 127.a.b.0);
+    /// cuts go through the peers' lab hook.
+    Loopback([u8; 3]),
+    /// Each in a network namespace of its own; cuts are packet drops in the namespaces.
+    Namespaces(Namespaces),
 }
 
 struct Proc {
@@ -57,9 +69,19 @@ struct Proc {
 impl ProcessBackend {
     pub fn new(peer_bin: impl Into<PathBuf>) -> ProcessBackend {
         let [a, b] = rand::random::<[u8; 2]>();
+        ProcessBackend::on(peer_bin.into(), Network::Loopback([127, a.max(1), b.min(253)]))
+    }
+
+    /// The netns backend: each peer in a network namespace of its own (needs root, else
+    /// [`netns::NeedsRoot`]).
+    pub fn in_namespaces(peer_bin: impl Into<PathBuf>) -> anyhow::Result<ProcessBackend> {
+        Ok(ProcessBackend::on(peer_bin.into(), Network::Namespaces(Namespaces::create()?)))
+    }
+
+    fn on(peer_bin: PathBuf, network: Network) -> ProcessBackend {
         ProcessBackend {
-            peer_bin: peer_bin.into(),
-            block: [127, a.max(1), b.min(253)],
+            peer_bin,
+            network,
             addresses: HashMap::new(),
             procs: HashMap::new(),
             ports: HashMap::new(),
@@ -67,11 +89,16 @@ impl ProcessBackend {
         }
     }
 
-    /// The address of the `n`-th name of this lab (from 0): 127.a.b.2 onwards, over two /24s.
+    /// The address of the `n`-th name of this lab (from 0): 127.a.b.2 onwards, over two /24s
+    /// on loopback; 10.s.0.2 onwards in namespaces.
     fn nth(&self, n: usize) -> anyhow::Result<Ipv4Addr> {
-        anyhow::ensure!(n < MAX_PEERS, "the process backend runs at most {MAX_PEERS} peer names");
-        let [_, a, b] = self.block;
-        Ok(Ipv4Addr::new(127, a, b + (n / 254) as u8, 2 + (n % 254) as u8))
+        match &self.network {
+            Network::Loopback([_, a, b]) => {
+                anyhow::ensure!(n < MAX_PEERS, "the process backend runs at most {MAX_PEERS} peer names");
+                Ok(Ipv4Addr::new(127, *a, b + (n / 254) as u8, 2 + (n % 254) as u8))
+            }
+            Network::Namespaces(net) => net.nth(n),
+        }
     }
 
     /// The address of peer `name`, given on first use and kept.
@@ -113,7 +140,10 @@ impl ProcessBackend {
 
     fn command(&self, spec: &PeerSpec, ip: Ipv4Addr, port: u16) -> anyhow::Result<Command> {
         let mut cmd = Command::new(&self.peer_bin);
-        cmd.args(["--json", "--name", &spec.name]).args(hook_flags(&spec.cuts));
+        cmd.args(["--json", "--name", &spec.name]);
+        if let Network::Loopback(_) = self.network {
+            cmd.args(hook_flags(&spec.cuts));
+        }
         if spec.keep_state {
             cmd.arg("--state-dir").arg(self.states.of(&spec.name)?);
         }
@@ -125,11 +155,16 @@ impl ProcessBackend {
             cmd.env("MESH_KEY", key);
         }
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe and touches nothing but the calling (child) process.
+        let namespace = match &self.network {
+            Network::Loopback(_) => None,
+            Network::Namespaces(net) => Some(net.handle_of(&spec.name)?.try_clone()?),
+        };
+        // SAFETY: prctl and setns are async-signal-safe and touch nothing but the calling (child)
+        // process.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
+                namespace.as_ref().map_or(Ok(()), netns::enter)
             });
         }
         Ok(cmd)
@@ -147,12 +182,21 @@ impl ProcessBackend {
 
 impl Backend for ProcessBackend {
     fn name(&self) -> &'static str {
-        "process"
+        match self.network {
+            Network::Loopback(_) => "process",
+            Network::Namespaces(_) => "netns",
+        }
     }
 
     fn describe(&self) -> String {
-        let [_, a, b] = self.block;
-        format!("process backend: each peer on its own address in 127.{a}.{b}.0/23, cuts through their lab hook")
+        match &self.network {
+            Network::Loopback([_, a, b]) => {
+                format!(
+                    "process backend: each peer on its own address in 127.{a}.{b}.0/23, cuts through their lab hook"
+                )
+            }
+            Network::Namespaces(net) => net.describe(),
+        }
     }
 
     fn time_scale(&self) -> f64 {
@@ -160,7 +204,7 @@ impl Backend for ProcessBackend {
     }
 
     fn cuts_acknowledged_by_events(&self) -> bool {
-        true
+        matches!(self.network, Network::Loopback(_))
     }
 
     async fn start(&mut self, spec: PeerSpec, instance: u32, events: UnboundedSender<Observed>) -> anyhow::Result<()> {
@@ -168,8 +212,16 @@ impl Backend for ProcessBackend {
             bail!("{} is already running", spec.name);
         }
         let ip = self.address(&spec.name)?;
-        // A restarted peer asks for its old port, unless something else took it meanwhile.
-        let port = self.ports.get(&spec.name).copied().filter(|p| port_is_free(ip, *p)).unwrap_or(0);
+        let port = match &mut self.network {
+            // A restarted peer asks for its old port, unless something else took it meanwhile.
+            Network::Loopback(_) => self.ports.get(&spec.name).copied().filter(|p| port_is_free(ip, *p)).unwrap_or(0),
+            // Its own namespace, its own ports; the cuts in force are there before it starts.
+            Network::Namespaces(net) => {
+                net.make(&spec.name, ip)?;
+                net.set_cuts(&spec.name, &spec.cuts).await?;
+                netns::PORT
+            }
+        };
         let child = self
             .command(&spec, ip, port)?
             .spawn()
@@ -210,14 +262,19 @@ impl Backend for ProcessBackend {
         stop_within(name, how, grace, &mut proc.exited, signal).await
     }
 
-    async fn set_cuts(&mut self, name: &str, cuts: &[(String, bool, bool)]) -> anyhow::Result<()> {
-        let proc = self.proc(name)?;
+    async fn set_cuts(&mut self, name: &str, cuts: &[Cut]) -> anyhow::Result<()> {
+        let proc = self.procs.get_mut(name).with_context(|| format!("{name} is not running"))?;
         if proc.cuts == cuts {
             return Ok(());
         }
-        let lines = hook_commands(&proc.cuts, cuts);
-        proc.cuts = cuts.to_vec();
-        proc.stdin.write_all(lines.as_bytes()).await.with_context(|| format!("cannot write to {name}'s stdin"))
+        let old = std::mem::replace(&mut proc.cuts, cuts.to_vec());
+        match &mut self.network {
+            Network::Loopback(_) => {
+                let lines = hook_commands(&old, cuts);
+                proc.stdin.write_all(lines.as_bytes()).await.with_context(|| format!("cannot write to {name}'s stdin"))
+            }
+            Network::Namespaces(net) => net.set_cuts(name, cuts).await,
+        }
     }
 
     async fn shutdown(&mut self) {
@@ -228,6 +285,9 @@ impl Backend for ProcessBackend {
         }
         for mut proc in procs {
             let _ = proc.exited.wait_for(|e| *e).await;
+        }
+        if let Network::Namespaces(net) = &mut self.network {
+            net.remove();
         }
     }
 }

@@ -1,0 +1,291 @@
+//! The network the netns backend builds, after Mininet: each peer is a host in a network
+//! namespace of its own with its own address on the run's 10.s.0.0/16, linked to the lab's host
+//! by a veth pair. The host routes between the links (each namespace's default route goes to
+//! the host's end of its link, 10.s.255.254 on every link), rather than switching them on a
+//! bridge: on a bridge every ARP request of a 256-peer full mesh reaches all 256 namespaces
+//! (about 16 million deliveries, tens of seconds of CPU), while routed each namespace resolves
+//! only its gateway. The lab talks to peers through their stdin and stdout only.
+//!
+//! Cuts are kernel packet drops: iptables rules inside each namespace, as on docker. Creating
+//! namespaces, links and rules needs root; without it the backend refuses to start
+//! ([`NeedsRoot`]).
+//!
+//! Everything carries the owner's pid in its name (namespaces `meshlab-PID-RUN-C-D`) or
+//! comment (the host's FORWARD rule); a host's end of a link goes with its namespace. All is
+//! removed at shutdown, when dropped (also after a panic), and as leftovers of a dead lab when
+//! a new one starts. Peer processes die with the lab (PR_SET_PDEATHSIG).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, bail};
+
+use super::{Cut, filter_rules, restore_rules};
+
+/// Where `ip netns` keeps its namespaces.
+const NETNS_DIR: &str = "/run/netns";
+/// The prefix of every name and alias this backend gives.
+const PREFIX: &str = "meshlab";
+/// The port every peer listens on (each namespace has its own ports).
+pub const PORT: u16 = 4000;
+/// Most peers of one run: the hosts of a /16, less the network and broadcast addresses.
+pub const MAX_PEERS: usize = 65_000;
+
+/// The netns backend needs root.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the netns backend needs root: it creates network namespaces, veth pairs and routes (run the lab as root, or use --backend process)"
+)]
+pub struct NeedsRoot;
+
+/// One run's namespaces and the host's rule for them.
+pub struct Namespaces {
+    /// `meshlab-PID-RUN`: the stem of every name of this run.
+    stem: String,
+    /// The run's 10.s.0.0/16.
+    subnet: u8,
+    /// Each peer name's namespace, made at its first start and kept across restarts.
+    hosts: HashMap<String, Host>,
+    /// Every namespace this run made or began to make.
+    made: Vec<String>,
+    /// The host's FORWARD rule that lets the run's packets through.
+    forward_rule: Vec<String>,
+    removed: bool,
+}
+
+/// A peer's namespace.
+struct Host {
+    ns: String,
+    ip: Ipv4Addr,
+    /// An open handle on the namespace, entered by the peer's process before it runs.
+    handle: OwnedFd,
+    /// The cuts its packet filter holds (none in a new namespace).
+    cuts: Vec<Cut>,
+}
+
+impl Namespaces {
+    /// Removes leftovers of dead labs and lets this run's packets through the host.
+    pub fn create() -> anyhow::Result<Namespaces> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(NeedsRoot.into());
+        }
+        remove_leftovers();
+        let id = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+        let stem = format!("{PREFIX}-{}-{id}", std::process::id());
+        let forward_rule = forward_rule(&id, &stem);
+        anyhow::ensure!(
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "1"),
+            "the netns backend routes between namespaces, but this host does not forward IPv4 \
+             (run `sysctl -w net.ipv4.ip_forward=1`)"
+        );
+        let insert: Vec<&str> = std::iter::once("-I").chain(forward_rule.iter().map(String::as_str)).collect();
+        run("iptables", &insert).context("cannot let the lab's packets through the host's FORWARD chain")?;
+        Ok(Namespaces {
+            stem,
+            subnet: rand::random::<u8>().clamp(1, 254),
+            hosts: HashMap::new(),
+            made: Vec::new(),
+            forward_rule,
+            removed: false,
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "netns backend: each peer in a network namespace of its own (10.{}.0.0/16, routed by the host), cuts by iptables in each namespace",
+            self.subnet
+        )
+    }
+
+    /// The host's end of every link.
+    fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.subnet, 255, 254)
+    }
+
+    /// The address of the `n`-th peer name (from 0): 10.s.0.2 onwards.
+    pub fn nth(&self, n: usize) -> anyhow::Result<Ipv4Addr> {
+        anyhow::ensure!(n < MAX_PEERS, "the netns backend runs at most {MAX_PEERS} peer names");
+        let host = n + 2; // 10.s.0.1 is left for a gateway
+        Ok(Ipv4Addr::new(10, self.subnet, (host / 256) as u8, (host % 256) as u8))
+    }
+
+    /// Makes peer `name`'s namespace with address `ip`, unless it exists: its link to the
+    /// host, its address, its loopback and its routes.
+    pub fn make(&mut self, name: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
+        if self.hosts.contains_key(name) {
+            return Ok(());
+        }
+        let [_, _, c, d] = ip.octets();
+        let ns = format!("{}-{c}-{d}", self.stem);
+        // The host's end of the link is named mlv, the run (6 characters), the host number (at
+        // most 5): interface names have at most 15 characters. Made with its other end already
+        // in the namespace, since moving a link there costs the kernel about 20 ms.
+        let run = self.stem.rsplit('-').next().expect("the stem has parts");
+        let outside = format!("mlv{run}{}", u16::from_be_bytes([c, d]));
+        let gateway = self.gateway();
+        self.made.push(ns.clone());
+        let outside_commands = [
+            format!("netns add {ns}"),
+            format!("link add {outside} type veth peer name eth0 netns {ns}"),
+            format!("addr add {gateway}/32 dev {outside}"),
+            format!("link set {outside} up"),
+            format!("route add {ip}/32 dev {outside}"),
+        ];
+        let inside_commands = [
+            format!("addr add {ip}/32 dev eth0"),
+            "link set eth0 up".to_string(),
+            "link set lo up".to_string(),
+            format!("route add default via {gateway} dev eth0 onlink"),
+        ];
+        ip_batch(None, &outside_commands)
+            .and_then(|()| ip_batch(Some(&ns), &inside_commands))
+            .with_context(|| format!("cannot make {name}'s network namespace"))?;
+        let handle = std::fs::File::open(format!("{NETNS_DIR}/{ns}"))
+            .with_context(|| format!("cannot open {name}'s network namespace"))?;
+        self.hosts.insert(name.to_owned(), Host { ns, ip, handle: handle.into(), cuts: Vec::new() });
+        Ok(())
+    }
+
+    /// A handle on `name`'s namespace, for its process to enter ([`enter`]).
+    pub fn handle_of(&self, name: &str) -> anyhow::Result<&OwnedFd> {
+        Ok(&self.host(name)?.handle)
+    }
+
+    fn host(&self, name: &str) -> anyhow::Result<&Host> {
+        self.hosts.get(name).with_context(|| format!("{name} has no network namespace yet"))
+    }
+
+    /// Makes `name`'s namespace drop what `cuts` say.
+    pub async fn set_cuts(&mut self, name: &str, cuts: &[Cut]) -> anyhow::Result<()> {
+        let host = self.host(name)?;
+        if host.cuts == cuts {
+            return Ok(());
+        }
+        let rules = filter_rules(cuts, |other| Ok(self.host(other)?.ip))?;
+        let ns = format!("--net={NETNS_DIR}/{}", host.ns);
+        restore_rules(&["nsenter", &ns, "iptables-restore"], &rules)
+            .await
+            .with_context(|| format!("iptables-restore in {name}'s network namespace failed"))?;
+        self.hosts.get_mut(name).expect("found above").cuts = cuts.to_vec();
+        Ok(())
+    }
+
+    /// Removes the namespaces and the host rule. Safe to call more than once.
+    pub fn remove(&mut self) {
+        if std::mem::replace(&mut self.removed, true) {
+            return;
+        }
+        self.hosts.clear();
+        remove_network(&self.made, Some(&self.forward_rule));
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// Runs `ip -batch -` with `commands`, one per line, in namespace `ns` or the host's,
+/// stopping at the first that fails.
+fn ip_batch(ns: Option<&str>, commands: &[String]) -> anyhow::Result<()> {
+    let mut child = Command::new("ip")
+        .args(ns.map_or(vec![], |ns| vec!["-n", ns]))
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run ip (iproute2)")?;
+    child.stdin.take().expect("piped").write_all(commands.join("\n").as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).output()?;
+    if !out.status.success() {
+        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// The host's FORWARD rule for the run's links (`mlvRUN*`), tagged with the run's stem, without
+/// -I or -D. Docker sets the FORWARD policy to DROP.
+fn forward_rule(id: &str, stem: &str) -> Vec<String> {
+    let links = format!("mlv{id}+");
+    ["FORWARD", "-i", &links, "-o", &links, "-m", "comment", "--comment", stem, "-j", "ACCEPT"]
+        .map(String::from)
+        .to_vec()
+}
+
+fn remove_network(namespaces: &[String], forward_rule: Option<&[String]>) {
+    let commands: Vec<String> = namespaces.iter().map(|ns| format!("netns del {ns}")).collect();
+    // `-force` goes on past a command that fails (a namespace that was never made).
+    let _ = Command::new("ip")
+        .args(["-force", "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .and_then(|mut child| {
+            child.stdin.take().expect("piped").write_all(commands.join("\n").as_bytes())?;
+            child.wait()
+        });
+    if let Some(rule) = forward_rule {
+        let args: Vec<&str> = std::iter::once("-D").chain(rule.iter().map(String::as_str)).collect();
+        let _ = run("iptables", &args);
+    }
+}
+
+/// The pid in a `meshlab-PID-RUN` stem, if `name` starts with one.
+fn owner_of(name: &str) -> Option<(i32, String)> {
+    let rest = name.strip_prefix(&format!("{PREFIX}-"))?;
+    let mut parts = rest.splitn(3, '-');
+    let pid = parts.next()?.parse().ok()?;
+    let run = parts.next()?;
+    Some((pid, format!("{PREFIX}-{pid}-{run}")))
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: kill(2) with signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// Removes the namespaces and host rules of labs that are no longer running.
+fn remove_leftovers() {
+    let mut dead: HashMap<String, Vec<String>> = HashMap::new();
+    for entry in std::fs::read_dir(NETNS_DIR).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some((_, stem)) = owner_of(&name).filter(|(pid, _)| !alive(*pid)) {
+            dead.entry(stem).or_default().push(name);
+        }
+    }
+    for namespaces in dead.values() {
+        remove_network(namespaces, None);
+    }
+    let rules = Command::new("iptables").args(["-S", "FORWARD"]).output().map(|o| o.stdout).unwrap_or_default();
+    for line in String::from_utf8_lossy(&rules).lines() {
+        let stem = line.split("--comment ").nth(1).and_then(|c| c.split_whitespace().next());
+        if let Some((_, stem)) = stem.and_then(owner_of).filter(|(pid, _)| !alive(*pid)) {
+            let id = stem.rsplit('-').next().unwrap_or_default().to_owned();
+            remove_network(&[], Some(&forward_rule(&id, &stem)));
+        }
+    }
+}
+
+/// Enters `handle`'s network namespace: for a child between fork and exec.
+pub fn enter(handle: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: setns(2) with an open namespace fd; async-signal-safe.
+    if unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
