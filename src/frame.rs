@@ -28,6 +28,9 @@ pub const MAX_NAME: usize = 64;
 pub const MAX_GOSSIP: usize = 64;
 /// Most senders in one `digest` message; larger digests are split over several frames.
 pub const MAX_DIGEST: usize = 512;
+/// Most senders one `digest` asks its receiver to follow (so that a full digest with a full
+/// `follow` list still fits a frame).
+pub const MAX_FOLLOW: usize = 128;
 /// Most lines in one `lines` message.
 pub const MAX_BATCH: usize = 256;
 /// Room kept in a frame for what surrounds the lines of a `lines` message (and the Noise tag).
@@ -265,8 +268,11 @@ impl Message {
             }
             Message::Peers { peers } => check_peers(peers),
             Message::Lines(l) => check_lines(l),
-            Message::Digest { have, follow } if have.len() > MAX_DIGEST || follow.len() > MAX_DIGEST => {
+            Message::Digest { have, .. } if have.len() > MAX_DIGEST => {
                 Err(invalid("have", format!("more than {MAX_DIGEST} senders")))
+            }
+            Message::Digest { follow, .. } if follow.len() > MAX_FOLLOW => {
+                Err(invalid("follow", format!("more than {MAX_FOLLOW} senders")))
             }
             Message::Refuse { reason: text } | Message::Notice { text, .. } if text.len() > 1024 => {
                 Err(invalid("text", "too long"))
@@ -467,7 +473,8 @@ mod tests {
             PeerInfo { id: id('f'), name: "\"".repeat(MAX_NAME), addr: format!("{}.b:65535", "a".repeat(251)) };
         let peers = Message::Peers { peers: vec![widest; MAX_GOSSIP] };
         let ids: Vec<PeerId> = (0..MAX_DIGEST).map(|i| format!("{i:064x}").parse().unwrap()).collect();
-        let digest = Message::Digest { have: ids.iter().map(|id| (*id, u64::MAX)).collect(), follow: ids };
+        let follow = ids[..MAX_FOLLOW].to_vec();
+        let digest = Message::Digest { have: ids.iter().map(|id| (*id, u64::MAX)).collect(), follow };
         let worst = "\x01".repeat(MAX_TEXT);
         assert!(line_cost(&worst) <= LINES_BUDGET, "one line of the worst text fits");
         let Message::Lines(mut one) = lines(u64::MAX - 1, &[&worst]) else { unreachable!() };

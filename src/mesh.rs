@@ -131,6 +131,8 @@ struct Mesh {
     next_conn: ConnId,
     last_refusal_warning: Option<Instant>,
     accept_paused_until: Option<Instant>,
+    /// When the earliest probed neighbour will have been silent for `--timeout`.
+    probe_due: Option<Instant>,
     /// The state directory, with --state-dir.
     state: Option<StateDir>,
     /// Lines and gaps decided but not yet shown: they are shown once the state records them.
@@ -211,6 +213,7 @@ impl Mesh {
             next_conn: 0,
             last_refusal_warning: None,
             accept_paused_until: None,
+            probe_due: None,
             state,
             unshown: Vec::new(),
             cfg,
@@ -247,6 +250,9 @@ impl Mesh {
         loop {
             self.dial_due();
             let now = Instant::now();
+            if self.probe_due.is_some_and(|t| t <= now) {
+                self.drop_silent(now);
+            }
             let accepting = self.accept_paused_until.is_none_or(|t| t <= now);
             let wake = self.next_wake(now);
             tokio::select! {
@@ -844,21 +850,7 @@ impl Mesh {
     /// however large the mesh; whoever finds it silent tells the others (`suspect`), who probe it
     /// at once. A mesh at rest thus costs one probe per peer and beat.
     fn on_probe_tick(&mut self, now: Instant) {
-        let timeout = self.cfg.timeout;
-        let silent: Vec<(ConnId, PeerId, bool)> = self
-            .table
-            .iter()
-            .filter(|n| n.probe.is_some_and(|t| now.duration_since(t) >= timeout))
-            .map(|n| (n.conn, n.info.id, self.is_cut(&n.info.name)))
-            .collect();
-        for (conn, id, cut) in silent {
-            let reason = if cut { DownReason::Cut } else { DownReason::Timeout };
-            self.drop_neighbour(conn, reason, None, now);
-            let word = Message::Suspect { id }.encode();
-            for n in self.table.iter_mut() {
-                n.send(word.clone());
-            }
-        }
+        self.drop_silent(now);
         let quiet_for = self.cfg.heartbeat;
         let mut quiet: Vec<(Instant, PeerId)> = self
             .table
@@ -878,7 +870,39 @@ impl Mesh {
         if let Some(n) = self.table.get_mut(id).filter(|n| n.probe.is_none()) {
             n.send(Message::Ping { seq }.encode());
             n.probe = Some(now);
+            let due = now + self.answer_within();
+            self.probe_due = Some(self.probe_due.map_or(due, |t| t.min(due)));
         }
+    }
+
+    /// How long a probed neighbour has to answer: `--timeout` less one `--heartbeat` (at least
+    /// one heartbeat). A neighbour is probed once it has been quiet for a heartbeat, so a link
+    /// cut just after its last word is dropped within the timeout plus the rota's tick; and
+    /// the kernel's own watch (keepalive and TCP_USER_TIMEOUT, see `connection`) ends links
+    /// that go silent with no probe out.
+    fn answer_within(&self) -> Duration {
+        self.cfg.timeout.saturating_sub(self.cfg.heartbeat).max(self.cfg.heartbeat)
+    }
+
+    /// Drops the probed neighbours that did not answer in time, telling the others to probe
+    /// them too.
+    fn drop_silent(&mut self, now: Instant) {
+        let within = self.answer_within();
+        let silent: Vec<(ConnId, PeerId, bool)> = self
+            .table
+            .iter()
+            .filter(|n| n.probe.is_some_and(|t| now.duration_since(t) >= within))
+            .map(|n| (n.conn, n.info.id, self.is_cut(&n.info.name)))
+            .collect();
+        for (conn, id, cut) in silent {
+            let reason = if cut { DownReason::Cut } else { DownReason::Timeout };
+            self.drop_neighbour(conn, reason, None, now);
+            let word = Message::Suspect { id }.encode();
+            for n in self.table.iter_mut() {
+                n.send(word.clone());
+            }
+        }
+        self.probe_due = self.table.iter().filter_map(|n| n.probe).min().map(|t| t + within);
     }
 
     /// A neighbour found `id` silent: probe it now, unless it spoke lately. (Advice: at worst
@@ -911,12 +935,13 @@ impl Mesh {
     }
 
     /// When the loop must wake up on its own: the next due dial (unless the dial limit is
-    /// reached: a finishing dial wakes it anyway) or the end of an accept pause.
+    /// reached: a finishing dial wakes it anyway), the end of an accept pause, or a probed
+    /// neighbour's timeout.
     fn next_wake(&self, now: Instant) -> Instant {
         let far = now + Duration::from_secs(3600);
         let dial = if self.book.in_flight() >= MAX_DIALS { None } else { self.book.next_due() };
         let resume = self.accept_paused_until.filter(|t| *t > now);
-        dial.into_iter().chain(resume).min().unwrap_or(far)
+        dial.into_iter().chain(resume).chain(self.probe_due).min().unwrap_or(far)
     }
 
     fn on_accept(&mut self, accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>) {
@@ -1031,13 +1056,17 @@ impl Mesh {
         if wanted.is_empty() || neighbours == 0 {
             return;
         }
-        let mut digests = self.store.digests(now, Some(&wanted));
-        for (d, ids) in digests.iter_mut().zip(wanted.chunks(crate::frame::MAX_DIGEST)) {
-            if let Message::Digest { follow, .. } = d {
-                *follow = ids.to_vec();
-            }
-        }
-        let frames: Vec<bytes::Bytes> = digests.iter().map(Message::encode).collect();
+        // One digest per MAX_FOLLOW senders: what this peer holds of them, and the request.
+        let frames: Vec<bytes::Bytes> = wanted
+            .chunks(crate::frame::MAX_FOLLOW)
+            .map(|ids| {
+                let have = self.store.digests(now, Some(ids)).into_iter().find_map(|d| match d {
+                    Message::Digest { have, .. } => Some(have),
+                    _ => None,
+                });
+                Message::Digest { have: have.unwrap_or_default(), follow: ids.to_vec() }.encode()
+            })
+            .collect();
         for _ in 0..ORPHAN_FANOUT.min(neighbours) {
             self.rota = (self.rota + 1) % neighbours;
             let Some(n) = self.table.iter_mut().nth(self.rota) else { break };

@@ -297,3 +297,74 @@ fn a_panic_in_a_test_leaves_no_peer_behind() {
         wait_for(|| !alive(pid), "the peer to be gone after the panic");
     }
 }
+
+/// Whether the netns tests can run: they need root. Without it they report themselves skipped,
+/// unless LAB_REQUIRE_NETNS=1 (set by .ci/run, which runs as root).
+fn netns(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("LAB_REQUIRE_NETNS").as_deref() != Ok("1"),
+        "{test}: LAB_REQUIRE_NETNS=1 but the tests do not run as root"
+    );
+    eprintln!("SKIPPED {test}: the netns backend needs root (set LAB_REQUIRE_NETNS=1 to make this a failure)");
+    false
+}
+
+/// This run's namespaces and host FORWARD rules whose names start with `stem`.
+fn netns_objects(stem: &str) -> usize {
+    let namespaces = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(stem))
+        .count();
+    let rules = Command::new("iptables").args(["-S", "FORWARD"]).output().unwrap();
+    namespaces + String::from_utf8_lossy(&rules.stdout).lines().filter(|l| l.contains(stem)).count()
+}
+
+/// A lab killed with SIGKILL leaves its namespaces and host rule behind; the next lab removes
+/// them when it starts.
+#[test]
+fn netns_leftovers_of_a_dead_lab_are_removed_at_start() {
+    if !netns("netns_leftovers_of_a_dead_lab_are_removed_at_start") {
+        return;
+    }
+    let dir = temp_dir("netns-leftovers");
+    let peer = lonely_peer(&dir);
+    let file = scenario(&dir, "one.toml", "[[step]]\nstart = [\"a\", \"b\"]\n[[step]]\nsleep = \"60s\"\n");
+    let mut child = lab()
+        .args(["run", "--backend", "netns", "--peer-bin"])
+        .arg(&peer)
+        .arg(&file)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stem = format!("meshlab-{}-", child.id());
+    wait_for(|| netns_objects(&stem) >= 3, "the lab to make two namespaces and its host rule");
+    signal(child.id(), libc::SIGKILL);
+    child.wait().unwrap();
+    assert!(netns_objects(&stem) > 0, "a killed lab leaves its namespaces behind");
+    let next = meshlab_lab::backend::process::ProcessBackend::in_namespaces(&peer).unwrap();
+    assert_eq!(netns_objects(&stem), 0, "the next lab removes a dead lab's namespaces and rule");
+    drop(next);
+}
+
+/// Without root the netns backend says so and exits 2, before anything starts.
+#[test]
+fn netns_without_root_says_so_and_exits_2() {
+    if !netns("netns_without_root_says_so_and_exits_2") {
+        return;
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_lab"))
+        .args(["demo", "--backend", "netns"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("the netns backend needs root"), "{stderr}");
+}

@@ -54,6 +54,20 @@ pub fn docker(test: &str) -> bool {
     false
 }
 
+/// Whether netns tests should run: they need root. Without it they report themselves skipped,
+/// unless LAB_REQUIRE_NETNS=1 (set by .ci/run, which runs as root), which makes it a failure.
+pub fn netns(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("LAB_REQUIRE_NETNS").is_ok_and(|v| v == "1") {
+        panic!("{test}: LAB_REQUIRE_NETNS=1 but the tests do not run as root");
+    }
+    eprintln!("SKIPPED {test}: the netns backend needs root (set LAB_REQUIRE_NETNS=1 to make this a failure)");
+    false
+}
+
 /// Builds the peer image from the current tree, once per test binary.
 pub fn image() -> &'static str {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
