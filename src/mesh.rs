@@ -475,9 +475,12 @@ impl Mesh {
     fn on_message(&mut self, conn: ConnId, msg: Message) {
         let now = Instant::now();
         let Some(n) = self.table.by_conn_mut(conn) else { return };
-        let from = n.info.id;
         n.last_heard = now;
-        n.probe = None;
+        if n.probe.take().is_some() && self.table.iter().all(|m| m.probe.is_none()) {
+            self.probe_due = None; // no wake-up for a probe that was answered
+        }
+        let Some(n) = self.table.by_conn_mut(conn) else { return };
+        let from = n.info.id;
         match msg {
             Message::Dup => n.superseded = true,
             Message::Goodbye { sig } => {
