@@ -6,7 +6,9 @@
 //! at a time to all others, p50 and p99 over every showing; bytes on the wire per delivered line
 //! in steady chat (all peers' bytes out over lines x receivers x a line's encoded size); a
 //! 10,000-line burst from one peer, all shown once by all others, in lines a second; the whole
-//! mesh's CPU at rest (the peer processes' user and system time over 10 s, after 5 s of quiet);
+//! mesh's CPU at rest (the peer processes' user and system time over 10 s, after 5 s of quiet;
+//! and the host's busy time over the same 10 s, less its busy time over 5 s before the peers
+//! started, which counts the kernel's own work for the mesh, such as keepalive probes);
 //! resident memory per peer (median and max). Nothing is asserted: it prints the figures.
 
 use std::time::{Duration, Instant};
@@ -55,6 +57,26 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
+/// The host's busy CPU time so far, kernel included (softirqs: the kernel's keepalive probes of
+/// every socket run there, not in the peers), in seconds.
+fn host_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu = stat.lines().next().unwrap_or_default();
+    // user nice system idle iowait irq softirq steal
+    let f: Vec<f64> = cpu.split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
+    let busy = [0, 1, 2, 5, 6, 7].iter().filter_map(|i| f.get(*i)).sum::<f64>();
+    // SAFETY: sysconf has no preconditions.
+    busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// The host's busy share of one core over `window`.
+async fn host_busy_over(window: Duration) -> f64 {
+    let before = host_busy_seconds();
+    let t0 = Instant::now();
+    tokio::time::sleep(window).await;
+    (host_busy_seconds() - before) / t0.elapsed().as_secs_f64()
+}
+
 /// The encoded size of a one-line `lines` message carrying `text` (as a peer sends it).
 fn encoded_line(text: &str) -> usize {
     let me = meshlab::identity::Identity::generate();
@@ -63,6 +85,7 @@ fn encoded_line(text: &str) -> usize {
 }
 
 async fn row(n: usize) {
+    let baseline = host_busy_over(Duration::from_secs(5)).await;
     let mut lab = new_lab();
     let (_, after_listen) = support::started_through_one_seed(&mut lab, n, WITHIN).await;
     let names = lab.world().running();
@@ -74,9 +97,11 @@ async fn row(n: usize) {
     let pids: Vec<u32> = names.iter().filter_map(|p| lab.backend().pid(p)).collect();
     lab.sleep(Duration::from_secs(5)).await.unwrap();
     let before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+    let host_before = host_busy_seconds();
     let t0 = Instant::now();
     lab.sleep(Duration::from_secs(10)).await.unwrap();
     let idle = (pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - before) / t0.elapsed().as_secs_f64();
+    let host = (host_busy_seconds() - host_before) / t0.elapsed().as_secs_f64() - baseline;
     let mut rss: Vec<u64> = pids.iter().map(|p| support::rss_kib(*p)).collect();
     rss.sort();
 
@@ -111,12 +136,13 @@ async fn row(n: usize) {
     lab.shutdown().await;
 
     println!(
-        "| {n} | {} | {dials:.2} | {} / {} | {per_line:.2} | {:.0} lines/s | {:.1}% | {:.1} / {:.1} MiB |",
+        "| {n} | {} | {dials:.2} | {} / {} | {per_line:.2} | {:.0} lines/s | {:.1}% ({:.1}%) | {:.1} / {:.1} MiB |",
         ms(after_listen),
         ms(pct(&direct, 0.5)),
         ms(pct(&direct, 0.99)),
         10_000.0 / burst.as_secs_f64(),
         idle * 100.0,
+        host * 100.0,
         rss[rss.len() / 2] as f64 / 1024.0,
         rss[rss.len() - 1] as f64 / 1024.0
     );
@@ -129,7 +155,7 @@ async fn main() {
         .unwrap_or_else(|_| vec![32, 64, 128, 256]);
     println!("peer binary {}", support::bench_peer());
     println!(
-        "| peers | full mesh after the last listens | dials per pair | one line to all others, p50 / p99 | bytes on the wire per delivered line (steady chat) | 10,000-line burst to all others | whole mesh at rest, CPU | RSS per peer, median / max |"
+        "| peers | full mesh after the last listens | dials per pair | one line to all others, p50 / p99 | bytes on the wire per delivered line (steady chat) | 10,000-line burst to all others | whole mesh at rest, CPU of one core: the peers (the host, kernel included, less its own) | RSS per peer, median / max |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     for n in ns {

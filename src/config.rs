@@ -63,7 +63,7 @@ pub struct Config {
     #[arg(long)]
     pub json: bool,
 
-    /// Interval between heartbeats on an idle connection.
+    /// Interval between probes: each beat, a peer pings the neighbour it heard from least lately.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub heartbeat: Duration,
 
@@ -87,8 +87,10 @@ pub struct Config {
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub give_up: Duration,
 
-    /// Interval between anti-entropy rounds (digest exchange with neighbours).
-    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    /// Interval between anti-entropy rounds (digests to neighbours that fell behind, requests
+    /// to follow senders no longer heard directly). The default matches --heartbeat's, so that
+    /// a peer at rest wakes once a second for both.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub sync_interval: Duration,
 
     /// Lines a second a neighbour may send of its own, on average; past it (and the burst) its

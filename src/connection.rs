@@ -131,7 +131,6 @@ pub struct Context {
     pub half_open: Arc<HalfOpenCounts>,
     /// Bytes and frames that crossed this peer's connections, both ways.
     pub traffic: Arc<Traffic>,
-    pub heartbeat: Duration,
     pub timeout: Duration,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
@@ -183,6 +182,7 @@ impl Reader {
             Ok(raw) => raw.freeze(),
             Err(e) => return Some(Err(e)),
         };
+        shrink_when_empty(self.frames.read_buffer_mut(), READ_BUFFER);
         Some(match &mut self.open {
             None => Ok(raw),
             Some(open) => open.open(&raw).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
@@ -218,7 +218,18 @@ impl Writer {
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
-        SinkExt::<Bytes>::flush(&mut self.frames).await
+        SinkExt::<Bytes>::flush(&mut self.frames).await?;
+        shrink_when_empty(self.frames.write_buffer_mut(), WRITE_BUFFER);
+        Ok(())
+    }
+}
+
+/// Gives back a buffer that grew for a large frame (a catch-up batch, a list of members) once
+/// it holds nothing: otherwise each of 255 connections would keep the largest frame it ever
+/// carried, megabytes in all.
+fn shrink_when_empty(buffer: &mut bytes::BytesMut, size: usize) {
+    if buffer.is_empty() && buffer.capacity() > 4 * size {
+        *buffer = bytes::BytesMut::with_capacity(size);
     }
 }
 
@@ -341,17 +352,20 @@ const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 1024;
 
 /// Lets the kernel watch a connection at rest, so that an idle link costs no wake-up of this
-/// process: after `--heartbeat` (in whole seconds, at least one) without traffic it probes the
-/// other side (TCP keepalive), and it
-/// ends the connection when `--timeout` passes without an acknowledgement, probe or data
-/// (TCP_USER_TIMEOUT); the read then fails with ETIMEDOUT. That notices a silent cut within the
-/// timeout (a frozen process, whose kernel still answers, is the mesh's probes' business).
+/// process: after `--timeout` less one second without traffic (in whole seconds, at least one)
+/// the kernel probes the other side (TCP keepalive), once a second, and it ends the connection
+/// when `--timeout` passes without an acknowledgement, probe or data (TCP_USER_TIMEOUT); the
+/// read then fails with ETIMEDOUT. That notices a silent cut within the timeout, while a link at
+/// rest is probed only every `--timeout` less a second: at 256 peers the kernel sends 65,280
+/// sockets' probes, so their rate is the mesh's idle cost. (A frozen process, whose kernel still
+/// answers, is the mesh's probes' business.)
 fn watch_in_the_kernel(stream: &TcpStream, ctx: &Context) {
     let socket = socket2::SockRef::from(stream);
     // The kernel counts keepalive times in whole seconds.
-    let every = Duration::from_secs(ctx.heartbeat.as_secs_f64().ceil().max(1.0) as u64);
-    let probes = ctx.timeout.as_secs().div_ceil(every.as_secs()) as u32 + 1;
-    let keepalive = socket2::TcpKeepalive::new().with_time(every).with_interval(every).with_retries(probes);
+    let second = Duration::from_secs(1);
+    let quiet = Duration::from_secs(ctx.timeout.saturating_sub(second).as_secs().max(1));
+    let probes = ctx.timeout.as_secs() as u32 + 1;
+    let keepalive = socket2::TcpKeepalive::new().with_time(quiet).with_interval(second).with_retries(probes);
     if let Err(e) = socket.set_tcp_keepalive(&keepalive).and_then(|_| socket.set_tcp_user_timeout(Some(ctx.timeout))) {
         tracing::debug!("cannot set keepalive on a connection: {e}");
     }

@@ -45,13 +45,13 @@ const MAX_DIALS: usize = 16;
 const SWAP_GRACE: Duration = Duration::from_secs(2);
 /// A connection that ends sooner than this after it came up counts as a failed dial.
 const STABLE: Duration = Duration::from_secs(1);
+/// Probes sent in a whole mesh at rest per beat, about: past this many neighbours a peer probes
+/// less often than every beat (see `on_probe_tick`).
+const PROBES_PER_MESH_BEAT: usize = 128;
 /// Connection events handled in one go before the loop looks at its other sources.
 const EVENT_BATCH: usize = 256;
 /// After a failed accept (out of file descriptors, say), accepting pauses this long.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
-/// Probes a peer sends per `--heartbeat` (see `on_probe_tick`): one, whatever the mesh's size,
-/// so that a mesh at rest costs a probe per peer and beat, not per link.
-const PROBES_PER_BEAT: usize = 1;
 /// Neighbours asked at a time to follow a sender this peer no longer hears directly.
 const ORPHAN_FANOUT: usize = 2;
 /// How often such a request is renewed (to the next neighbours in turn), and how long a
@@ -123,6 +123,8 @@ struct Mesh {
     followers: HashMap<PeerId, HashMap<PeerId, Instant>>,
     /// Where the orphan rota stands.
     rota: usize,
+    /// Probe ticks so far (the probe rota's pace, see `on_probe_tick`).
+    beats: u64,
     stats: Stats,
     /// Bytes of catch-up this peer may still make, for all neighbours together: neighbours that
     /// ask for everything and never read cannot keep its one thread encoding.
@@ -169,7 +171,6 @@ impl Mesh {
             reported: Default::default(),
             half_open: Default::default(),
             traffic: Default::default(),
-            heartbeat: cfg.heartbeat,
             timeout: cfg.timeout,
             handshake_timeout: cfg.handshake_timeout,
             connect_timeout: cfg.connect_timeout,
@@ -207,6 +208,7 @@ impl Mesh {
             orphans: HashMap::new(),
             followers: HashMap::new(),
             rota: 0,
+            beats: 0,
             stats: Stats::default(),
             catch_up: Bucket::new(limits.catch_up_rate as f64, limits.catch_up_rate as f64, now),
             tasks: TaskTracker::new(),
@@ -847,22 +849,27 @@ impl Mesh {
     }
 
     /// Probes the neighbour heard from least lately, and gives up on those that left a probe
-    /// unanswered for `--timeout`: a frozen peer, whose kernel still keeps its connections up,
+    /// unanswered in time (see `answer_within`): a frozen peer, whose kernel still keeps its connections up,
     /// is noticed here (a cut is noticed by the kernel, see crate::connection). Each peer probes
-    /// one neighbour per `--heartbeat`, so a frozen peer is probed by someone about every beat,
-    /// however large the mesh; whoever finds it silent tells the others (`suspect`), who probe it
-    /// at once. A mesh at rest thus costs one probe per peer and beat.
+    /// one neighbour per `--heartbeat`, or with more than 128 neighbours one every n/128 beats:
+    /// a mesh at rest sends at most about 128 probes a beat in all, and a frozen peer is probed
+    /// by someone about every beat up to 128 peers (every two at 256). Whoever finds it silent
+    /// tells the others (`suspect`), who probe it at once.
     fn on_probe_tick(&mut self, now: Instant) {
         self.drop_silent(now);
+        self.beats += 1;
+        let every = self.table.len().div_ceil(PROBES_PER_MESH_BEAT).max(1) as u64;
+        if self.beats % every != 0 {
+            return;
+        }
         let quiet_for = self.cfg.heartbeat;
-        let mut quiet: Vec<(Instant, PeerId)> = self
+        let quietest = self
             .table
             .iter()
             .filter(|n| n.probe.is_none() && now.duration_since(n.last_heard) >= quiet_for)
-            .map(|n| (n.last_heard, n.info.id))
-            .collect();
-        quiet.sort_unstable();
-        for (_, id) in quiet.into_iter().take(PROBES_PER_BEAT) {
+            .min_by_key(|n| n.last_heard)
+            .map(|n| n.info.id);
+        if let Some(id) = quietest {
             self.probe(&id, now);
         }
     }
