@@ -44,6 +44,8 @@ async fn main() {
         noticed.push(cut_at.elapsed());
     }
     lab.shutdown().await;
+    let each: Vec<String> = noticed.iter().map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0)).collect();
+    println!("each cut, in ms: {}", each.join(", "));
     noticed.sort();
     let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
     println!(

@@ -848,9 +848,10 @@ impl Mesh {
         self.out.emit(&Event::Hook { cuts: table });
     }
 
-    /// Probes the neighbour heard from least lately, and gives up on those that left a probe
-    /// unanswered in time (see `answer_within`): a frozen peer, whose kernel still keeps its connections up,
-    /// is noticed here (a cut is noticed by the kernel, see crate::connection). Each peer probes
+    /// Probes the neighbour heard from least lately (among those quiet for `--timeout`), and
+    /// gives up on those that left a probe unanswered for `--timeout`: a frozen peer, whose
+    /// kernel still keeps its connections up, is noticed here (a cut is noticed by the kernel,
+    /// see crate::connection). Each peer probes
     /// one neighbour per `--heartbeat`, or with more than 128 neighbours one every n/128 beats:
     /// a mesh at rest sends at most about 128 probes a beat in all, and a frozen peer is probed
     /// by someone about every beat up to 128 peers (every two at 256). Whoever finds it silent
@@ -862,7 +863,11 @@ impl Mesh {
         if self.beats % every != 0 {
             return;
         }
-        let quiet_for = self.cfg.heartbeat;
+        // Only links quiet for the timeout: the kernel watches every link for cuts (see
+        // crate::connection) and has already ended one cut that long ago, while a probe sent
+        // into a link cut moments ago would hold the kernel's verdict back until the probe
+        // itself timed out.
+        let quiet_for = self.cfg.timeout;
         let quietest = self
             .table
             .iter()
@@ -880,24 +885,15 @@ impl Mesh {
         if let Some(n) = self.table.get_mut(id).filter(|n| n.probe.is_none()) {
             n.send(Message::Ping { seq }.encode());
             n.probe = Some(now);
-            let due = now + self.answer_within();
+            let due = now + self.cfg.timeout;
             self.probe_due = Some(self.probe_due.map_or(due, |t| t.min(due)));
         }
-    }
-
-    /// How long a probed neighbour has to answer: `--timeout` less one `--heartbeat` (at least
-    /// one heartbeat). A neighbour is probed once it has been quiet for a heartbeat, so a link
-    /// cut just after its last word is dropped within the timeout plus the rota's tick; and
-    /// the kernel's own watch (keepalive and TCP_USER_TIMEOUT, see `connection`) ends links
-    /// that go silent with no probe out.
-    fn answer_within(&self) -> Duration {
-        self.cfg.timeout.saturating_sub(self.cfg.heartbeat).max(self.cfg.heartbeat)
     }
 
     /// Drops the probed neighbours that did not answer in time, telling the others to probe
     /// them too.
     fn drop_silent(&mut self, now: Instant) {
-        let within = self.answer_within();
+        let within = self.cfg.timeout;
         let silent: Vec<(ConnId, PeerId, bool)> = self
             .table
             .iter()
