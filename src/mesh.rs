@@ -860,7 +860,7 @@ impl Mesh {
         self.drop_silent(now);
         self.beats += 1;
         let every = self.table.len().div_ceil(PROBES_PER_MESH_BEAT).max(1) as u64;
-        if self.beats % every != 0 {
+        if !self.beats.is_multiple_of(every) {
             return;
         }
         // Only links quiet for the timeout: the kernel watches every link for cuts (see
