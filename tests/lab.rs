@@ -13,8 +13,17 @@ use meshlab_lab::backend::process::ProcessBackend;
 use meshlab_lab::runner::{self, Report, RunOptions};
 use meshlab_lab::scenario::Scenario;
 
-const SHIPPED: &[&str] =
-    &["six-peer-demo", "partition-heal", "churn", "thirty-two", "sixty-four", "two-fifty-six", "chaos", "private-mesh"];
+const SHIPPED: &[&str] = &[
+    "six-peer-demo",
+    "partition-heal",
+    "churn",
+    "thirty-two",
+    "sixty-four",
+    "two-fifty-six",
+    "chaos",
+    "private-mesh",
+    "pause",
+];
 
 fn scenarios_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/scenarios")
@@ -123,6 +132,25 @@ async fn two_fifty_six() {
     let lab = Lab::new(ProcessBackend::new(support::release_peer()));
     let report = run_alone_with("two-fifty-six", None, lab).await;
     assert_eq!(report.mesh.links.len(), 256 * 255 / 2);
+}
+
+/// A frozen peer (SIGSTOP) is dropped by the others' probes, and catches up once resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause() {
+    let report = run_shipped("pause").await;
+    let downs: Vec<&str> = report
+        .timeline
+        .iter()
+        .filter(|m| m.kind == "down" && m.detail == "p3 (timeout)")
+        .map(|m| m.peer.as_str())
+        .collect();
+    assert_eq!(downs.len(), 3, "p1, p2 and p4 each time the frozen p3 out: {downs:?}");
+}
+
+/// The same on containers (`docker pause`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_on_docker() {
+    run_shipped_on_docker("pause", None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,6 +67,11 @@ async fn chaos_on_netns() {
     run_shipped_on_netns("chaos", Some(7), Path::new(PEER)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_on_netns() {
+    run_shipped_on_netns("pause", None, Path::new(PEER)).await;
+}
+
 /// 256 namespaces, 32,640 connections: the release build of the peer, as on loopback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_fifty_six_on_netns() {

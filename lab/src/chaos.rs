@@ -5,12 +5,13 @@
 //! starts (simulating which peers each fault leaves running), so `--seed N` replays the same
 //! faults at the same offsets. It is drawn as the step goes, in time order, so that a long step
 //! costs no memory up front. While it runs, peers keep chatting at the step's rate. At the end
-//! every cut is healed and every peer started again; the scenario's next steps then await the
+//! every cut is healed, every paused peer resumed and every peer started again; the scenario's next steps then await the
 //! mesh and the delivery of every line.
 //!
 //! Repertoire: kill (SIGKILL), stop (SIGTERM), start (a peer that is down), restart (kill, then
 //! start: a crash and a reboot), partition into random groups, cut one link, cut one direction,
-//! heal everything. At most half the peers are down at once. A peer with no bootstrap peers is
+//! heal everything, pause a peer (SIGSTOP; `docker pause`) and resume one. At most half the
+//! peers are down or paused at once. A peer with no bootstrap peers is
 //! never stopped gracefully: after its goodbye nobody would dial it again.
 
 use std::collections::BTreeMap;
@@ -37,6 +38,8 @@ pub enum Fault {
     Cut { a: String, b: String },
     OneWay { from: String, to: String },
     Heal,
+    Pause { peer: String },
+    Resume { peer: String },
 }
 
 impl Fault {
@@ -50,6 +53,8 @@ impl Fault {
             Fault::Cut { .. } => "cut",
             Fault::OneWay { .. } => "one-way",
             Fault::Heal => "heal",
+            Fault::Pause { .. } => "pause",
+            Fault::Resume { .. } => "resume",
         }
     }
 }
@@ -110,6 +115,7 @@ pub fn plan<'a>(seed: u64, spec: &'a ChaosSpec, peers: &[(String, bool, bool)]) 
         names: peers.iter().map(|p| p.0.clone()).collect(),
         leavers: peers.iter().filter(|p| p.2).map(|p| p.0.clone()).collect(),
         running: running.clone(),
+        paused: Vec::new(),
         t: 0.0,
         end,
     };
@@ -172,6 +178,8 @@ struct Faults<'a> {
     /// Peers with bootstrap peers: those that may be stopped gracefully.
     leavers: Vec<String>,
     running: Vec<String>,
+    /// Running peers the faults so far left paused.
+    paused: Vec<String>,
     /// Offset of the latest draw, in milliseconds.
     t: f64,
     end: u64,
@@ -190,7 +198,14 @@ impl Iterator for Faults<'_> {
             return None;
         }
         let can_leave = |name: &String| self.leavers.contains(name);
-        let fault = draw_fault(&mut self.rng, self.spec, &self.names, &self.running, &can_leave)?;
+        let fault = draw_fault(&mut self.rng, self.spec, &self.names, &self.running, &self.paused, &can_leave)?;
+        match &fault {
+            Fault::Pause { peer } => self.paused.push(peer.clone()),
+            Fault::Resume { peer } | Fault::Kill { peer } | Fault::Stop { peer } | Fault::Restart { peer } => {
+                self.paused.retain(|p| p != peer)
+            }
+            _ => {}
+        }
         let planned = Planned { at_ms: self.t as u64, action: Action::Fault(fault) };
         apply(&planned.action, &mut self.running);
         Some(planned)
@@ -211,14 +226,20 @@ fn draw_fault(
     spec: &ChaosSpec,
     names: &[String],
     running: &[String],
+    paused: &[String],
     can_leave: &impl Fn(&String) -> bool,
 ) -> Option<Fault> {
     let allowed = |k: &str| spec.faults.iter().any(|f| f == k);
     let down: Vec<&String> = names.iter().filter(|n| !running.contains(n)).collect();
     let may_take_down = running.len() > names.len().div_ceil(2);
+    let live: Vec<String> = running.iter().filter(|p| !paused.contains(p)).cloned().collect();
+    // Paused peers count as down for the limit of half the peers down at once.
+    let may_pause = live.len() > names.len().div_ceil(2);
     let mut kinds = Vec::new();
-    for kind in ["kill", "stop", "start", "restart", "partition", "cut", "one-way", "heal"] {
+    for kind in ["kill", "stop", "start", "restart", "partition", "cut", "one-way", "heal", "pause", "resume"] {
         let applicable = match kind {
+            "pause" => may_pause,
+            "resume" => !paused.is_empty(),
             "kill" => may_take_down,
             "stop" => may_take_down && running.iter().any(can_leave),
             "start" => !down.is_empty(),
@@ -250,6 +271,8 @@ fn draw_fault(
             }
             Fault::Partition { groups: parts }
         }
+        "pause" => Fault::Pause { peer: pick(rng, &live)? },
+        "resume" => Fault::Resume { peer: pick(rng, paused)? },
         "cut" | "one-way" => {
             let pair: Vec<&String> = names.choose_multiple(rng, 2).collect();
             let (a, b) = (pair[0].clone(), pair[1].clone());
@@ -287,6 +310,11 @@ pub async fn run<B: Backend>(lab: &mut Lab<B>, spec: &ChaosSpec, seed: u64) -> R
         lab.sleep(wait).await?;
     }
     lab.heal(None).await?;
+    let paused: Vec<String> =
+        lab.world().names().filter(|n| lab.world().peer(n).is_some_and(|p| p.paused)).cloned().collect();
+    for peer in paused {
+        lab.resume(&peer).await?;
+    }
     let down: Vec<String> =
         lab.world().names().filter(|n| !lab.world().peer(n).is_some_and(|p| p.running)).cloned().collect();
     for peer in down {
@@ -304,6 +332,8 @@ async fn inflict<B: Backend>(lab: &mut Lab<B>, fault: &Fault) -> Result<(), LabE
         Fault::Cut { a, b } => lab.cut(a, b, false).await,
         Fault::OneWay { from, to } => lab.cut(from, to, true).await,
         Fault::Heal => lab.heal(None).await,
+        Fault::Pause { peer } => lab.pause(peer).await,
+        Fault::Resume { peer } => lab.resume(peer).await,
     }
 }
 
@@ -395,6 +425,7 @@ mod tests {
         let says = schedule.iter().filter(|p| matches!(p.action, Action::Say { .. })).count();
         assert_eq!(says, 150, "5 lines a second for 30 s");
         let mut running: Vec<String> = peers(12).into_iter().map(|p| p.0).collect();
+        let mut paused: Vec<String> = Vec::new();
         let mut kinds = std::collections::BTreeSet::new();
         let mut last = 0;
         for p in &schedule {
@@ -407,12 +438,27 @@ mod tests {
                     if let Fault::Stop { peer } = f {
                         assert_ne!(peer, "p1", "p1 has no bootstrap peers");
                     }
+                    match f {
+                        Fault::Pause { peer } => {
+                            assert!(running.contains(peer) && !paused.contains(peer), "{peer} paused twice or down");
+                            paused.push(peer.clone());
+                        }
+                        Fault::Resume { peer } => assert!(paused.contains(peer), "{peer} resumed but not paused"),
+                        _ => {}
+                    }
+                    if let Fault::Resume { peer }
+                    | Fault::Kill { peer }
+                    | Fault::Stop { peer }
+                    | Fault::Restart { peer } = f
+                    {
+                        paused.retain(|p| p != peer);
+                    }
                     apply(&p.action, &mut running);
-                    assert!(running.len() >= 6, "at most half the peers down");
+                    assert!(running.len() - paused.len() >= 6, "at most half the peers down or paused");
                 }
             }
         }
-        assert_eq!(kinds.len(), 8, "every kind of fault appears in 30 s: {kinds:?}");
+        assert_eq!(kinds.len(), FAULTS.len(), "every kind of fault appears in 30 s: {kinds:?}");
     }
 
     #[test]

@@ -156,6 +156,35 @@ impl<B: Backend> Lab<B> {
         self.halt(name, Stop::Kill).await
     }
 
+    /// Freezes a running peer (SIGSTOP; `docker pause`): its connections stay open and its
+    /// kernel keeps answering, but it does nothing, as a peer stuck in a long pause would. Until
+    /// it resumes, it is not a member the mesh should include nor a receiver owed lines.
+    pub async fn pause(&mut self, name: &str) -> Result<(), LabError> {
+        self.live(name)?;
+        self.backend.pause(name).await?;
+        self.world.set_paused(name, true);
+        Ok(())
+    }
+
+    /// Thaws a paused peer: it finds its neighbours gone (they timed it out) and meets them
+    /// again, and catches up on what was said meanwhile.
+    pub async fn resume(&mut self, name: &str) -> Result<(), LabError> {
+        if !self.world.peer(name).is_some_and(|p| p.paused) {
+            return Err(anyhow::anyhow!("{name} is not paused").into());
+        }
+        self.backend.resume(name).await?;
+        self.world.set_paused(name, false);
+        Ok(())
+    }
+
+    fn live(&self, name: &str) -> Result<(), LabError> {
+        match self.world.peer(name) {
+            Some(p) if p.live() => Ok(()),
+            Some(p) if p.paused => Err(anyhow::anyhow!("{name} is paused already").into()),
+            _ => Err(anyhow::anyhow!("{name} is not running").into()),
+        }
+    }
+
     /// Starts a peer again under the same name, bootstrap and flags. A running peer is killed
     /// first: a restart is a crash and a reboot, after which the others find the peer again by
     /// its address (for a graceful one, `stop` then `start`). Cuts in force apply to the new
@@ -410,6 +439,10 @@ impl<B: Backend> Lab<B> {
     }
 
     async fn halt(&mut self, name: &str, how: Stop) -> Result<(), LabError> {
+        // A frozen process would act on SIGTERM only once thawed.
+        if self.world.peer(name).is_some_and(|p| p.paused) {
+            self.resume(name).await?;
+        }
         let kind = if how == Stop::Kill { "kill" } else { "stop" };
         self.world.mark(name, kind, String::new());
         self.backend.stop(name, how, STOP_GRACE).await?;
@@ -438,15 +471,20 @@ impl<B: Backend> Lab<B> {
     }
 
     async fn apply_cuts(&mut self) -> Result<(), LabError> {
-        let running = self.world.running();
-        for name in &running {
+        // Paused peers too: a packet filter takes effect at once, and a hook command waits in
+        // the peer's stdin until it resumes (only live peers are expected to acknowledge).
+        let processes: Vec<String> =
+            self.world.names().filter(|n| self.world.peer(n).is_some_and(|p| p.running)).cloned().collect();
+        for name in &processes {
             let cuts = self.cuts_of(name);
             self.backend.set_cuts(name, &cuts).await?;
         }
         if !self.backend.cuts_acknowledged_by_events() {
             return Ok(());
         }
-        let expected: Vec<(String, BTreeMap<String, String>)> = running
+        let expected: Vec<(String, BTreeMap<String, String>)> = self
+            .world
+            .running()
             .iter()
             .map(|n| {
                 let table = self
@@ -461,7 +499,7 @@ impl<B: Backend> Lab<B> {
         self.wait_until(deadline, "every peer to apply its cuts", |w| {
             expected.iter().find_map(|(n, table)| {
                 let p = w.peer(n)?;
-                (p.running && p.hook != *table).then(|| format!("{n} has not applied its cuts"))
+                (p.live() && p.hook != *table).then(|| format!("{n} has not applied its cuts"))
             })
         })
         .await

@@ -222,6 +222,16 @@ async fn execute<B: Backend>(lab: &mut Lab<B>, action: &Action, options: &RunOpt
                 lab.restart(p).await?;
             }
         }
+        Action::Pause(peers) => {
+            for p in peers {
+                lab.pause(p).await?;
+            }
+        }
+        Action::Resume(peers) => {
+            for p in peers {
+                lab.resume(p).await?;
+            }
+        }
         Action::Partition(groups) => lab.partition(groups).await?,
         Action::Cut { a, b, one_way } => lab.cut(a, b, *one_way).await?,
         Action::Heal(pair) => lab.heal(pair.as_ref().map(|(a, b)| (a.as_str(), b.as_str()))).await?,

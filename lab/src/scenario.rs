@@ -1,7 +1,7 @@
 //! Scenario files: an experiment written as a list of steps (docs/scenarios.md).
 //!
 //! A file is TOML: a few settings, then `[[step]]` tables, each with exactly one verb (`start`,
-//! `stop`, `kill`, `restart`, `partition`, `cut`, `heal`, `say`, `await`, `sleep`, `chaos`) and the
+//! `stop`, `kill`, `restart`, `pause`, `resume`, `partition`, `cut`, `heal`, `say`, `await`, `sleep`, `chaos`) and the
 //! options of that verb. Parsing checks everything that can be checked before running: unknown
 //! keys, a step with no verb or two, peers used before they are started, lines that cannot be
 //! typed, and the limits below (so that no file can make the lab overflow a clock, allocate
@@ -64,16 +64,37 @@ pub struct Step {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    Start { peers: Vec<String>, via: Vec<String>, flags: Vec<String>, keep_state: bool },
+    Start {
+        peers: Vec<String>,
+        via: Vec<String>,
+        flags: Vec<String>,
+        keep_state: bool,
+    },
     Stop(Vec<String>),
     Kill(Vec<String>),
     Restart(Vec<String>),
+    /// Freezes peers (SIGSTOP, `docker pause`): their sockets stay open, nothing answers.
+    Pause(Vec<String>),
+    Resume(Vec<String>),
     Partition(Vec<Vec<String>>),
-    Cut { a: String, b: String, one_way: bool },
+    Cut {
+        a: String,
+        b: String,
+        one_way: bool,
+    },
     Heal(Option<(String, String)>),
-    Say { peer: String, text: String, count: u32 },
-    AwaitMesh { peers: Option<Vec<String>>, within: Duration },
-    AwaitDelivery { within: Duration },
+    Say {
+        peer: String,
+        text: String,
+        count: u32,
+    },
+    AwaitMesh {
+        peers: Option<Vec<String>>,
+        within: Duration,
+    },
+    AwaitDelivery {
+        within: Duration,
+    },
     Sleep(Duration),
     Chaos(ChaosSpec),
 }
@@ -160,6 +181,8 @@ struct RawStep {
     stop: Option<OneOrMany>,
     kill: Option<OneOrMany>,
     restart: Option<OneOrMany>,
+    pause: Option<OneOrMany>,
+    resume: Option<OneOrMany>,
     partition: Option<Vec<Vec<String>>>,
     cut: Option<Vec<String>>,
     one_way: Option<bool>,
@@ -196,8 +219,9 @@ struct RawScenario {
     step: Vec<Spanned<RawStep>>,
 }
 
-const VERBS: &str = "start, stop, kill, restart, partition, cut, heal, say, await, sleep or chaos";
-pub const FAULTS: &[&str] = &["kill", "restart", "stop", "start", "partition", "cut", "one-way", "heal"];
+const VERBS: &str = "start, stop, kill, restart, pause, resume, partition, cut, heal, say, await, sleep or chaos";
+pub const FAULTS: &[&str] =
+    &["kill", "restart", "stop", "start", "partition", "cut", "one-way", "heal", "pause", "resume"];
 
 impl Scenario {
     pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
@@ -340,6 +364,8 @@ impl RawStep {
             ("stop", self.stop.is_some()),
             ("kill", self.kill.is_some()),
             ("restart", self.restart.is_some()),
+            ("pause", self.pause.is_some()),
+            ("resume", self.resume.is_some()),
             ("partition", self.partition.is_some()),
             ("cut", self.cut.is_some()),
             ("heal", self.heal.is_some()),
@@ -390,6 +416,8 @@ impl RawStep {
             "stop" => Action::Stop(names(self.stop)?),
             "kill" => Action::Kill(names(self.kill)?),
             "restart" => Action::Restart(names(self.restart)?),
+            "pause" => Action::Pause(names(self.pause)?),
+            "resume" => Action::Resume(names(self.resume)?),
             "partition" => {
                 let groups = self.partition.expect("verb checked");
                 if groups.len() < 2 || groups.iter().any(Vec::is_empty) {
@@ -508,6 +536,16 @@ fn check_names(steps: &[Step]) -> Result<(), (usize, String)> {
                     running.insert(p);
                 }
             }
+            Action::Pause(ps) | Action::Resume(ps) => {
+                for p in ps {
+                    if !known.contains(p.as_str()) {
+                        return unknown(line, p);
+                    }
+                    if !running.contains(p.as_str()) {
+                        return Err((line, format!("{p:?} is not running here")));
+                    }
+                }
+            }
             Action::Say { peer, .. } => {
                 if !known.contains(peer.as_str()) {
                     return unknown(line, peer);
@@ -555,7 +593,11 @@ impl Action {
     fn peer_count(&self) -> usize {
         match self {
             Action::Start { peers, via, .. } => peers.len() + via.len(),
-            Action::Stop(peers) | Action::Kill(peers) | Action::Restart(peers) => peers.len(),
+            Action::Stop(peers)
+            | Action::Kill(peers)
+            | Action::Restart(peers)
+            | Action::Pause(peers)
+            | Action::Resume(peers) => peers.len(),
             Action::Partition(groups) => groups.iter().map(Vec::len).sum(),
             Action::AwaitMesh { peers, .. } => peers.as_ref().map_or(0, Vec::len),
             Action::Cut { .. } | Action::Heal(Some(_)) => 2,
@@ -573,6 +615,8 @@ impl Action {
             Action::Stop(p) => format!("stop {}", list(p)),
             Action::Kill(p) => format!("kill {}", list(p)),
             Action::Restart(p) => format!("restart {}", list(p)),
+            Action::Pause(p) => format!("pause {}", list(p)),
+            Action::Resume(p) => format!("resume {}", list(p)),
             Action::Partition(groups) => {
                 let g: Vec<String> = groups.iter().map(|g| g.join(" ")).collect();
                 format!("partition {}", g.join(" | "))
@@ -680,7 +724,7 @@ mod tests {
     fn errors_name_the_line() {
         assert_eq!(
             error("[[step]]\nstart = \"a\"\n[[step]]\njump = \"a\"\n"),
-            "t.toml:4: unknown field `jump`, expected one of `start`, `via`, `flags`, `keep_state`, `stop`, `kill`, `restart`, `partition`, `cut`, `one_way`, `heal`, `say`, `text`, `count`, `await`, `peers`, `within`, `sleep`, `chaos`, `rate`, `seed`, `every`, `faults`, `note`"
+            "t.toml:4: unknown field `jump`, expected one of `start`, `via`, `flags`, `keep_state`, `stop`, `kill`, `restart`, `pause`, `resume`, `partition`, `cut`, `one_way`, `heal`, `say`, `text`, `count`, `await`, `peers`, `within`, `sleep`, `chaos`, `rate`, `seed`, `every`, `faults`, `note`"
         );
         assert_eq!(
             error("[[step]]\nstart = \"a\"\n\n[[step]]\nsay = \"b\"\ntext = \"x\"\n"),

@@ -114,6 +114,9 @@ pub struct PeerState {
     /// When the lab read that event.
     pub listening_at: Option<Instant>,
     pub running: bool,
+    /// Frozen by the lab (`pause`): running, but neither a member the mesh should include nor
+    /// a receiver owed lines until it resumes.
+    pub paused: bool,
     /// Lines the current process accepted from stdin (`sent` events).
     pub sent: u64,
     /// Names in the peer's last answer to `/peers`, its last answer to `/stats`, and how many
@@ -132,6 +135,13 @@ pub struct PeerState {
     key: Option<Key>,
     /// Lines this process showed or said.
     holds: HashSet<Key>,
+}
+
+impl PeerState {
+    /// Running and not paused: a member the mesh includes and a receiver owed lines.
+    pub fn live(&self) -> bool {
+        self.running && !self.paused
+    }
 }
 
 /// A line said by some peer.
@@ -323,10 +333,19 @@ impl World {
         p.sent = 0;
         p.hook.clear();
         p.running = true;
+        p.paused = false;
         p.neighbours.clear();
         p.holds.clear();
         p.exit = None;
         p.stderr.clear();
+    }
+
+    /// The lab froze (`true`) or thawed a peer.
+    pub fn set_paused(&mut self, name: &str, paused: bool) {
+        if let Some(p) = self.peers.get_mut(name) {
+            p.paused = paused;
+        }
+        self.mark(name, if paused { "pause" } else { "resume" }, String::new());
     }
 
     pub fn mark(&mut self, peer: &str, kind: &str, detail: String) {
@@ -358,6 +377,7 @@ impl World {
             }
             Observation::Exited(status) => {
                 p.running = false;
+                p.paused = false;
                 p.neighbours.clear();
                 p.exit = Some(status.clone());
                 self.mark(&o.peer, "exit", status);
@@ -533,8 +553,9 @@ impl World {
         self.peers.keys()
     }
 
+    /// Peers running and not paused.
     pub fn running(&self) -> Vec<String> {
-        self.peers.iter().filter(|(_, p)| p.running).map(|(n, _)| n.clone()).collect()
+        self.peers.iter().filter(|(_, p)| p.live()).map(|(n, _)| n.clone()).collect()
     }
 
     /// The name behind an id, if the lab has seen it.
@@ -569,7 +590,7 @@ impl World {
     pub fn mesh_problems(&self, members: &[String], cuts: &Cuts, exact: bool, limit: usize) -> Vec<String> {
         let mut problems = Vec::new();
         let ids: Vec<Option<&String>> =
-            members.iter().map(|m| self.peers.get(m).filter(|p| p.running).and_then(|p| p.id.as_ref())).collect();
+            members.iter().map(|m| self.peers.get(m).filter(|p| p.live()).and_then(|p| p.id.as_ref())).collect();
         for (a, a_id) in members.iter().zip(&ids) {
             if problems.len() >= limit {
                 break;
@@ -614,7 +635,7 @@ impl World {
     /// Checks every line said so far against every running receiver.
     pub fn delivery(&self, cuts: &Cuts) -> Delivery {
         let running: Vec<(&String, &PeerState, Key)> =
-            self.peers.iter().filter(|(_, p)| p.running).filter_map(|(n, p)| Some((n, p, p.key?))).collect();
+            self.peers.iter().filter(|(_, p)| p.live()).filter_map(|(n, p)| Some((n, p, p.key?))).collect();
         let names: Vec<&str> = running.iter().map(|(n, _, _)| n.as_str()).collect();
         let (component, components) = components(&names, cuts);
         let mut d = Delivery {

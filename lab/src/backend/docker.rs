@@ -157,6 +157,8 @@ impl DockerBackend {
     }
 
     async fn remove(&mut self, id: &str) {
+        // A paused container is thawed first: the engine may refuse to kill a frozen one.
+        let _ = self.docker.unpause_container(id).await;
         let force = RemoveContainerOptionsBuilder::new().force(true).build();
         let _ = self.docker.remove_container(id, Some(force)).await;
         self.created.retain(|c| c != id);
@@ -299,6 +301,16 @@ impl Backend for DockerBackend {
         result
     }
 
+    async fn pause(&mut self, name: &str) -> anyhow::Result<()> {
+        let c = self.peers.get(name).with_context(|| format!("{name} is not running"))?;
+        self.docker.pause_container(&c.id).await.with_context(|| format!("cannot pause {name}"))
+    }
+
+    async fn resume(&mut self, name: &str) -> anyhow::Result<()> {
+        let c = self.peers.get(name).with_context(|| format!("{name} is not running"))?;
+        self.docker.unpause_container(&c.id).await.with_context(|| format!("cannot resume {name}"))
+    }
+
     async fn set_cuts(&mut self, name: &str, cuts: &[(String, bool, bool)]) -> anyhow::Result<()> {
         let current = self.peers.get(name).with_context(|| format!("{name} is not running"))?.cuts.clone();
         if current == cuts {
@@ -335,6 +347,12 @@ impl Drop for DockerBackend {
             return;
         }
         if !self.created.is_empty() {
+            let _ = std::process::Command::new("docker")
+                .arg("unpause")
+                .args(&self.created)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
             let _ = std::process::Command::new("docker")
                 .args(["rm", "--force"])
                 .args(&self.created)

@@ -277,6 +277,13 @@ pub trait Backend {
     /// Stops a peer and returns once it has exited.
     async fn stop(&mut self, name: &str, how: Stop, grace: Duration) -> anyhow::Result<()>;
 
+    /// Freezes a running peer (SIGSTOP, or the container's cgroup freezer): its sockets stay
+    /// open and its kernel keeps answering, but the peer itself does nothing.
+    async fn pause(&mut self, name: &str) -> anyhow::Result<()>;
+
+    /// Thaws a paused peer.
+    async fn resume(&mut self, name: &str) -> anyhow::Result<()>;
+
     /// Told that `name` exited on its own (after `/quit`), so it is no longer running.
     fn exited(&mut self, _name: &str) {}
 

@@ -262,6 +262,16 @@ impl Backend for ProcessBackend {
         stop_within(name, how, grace, &mut proc.exited, signal).await
     }
 
+    async fn pause(&mut self, name: &str) -> anyhow::Result<()> {
+        signal(&self.proc(name)?.pidfd, libc::SIGSTOP);
+        Ok(())
+    }
+
+    async fn resume(&mut self, name: &str) -> anyhow::Result<()> {
+        signal(&self.proc(name)?.pidfd, libc::SIGCONT);
+        Ok(())
+    }
+
     async fn set_cuts(&mut self, name: &str, cuts: &[Cut]) -> anyhow::Result<()> {
         let proc = self.procs.get_mut(name).with_context(|| format!("{name} is not running"))?;
         if proc.cuts == cuts {
