@@ -222,6 +222,11 @@ struct RawScenario {
 const VERBS: &str = "start, stop, kill, restart, pause, resume, partition, cut, heal, say, await, sleep or chaos";
 pub const FAULTS: &[&str] =
     &["kill", "restart", "stop", "start", "partition", "cut", "one-way", "heal", "pause", "resume"];
+/// The faults a chaos step draws when it names none. Pauses are asked for by name (`faults`):
+/// after a pause of tens of seconds amid other faults, a resumed peer has been seen not to
+/// catch up within the scenario's deadline (see the chaos-soak notes), so they are not yet in
+/// the default nemesis.
+pub const DEFAULT_FAULTS: &[&str] = &["kill", "restart", "stop", "start", "partition", "cut", "one-way", "heal"];
 
 impl Scenario {
     pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
@@ -460,7 +465,7 @@ impl RawStep {
             },
             "sleep" => Action::Sleep(self.sleep.expect("verb checked")),
             "chaos" => {
-                let faults = self.faults.unwrap_or_else(|| FAULTS.iter().map(|f| f.to_string()).collect());
+                let faults = self.faults.unwrap_or_else(|| DEFAULT_FAULTS.iter().map(|f| f.to_string()).collect());
                 if let Some(bad) = faults.iter().find(|f| !FAULTS.contains(&f.as_str())) {
                     return Err(format!("unknown fault {bad:?}: expected some of {}", FAULTS.join(", ")));
                 }
