@@ -8,30 +8,9 @@ use std::time::{Duration, Instant};
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use meshlab_lab::Lab;
-use meshlab_lab::backend::process::ProcessBackend;
 use support::{rss_kib, six_peer_demo as demo};
 
 const WITHIN: Duration = Duration::from_secs(30);
-/// The peer's own defaults, so that the lab's faster test timings do not flatter the figures.
-const DEFAULTS: &[&str] = &[
-    "--heartbeat",
-    "1s",
-    "--timeout",
-    "3s",
-    "--redial-max",
-    "5s",
-    "--sync-interval",
-    "500ms",
-    "--handshake-timeout",
-    "5s",
-];
-
-fn new_lab() -> Lab<ProcessBackend> {
-    let mut lab = Lab::new(ProcessBackend::new(support::bench_peer()));
-    lab.common_flags = DEFAULTS.iter().map(|s| s.to_string()).collect();
-    lab
-}
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
@@ -61,7 +40,7 @@ async fn main() {
     // Start to listening, and the six-peer demo's convergence after the last peer listens.
     let (mut starts, mut meshes, mut kills, mut rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..10 {
-        let mut lab = new_lab();
+        let mut lab = support::bench_lab();
         let t0 = Instant::now();
         lab.start(&["solo"], &[], &[]).await.unwrap();
         starts.push(lab.world().peer("solo").unwrap().listening_at.unwrap() - t0);
@@ -92,7 +71,7 @@ async fn main() {
     for (n, runs) in [(32, 5), (64, 5)] {
         let (mut from_spawn, mut from_listen) = (Vec::new(), Vec::new());
         for _ in 0..runs {
-            let mut lab = new_lab();
+            let mut lab = support::bench_lab();
             let (spawn, listen) = support::started_through_one_seed(&mut lab, n, WITHIN).await;
             from_spawn.push(spawn);
             from_listen.push(listen);
@@ -106,7 +85,7 @@ async fn main() {
     }
 
     // One line at a time: latency until shown by each of the five others, and by all five.
-    let mut lab = new_lab();
+    let mut lab = support::bench_lab();
     demo(&mut lab).await;
     for i in 0..300 {
         lab.say("p1", &format!("ping {i}")).await.unwrap();
@@ -126,7 +105,7 @@ async fn main() {
     // 10,000 short lines as fast as stdin takes them, to five others.
     let mut bursts = Vec::new();
     for _ in 0..3 {
-        let mut lab = new_lab();
+        let mut lab = support::bench_lab();
         demo(&mut lab).await;
         let t0 = Instant::now();
         for i in 0..10_000 {

@@ -16,29 +16,7 @@ use std::time::{Duration, Instant};
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use meshlab_lab::Lab;
-use meshlab_lab::backend::process::ProcessBackend;
-
 const WITHIN: Duration = Duration::from_secs(300);
-/// The peer's own defaults, so that the lab's faster test timings do not flatter the figures.
-const DEFAULTS: &[&str] = &[
-    "--heartbeat",
-    "1s",
-    "--timeout",
-    "3s",
-    "--redial-max",
-    "5s",
-    "--sync-interval",
-    "500ms",
-    "--handshake-timeout",
-    "5s",
-];
-
-fn new_lab() -> Lab<ProcessBackend> {
-    let mut lab = Lab::new(ProcessBackend::new(support::bench_peer()));
-    lab.common_flags = DEFAULTS.iter().map(|s| s.to_string()).collect();
-    lab
-}
 
 fn pct(v: &[Duration], p: f64) -> Duration {
     v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or_default()
@@ -86,7 +64,7 @@ fn encoded_line(text: &str) -> usize {
 
 async fn row(n: usize) {
     let baseline = host_busy_over(Duration::from_secs(5)).await;
-    let mut lab = new_lab();
+    let mut lab = support::bench_lab();
     let (_, after_listen) = support::started_through_one_seed(&mut lab, n, WITHIN).await;
     let names = lab.world().running();
     let pairs = (n * (n - 1) / 2) as f64;

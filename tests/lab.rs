@@ -411,20 +411,7 @@ async fn docker_cuts_are_real_packet_drops_and_leave_nothing_behind() {
         return;
     }
     let mut lab = Lab::new(DockerBackend::connect(support::image()).await.unwrap());
-    lab.start(&["a"], &[], &[]).await.unwrap();
-    lab.start(&["b", "c"], &["a"], &[]).await.unwrap();
-    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
-    lab.cut("a", "b", false).await.unwrap();
-    // No hook is involved: the peers see heartbeats stop, as after a pulled cable.
-    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
-    let downs: Vec<String> =
-        lab.world().timeline.iter().filter(|m| m.kind == "down").map(|m| m.detail.clone()).collect();
-    assert!(downs.contains(&"b (timeout)".to_string()) && downs.contains(&"a (timeout)".to_string()), "{downs:?}");
-    lab.say("a", "around the cut, through c").await.unwrap();
-    lab.await_delivery(Duration::from_secs(5)).await.unwrap();
-    lab.heal(None).await.unwrap();
-    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
-    lab.shutdown().await;
+    support::cuts_are_real_packet_drops(&mut lab).await;
     assert_eq!(docker_leftovers(), "", "after a pass");
 }
 

@@ -5,7 +5,6 @@ mod support;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use meshlab_lab::Lab;
 use meshlab_lab::backend::process::ProcessBackend;
@@ -88,21 +87,7 @@ async fn netns_cuts_are_real_packet_drops() {
     if !support::netns("netns_cuts_are_real_packet_drops") {
         return;
     }
-    let mut lab = netns_lab(PEER);
-    lab.start(&["a"], &[], &[]).await.unwrap();
-    lab.start(&["b", "c"], &["a"], &[]).await.unwrap();
-    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
-    lab.cut("a", "b", false).await.unwrap();
-    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
-    let downs: Vec<String> =
-        lab.world().timeline.iter().filter(|m| m.kind == "down").map(|m| m.detail.clone()).collect();
-    assert!(downs.contains(&"b (timeout)".to_string()) && downs.contains(&"a (timeout)".to_string()), "{downs:?}");
-    assert!(lab.world().timeline.iter().all(|m| m.kind != "hook"), "no peer was told of the cut");
-    lab.say("a", "around the cut, through c").await.unwrap();
-    lab.await_delivery(Duration::from_secs(5)).await.unwrap();
-    lab.heal(None).await.unwrap();
-    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
-    lab.shutdown().await;
+    support::cuts_are_real_packet_drops(&mut netns_lab(PEER)).await;
     assert_eq!(leftovers(), "");
 }
 

@@ -195,6 +195,27 @@ pub fn bench_peer() -> String {
     std::env::var("MESHLAB_BENCH_PEER").unwrap_or_else(|_| env!("CARGO_BIN_EXE_peer").to_string())
 }
 
+/// A lab for benchmarks: the peer binary under test (`bench_peer`), run with the peer's own
+/// default timings instead of the lab's faster ones, which would flatter the figures. The
+/// defaults are read from the peer's command-line definition, so they cannot drift from it.
+pub fn bench_lab() -> meshlab_lab::Lab<meshlab_lab::backend::process::ProcessBackend> {
+    use clap::Parser;
+    let c = meshlab::config::Cli::try_parse_from(["peer"]).expect("the defaults parse").config;
+    let defaults = [
+        ("--heartbeat", c.heartbeat),
+        ("--timeout", c.timeout),
+        ("--redial-max", c.redial_max),
+        ("--sync-interval", c.sync_interval),
+        ("--handshake-timeout", c.handshake_timeout),
+    ];
+    let mut lab = meshlab_lab::Lab::new(meshlab_lab::backend::process::ProcessBackend::new(bench_peer()));
+    for (flag, _) in meshlab_lab::backend::LAB_TIMING {
+        let (_, value) = defaults.iter().find(|(f, _)| f == flag).expect("every lab timing has a peer default here");
+        lab.common_flags.extend([flag.to_string(), humantime::format_duration(*value).to_string()]);
+    }
+    lab
+}
+
 /// From the first spawn, and from the last peer listening, to the full mesh of `n` peers
 /// started together through one seed, each on its own loopback address.
 pub async fn started_through_one_seed(
@@ -242,4 +263,25 @@ impl Drop for Reaped {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// On a backend whose cuts are packet filters: a cut link goes quiet and each side times it out
+/// (no peer is told of the cut, as after a pulled cable); chat goes around the cut through a
+/// third peer, and a heal brings the link back. Shuts the lab down.
+pub async fn cuts_are_real_packet_drops<B: meshlab_lab::backend::Backend>(lab: &mut meshlab_lab::Lab<B>) {
+    use std::time::Duration;
+    lab.start(&["a"], &[], &[]).await.unwrap();
+    lab.start(&["b", "c"], &["a"], &[]).await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    lab.cut("a", "b", false).await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    let downs: Vec<String> =
+        lab.world().timeline.iter().filter(|m| m.kind == "down").map(|m| m.detail.clone()).collect();
+    assert!(downs.contains(&"b (timeout)".to_string()) && downs.contains(&"a (timeout)".to_string()), "{downs:?}");
+    assert!(lab.world().timeline.iter().all(|m| m.kind != "hook"), "no peer was told of the cut");
+    lab.say("a", "around the cut, through c").await.unwrap();
+    lab.await_delivery(Duration::from_secs(5)).await.unwrap();
+    lab.heal(None).await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    lab.shutdown().await;
 }
