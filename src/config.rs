@@ -140,13 +140,18 @@ pub struct Config {
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 
-    /// Enable the lab's fault-injection commands on stdin (/lab cut, /lab heal). Lab use only.
+    /// Enable the lab's fault-injection commands on stdin (/lab cut, /lab heal, /lab condition). Lab use only.
     #[arg(long)]
     pub lab: bool,
 
     /// Start with traffic to and from peer NAME cut: NAME, NAME:in or NAME:out. Needs --lab.
     #[arg(long, value_name = "NAME[:in|:out]", requires = "lab", value_parser = crate::hook::parse_spec)]
     pub lab_cut: Vec<crate::hook::LabCommand>,
+
+    /// Start with what we send peer NAME conditioned: "NAME loss=10 rate=64000 delay=50ms
+    /// jitter=10ms" (any of them). Needs --lab.
+    #[arg(long, value_name = "NAME WORDS", requires = "lab", value_parser = crate::hook::parse_condition_spec)]
+    pub lab_condition: Vec<crate::hook::LabCommand>,
 }
 
 impl Config {

@@ -23,6 +23,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::frame::{self, Hello, Message};
+use crate::hook::Conditions;
 use crate::handshake::{Established, Handshake, HandshakeError, Local, Progress, Side};
 use crate::neighbours::ConnId;
 use crate::noise::{Opener, Sealer};
@@ -134,6 +135,8 @@ pub struct Context {
     pub timeout: Duration,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
+    /// The lab hook's link conditions (with `--lab` only).
+    pub conditions: Option<Arc<Conditions>>,
 }
 
 /// Remembers which failures were reported lately, so that a peer redialling every few seconds
@@ -315,11 +318,13 @@ pub async fn run(stream: TcpStream, role: Role, hello: Hello, conn: ConnId, ctx:
     tracing::debug!(%peer, version = established.version, "handshake complete");
 
     let (outbox, drain) = outbox(budget);
+    let established_name = established.hello.name.clone();
     let ready = Ready { conn, role, established, observed, outbox };
     if ctx.events.send(ConnEvent::Ready(Box::new(ready))).await.is_err() {
         return;
     }
-    let mut writing = tokio::spawn(write_loop(writer, drain, ctx.traffic.clone()));
+    let shaper = ctx.conditions.clone().map(|table| Shaper::new(table, established_name));
+    let mut writing = tokio::spawn(write_loop(writer, drain, ctx.traffic.clone(), shaper));
     let mut written = false;
     let reason = tokio::select! {
         reason = read_loop(&mut reader, conn, &ctx, &peer) => reason,
@@ -468,8 +473,16 @@ async fn read_loop(reader: &mut Reader, conn: ConnId, ctx: &Context, peer: &str)
 /// Most frames written before a flush.
 const BATCH: usize = 64;
 
-/// Writes queued frames, as many as are queued before each flush.
-async fn write_loop(mut writer: Writer, mut queue: Drain, traffic: Arc<Traffic>) -> std::io::Result<()> {
+/// Writes queued frames, as many as are queued before each flush; through the lab hook's
+/// shaper when there is one.
+async fn write_loop(writer: Writer, queue: Drain, traffic: Arc<Traffic>, shaper: Option<Shaper>) -> std::io::Result<()> {
+    match shaper {
+        None => write_plainly(writer, queue, traffic).await,
+        Some(shaper) => write_shaped(writer, queue, traffic, shaper).await,
+    }
+}
+
+async fn write_plainly(mut writer: Writer, mut queue: Drain, traffic: Arc<Traffic>) -> std::io::Result<()> {
     loop {
         let Some(payload) = queue.recv().await else { return writer.flush().await };
         let mut batch = vec![payload];
@@ -484,6 +497,111 @@ async fn write_loop(mut writer: Writer, mut queue: Drain, traffic: Arc<Traffic>)
             writer.feed(p).await?;
         }
         writer.flush().await?;
+    }
+}
+
+/// Most bytes the shaper holds back at once; past it, frames wait in the queue (whose bounds
+/// then refuse more, as a slow link's would).
+const MAX_HELD: usize = 1024 * 1024;
+
+/// Writes queued frames as the lab hook's condition for this neighbour says: each is taken off
+/// the queue when it comes, given its release time, and written then, in order.
+async fn write_shaped(
+    mut writer: Writer,
+    mut queue: Drain,
+    traffic: Arc<Traffic>,
+    mut shaper: Shaper,
+) -> std::io::Result<()> {
+    let mut held: std::collections::VecDeque<(Instant, Bytes)> = Default::default();
+    let mut held_bytes = 0;
+    loop {
+        let release = held.front().map(|(at, _)| *at);
+        tokio::select! {
+            frame = queue.recv(), if held_bytes < MAX_HELD => {
+                let Some(p) = frame else { break };
+                let mut batch = vec![p];
+                while batch.len() < BATCH {
+                    match queue.try_recv() {
+                        Some(p) => batch.push(p),
+                        None => break,
+                    }
+                }
+                let now = Instant::now();
+                for p in batch {
+                    traffic.sent(p.len());
+                    match shaper.release_time(p.len(), now) {
+                        at if at <= now && held.is_empty() => writer.feed(p).await?,
+                        at => {
+                            held_bytes += p.len();
+                            held.push_back((at, p));
+                        }
+                    }
+                }
+                writer.flush().await?;
+            }
+            () = tokio::time::sleep_until(release.unwrap_or_else(Instant::now)), if release.is_some() => {
+                let now = Instant::now();
+                while held.front().is_some_and(|(at, _)| *at <= now) {
+                    let (_, p) = held.pop_front().expect("checked");
+                    held_bytes -= p.len();
+                    writer.feed(p).await?;
+                }
+                writer.flush().await?;
+            }
+        }
+    }
+    for (_, p) in held {
+        writer.feed(p).await?;
+    }
+    writer.flush().await
+}
+
+/// The lab hook's link condition towards one neighbour, applied to each frame we send it: held
+/// back for the delay (give or take the jitter) and spaced out to the rate, never released
+/// before an earlier frame (a stream keeps its order). A frame "lost" is not dropped, since a
+/// TCP stream loses nothing: it comes late, as a retransmission would, after a retransmission
+/// timeout that doubles each time the retransmission is lost too; the frames behind it wait
+/// for it.
+pub struct Shaper {
+    conditions: Arc<Conditions>,
+    name: String,
+    /// When the last frame is released; a rate-limited link is busy until then.
+    last_release: Instant,
+}
+
+/// The first retransmission timeout of a lost segment (Linux's least, on a short link).
+const RETRANSMISSION_TIMEOUT: Duration = Duration::from_millis(200);
+/// Most times one frame is lost in a row (a real stream would give up about here).
+const MAX_RETRANSMISSIONS: u32 = 6;
+
+impl Shaper {
+    pub fn new(conditions: Arc<Conditions>, name: String) -> Shaper {
+        Shaper { conditions, name, last_release: Instant::now() }
+    }
+
+    /// When a frame of `len` bytes handed over at `now` goes out.
+    pub fn release_time(&mut self, len: usize, now: Instant) -> Instant {
+        let Some(c) = self.conditions.of(&self.name) else {
+            self.last_release = self.last_release.max(now);
+            return self.last_release;
+        };
+        let draw = || f64::from(getrandom::u32().unwrap_or(0)) / f64::from(u32::MAX);
+        let jitter = c.jitter.mul_f64(draw() * 2.0);
+        let mut at = (now + c.delay + jitter).checked_sub(c.jitter).unwrap_or(now).max(now);
+        let mut timeout = RETRANSMISSION_TIMEOUT;
+        for _ in 0..MAX_RETRANSMISSIONS {
+            if c.loss <= 0.0 || draw() * 100.0 >= c.loss {
+                break;
+            }
+            at += timeout;
+            timeout *= 2;
+        }
+        if let Some(rate) = c.rate {
+            let sending = Duration::from_secs_f64(len as f64 * 8.0 / rate as f64);
+            at = at.max(self.last_release) + sending;
+        }
+        self.last_release = at.max(self.last_release);
+        self.last_release
     }
 }
 

@@ -164,6 +164,13 @@ impl Mesh {
         let limits = cfg.limits();
         let store = restore(&identity, restored, cfg.retention(), now);
         let (events_tx, events) = mpsc::channel(1024);
+        let hook = cfg.lab.then(|| {
+            let mut hook = Hook::default();
+            for cmd in cfg.lab_cut.iter().chain(&cfg.lab_condition) {
+                hook.apply(cmd.clone());
+            }
+            hook
+        });
         let ctx = Arc::new(Context {
             events: events_tx,
             source: Some(cfg.bind).filter(|ip| !ip.is_unspecified()),
@@ -174,18 +181,12 @@ impl Mesh {
             timeout: cfg.timeout,
             handshake_timeout: cfg.handshake_timeout,
             connect_timeout: cfg.connect_timeout,
+            conditions: hook.as_ref().map(Hook::conditions),
         });
         let mut book = DialBook::new(cfg.schedule());
         for b in &cfg.bootstrap {
             book.add_bootstrap(b, now);
         }
-        let hook = cfg.lab.then(|| {
-            let mut hook = Hook::default();
-            for cut in &cfg.lab_cut {
-                hook.apply(cut.clone());
-            }
-            hook
-        });
         Ok(Mesh {
             store,
             me,
@@ -242,7 +243,7 @@ impl Mesh {
             );
         }
         if let Some(hook) = &self.hook {
-            self.out.emit(&Event::Hook { cuts: hook.table() });
+            self.out.emit(&Event::Hook { cuts: hook.table(), conditions: hook.condition_table() });
         }
         let mut stdin = self.input.take().expect("taken once");
         let mut stdin_open = true;
@@ -836,16 +837,18 @@ impl Mesh {
     }
 
     /// Applies a lab hook command: a neighbour now cut (either way) is disconnected at once, and
-    /// its connections are refused after their handshake until healed.
+    /// its connections are refused after their handshake until healed; a condition takes hold
+    /// in the connections' writers at their next frame.
     fn apply_lab(&mut self, cmd: hook::LabCommand) {
         let Some(hook) = self.hook.as_mut() else { return };
         hook.apply(cmd);
         let table = hook.table();
+        let conditions = hook.condition_table();
         let cut: Vec<ConnId> = self.table.iter().filter(|n| table.contains_key(&n.info.name)).map(|n| n.conn).collect();
         for conn in cut {
             self.drop_neighbour(conn, DownReason::Cut, None, Instant::now());
         }
-        self.out.emit(&Event::Hook { cuts: table });
+        self.out.emit(&Event::Hook { cuts: table, conditions });
     }
 
     /// Probes the neighbour heard from least lately (among those quiet for `--timeout`), and

@@ -97,9 +97,10 @@ pub enum Event<'a> {
     Help {
         text: &'a str,
     },
-    /// The lab hook's cut table after a `/lab` command.
+    /// The lab hook's cut and condition tables after a `/lab` command.
     Hook {
         cuts: BTreeMap<String, &'static str>,
+        conditions: BTreeMap<String, String>,
     },
     /// A line typed on stdin was rejected.
     Error {

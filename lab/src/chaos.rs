@@ -24,7 +24,8 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::backend::Backend;
-use crate::lab::{Lab, LabError};
+use crate::lab::{Lab, LabError, Undo};
+use crate::link::Condition;
 use crate::scenario::ChaosSpec;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -40,6 +41,16 @@ pub enum Fault {
     Heal,
     Pause { peer: String },
     Resume { peer: String },
+    /// Loss on the link between a and b, both ways.
+    Loss { a: String, b: String, percent: f64 },
+    /// A rate limit on the link between a and b, both ways.
+    Rate { a: String, b: String, bits_per_second: u64 },
+    /// Delay and jitter on the link between a and b, both ways.
+    Delay { a: String, b: String, delay_ms: u64, jitter_ms: u64 },
+    /// The end of a held partition or cut: these directed cuts heal.
+    Mend { pairs: Vec<(String, String)> },
+    /// The end of a held condition: these directed links carry on unconditioned.
+    Clear { pairs: Vec<(String, String)> },
 }
 
 impl Fault {
@@ -55,7 +66,57 @@ impl Fault {
             Fault::Heal => "heal",
             Fault::Pause { .. } => "pause",
             Fault::Resume { .. } => "resume",
+            Fault::Loss { .. } => "loss",
+            Fault::Rate { .. } => "rate",
+            Fault::Delay { .. } => "delay",
+            Fault::Mend { .. } => "mend",
+            Fault::Clear { .. } => "clear",
         }
+    }
+
+    /// The condition a link fault puts on the link between two peers.
+    fn condition(&self) -> Option<(&String, &String, Condition)> {
+        let ms = Duration::from_millis;
+        match self {
+            Fault::Loss { a, b, percent } => Some((a, b, Condition { loss: Some(*percent), ..Default::default() })),
+            Fault::Rate { a, b, bits_per_second } => {
+                Some((a, b, Condition { rate: Some(*bits_per_second), ..Default::default() }))
+            }
+            Fault::Delay { a, b, delay_ms, jitter_ms } => Some((
+                a,
+                b,
+                Condition { delay: Some(ms(*delay_ms)), jitter: (*jitter_ms > 0).then(|| ms(*jitter_ms)), ..Default::default() },
+            )),
+            _ => None,
+        }
+    }
+
+    /// The fault that ends this one when it is held: the cuts it made mend, the condition
+    /// clears, the paused peer resumes.
+    fn undo(&self) -> Option<Fault> {
+        let both = |a: &String, b: &String| vec![(a.clone(), b.clone()), (b.clone(), a.clone())];
+        Some(match self {
+            Fault::Partition { groups } => {
+                let mut pairs = Vec::new();
+                for (i, x) in groups.iter().enumerate() {
+                    for y in &groups[i + 1..] {
+                        for a in x {
+                            for b in y {
+                                pairs.extend(both(a, b));
+                            }
+                        }
+                    }
+                }
+                Fault::Mend { pairs }
+            }
+            Fault::Cut { a, b } => Fault::Mend { pairs: both(a, b) },
+            Fault::OneWay { from, to } => Fault::Mend { pairs: vec![(from.clone(), to.clone())] },
+            Fault::Pause { peer } => Fault::Resume { peer: peer.clone() },
+            f => {
+                let (a, b, _) = f.condition()?;
+                Fault::Clear { pairs: both(a, b) }
+            }
+        })
     }
 }
 
@@ -117,6 +178,8 @@ pub fn plan<'a>(seed: u64, spec: &'a ChaosSpec, peers: &[(String, bool, bool)]) 
         running: running.clone(),
         paused: Vec::new(),
         t: 0.0,
+        next_at: None,
+        undos: Vec::new(),
         end,
     };
     let gap = 1000.0 / spec.rate;
@@ -182,6 +245,10 @@ struct Faults<'a> {
     paused: Vec<String>,
     /// Offset of the latest draw, in milliseconds.
     t: f64,
+    /// The offset of the next fault to draw, once drawn.
+    next_at: Option<f64>,
+    /// Ends of held faults to come, soonest first.
+    undos: Vec<Planned>,
     end: u64,
 }
 
@@ -189,26 +256,58 @@ impl Iterator for Faults<'_> {
     type Item = Planned;
 
     /// The next fault, until the end. Faults arrive as a Poisson process (exponential gaps) with
-    /// the given mean interval. When no fault applies, none ever will (only faults change which
-    /// apply), so that ends the faults too.
+    /// the given mean interval; with `hold`, each partition, cut, condition and pause is undone
+    /// after a hold drawn between the bounds. When no fault applies and nothing held is due to
+    /// end, none ever will (only faults change which apply), so that ends the faults too.
     fn next(&mut self) -> Option<Planned> {
-        let mean = self.spec.every.as_millis().max(1) as f64;
-        self.t += -mean * (1.0 - self.rng.random::<f64>()).ln();
-        if self.t as u64 >= self.end {
-            return None;
-        }
-        let can_leave = |name: &String| self.leavers.contains(name);
-        let fault = draw_fault(&mut self.rng, self.spec, &self.names, &self.running, &self.paused, &can_leave)?;
-        match &fault {
-            Fault::Pause { peer } => self.paused.push(peer.clone()),
-            Fault::Resume { peer } | Fault::Kill { peer } | Fault::Stop { peer } | Fault::Restart { peer } => {
-                self.paused.retain(|p| p != peer)
+        loop {
+            let t = match self.next_at {
+                Some(t) => t,
+                None => {
+                    let mean = self.spec.every.as_millis().max(1) as f64;
+                    self.t += -mean * (1.0 - self.rng.random::<f64>()).ln();
+                    *self.next_at.insert(self.t)
+                }
+            };
+            if self.undos.first().is_some_and(|u| (u.at_ms as f64) <= t && u.at_ms < self.end) {
+                let undo = self.undos.remove(0);
+                if let Action::Fault(Fault::Resume { peer }) = &undo.action {
+                    if !self.paused.contains(peer) {
+                        continue; // killed or resumed meanwhile
+                    }
+                    self.paused.retain(|p| p != peer);
+                }
+                return Some(undo);
             }
-            _ => {}
+            if t as u64 >= self.end {
+                return None;
+            }
+            self.next_at = None;
+            let can_leave = |name: &String| self.leavers.contains(name);
+            let drawn = draw_fault(&mut self.rng, self.spec, &self.names, &self.running, &self.paused, &can_leave);
+            let Some(fault) = drawn else {
+                if self.undos.iter().any(|u| u.at_ms < self.end) {
+                    continue;
+                }
+                return None;
+            };
+            match &fault {
+                Fault::Pause { peer } => self.paused.push(peer.clone()),
+                Fault::Resume { peer } | Fault::Kill { peer } | Fault::Stop { peer } | Fault::Restart { peer } => {
+                    self.paused.retain(|p| p != peer)
+                }
+                _ => {}
+            }
+            if let (Some((lo, hi)), Some(undo)) = (self.spec.hold, fault.undo()) {
+                let hold = self.rng.random_range(lo.as_millis() as u64..=hi.as_millis() as u64);
+                let at_ms = t as u64 + hold;
+                let i = self.undos.partition_point(|u| u.at_ms <= at_ms);
+                self.undos.insert(i, Planned { at_ms, action: Action::Fault(undo) });
+            }
+            let planned = Planned { at_ms: t as u64, action: Action::Fault(fault) };
+            apply(&planned.action, &mut self.running);
+            return Some(planned);
         }
-        let planned = Planned { at_ms: self.t as u64, action: Action::Fault(fault) };
-        apply(&planned.action, &mut self.running);
-        Some(planned)
     }
 }
 
@@ -236,7 +335,9 @@ fn draw_fault(
     // Paused peers count as down for the limit of half the peers down at once.
     let may_pause = live.len() > names.len().div_ceil(2);
     let mut kinds = Vec::new();
-    for kind in ["kill", "stop", "start", "restart", "partition", "cut", "one-way", "heal", "pause", "resume"] {
+    for kind in
+        ["kill", "stop", "start", "restart", "partition", "cut", "one-way", "heal", "pause", "resume", "loss", "rate", "delay"]
+    {
         let applicable = match kind {
             "pause" => may_pause,
             "resume" => !paused.is_empty(),
@@ -244,7 +345,7 @@ fn draw_fault(
             "stop" => may_take_down && running.iter().any(can_leave),
             "start" => !down.is_empty(),
             "restart" => !running.is_empty(),
-            "partition" | "cut" | "one-way" => names.len() >= 2,
+            "partition" | "cut" | "one-way" | "loss" | "rate" | "delay" => names.len() >= 2,
             _ => true,
         };
         if applicable && allowed(kind) {
@@ -277,6 +378,18 @@ fn draw_fault(
             let pair: Vec<&String> = names.choose_multiple(rng, 2).collect();
             let (a, b) = (pair[0].clone(), pair[1].clone());
             if kind == "cut" { Fault::Cut { a, b } } else { Fault::OneWay { from: a, to: b } }
+        }
+        "loss" | "rate" | "delay" => {
+            let pair: Vec<&String> = names.choose_multiple(rng, 2).collect();
+            let (a, b) = (pair[0].clone(), pair[1].clone());
+            match kind {
+                "loss" => Fault::Loss { a, b, percent: rng.random_range(5..=30) as f64 },
+                "rate" => Fault::Rate { a, b, bits_per_second: *[64_000, 256_000, 1_000_000].choose(rng)? },
+                _ => {
+                    let delay_ms = rng.random_range(20..=200);
+                    Fault::Delay { a, b, delay_ms, jitter_ms: rng.random_range(0..=delay_ms / 4) }
+                }
+            }
         }
         _ => Fault::Heal,
     })
@@ -328,12 +441,18 @@ async fn inflict<B: Backend>(lab: &mut Lab<B>, fault: &Fault) -> Result<(), LabE
         Fault::Kill { peer } => lab.kill(peer).await,
         Fault::Stop { peer } => lab.stop(peer).await,
         Fault::Start { peer } | Fault::Restart { peer } => lab.restart(peer).await,
-        Fault::Partition { groups } => lab.partition(groups).await,
-        Fault::Cut { a, b } => lab.cut(a, b, false).await,
-        Fault::OneWay { from, to } => lab.cut(from, to, true).await,
+        Fault::Partition { groups } => lab.partition(groups).await.map(drop),
+        Fault::Cut { a, b } => lab.cut(a, b, false).await.map(drop),
+        Fault::OneWay { from, to } => lab.cut(from, to, true).await.map(drop),
         Fault::Heal => lab.heal(None).await,
         Fault::Pause { peer } => lab.pause(peer).await,
         Fault::Resume { peer } => lab.resume(peer).await,
+        Fault::Mend { pairs } => lab.undo(Undo::Heal(pairs.clone())).await,
+        Fault::Clear { pairs } => lab.undo(Undo::Clear(pairs.clone())).await,
+        link => {
+            let (a, b, condition) = link.condition().expect("every other fault is a link condition");
+            lab.condition(&[a.clone(), b.clone()], condition, false).await.map(drop)
+        }
     }
 }
 
@@ -349,6 +468,7 @@ mod tests {
             seed: None,
             every: Duration::from_secs(1),
             faults: FAULTS.iter().map(|f| f.to_string()).collect(),
+            hold: None,
         }
     }
 

@@ -54,6 +54,9 @@ pub enum PeerEvent {
     Stats(Stats),
     Hook {
         cuts: std::collections::BTreeMap<String, String>,
+        /// Conditions of what the peer sends, by name (absent from peers before them).
+        #[serde(default)]
+        conditions: std::collections::BTreeMap<String, String>,
     },
     Error {
         message: String,

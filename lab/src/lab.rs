@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 
-use crate::backend::{self, Backend, PeerSpec, Stop};
+use crate::backend::{self, Backend, Links, PeerSpec, Stop};
+use crate::link::{Condition, Conditions};
 use crate::world::{Cuts, Delivery, Observed, World};
 
 /// How long a peer may take to start listening or to exit, before scaling.
@@ -45,12 +46,17 @@ pub struct Lab<B: Backend> {
     events_tx: UnboundedSender<Observed>,
     events: UnboundedReceiver<Observed>,
     cuts: Cuts,
+    conditions: Conditions,
+    /// What the lab undoes by itself when its time comes (a step's `for`), soonest first.
+    undos: Vec<(Instant, Undo)>,
     configs: BTreeMap<String, PeerConfig>,
     instances: u32,
     /// Lines written to each running peer's stdin since it started.
     written: HashMap<String, u64>,
     violations_reported: usize,
     last_event_at: Instant,
+    /// When the latest delivery await began (or the lab was made).
+    last_delivery_check: Instant,
     /// Extra flags for every peer (a scenario's `flags`).
     pub common_flags: Vec<String>,
     /// Peers whose state directory outlives their processes.
@@ -69,11 +75,14 @@ impl<B: Backend> Lab<B> {
             events_tx,
             events,
             cuts: Cuts::default(),
+            conditions: Conditions::default(),
+            undos: Vec::new(),
             configs: BTreeMap::new(),
             instances: 0,
             written: HashMap::new(),
             violations_reported: 0,
             last_event_at: now,
+            last_delivery_check: now,
             common_flags: Vec::new(),
             keeps_state: Default::default(),
             mesh_key: None,
@@ -89,12 +98,21 @@ impl<B: Backend> Lab<B> {
         self.last_event_at
     }
 
+    /// When the latest delivery await began: lines said since are the next one's.
+    pub fn last_delivery_check(&self) -> Instant {
+        self.last_delivery_check
+    }
+
     pub fn backend(&self) -> &B {
         &self.backend
     }
 
     pub fn cuts(&self) -> &Cuts {
         &self.cuts
+    }
+
+    pub fn conditions(&self) -> &Conditions {
+        &self.conditions
     }
 
     /// From its next start on, `name` keeps its state directory (`--state-dir`) across
@@ -199,41 +217,155 @@ impl<B: Backend> Lab<B> {
         self.launch(&[name]).await
     }
 
-    /// Cuts every pair of peers in different groups, both ways.
-    pub async fn partition(&mut self, groups: &[Vec<String>]) -> Result<(), LabError> {
+    /// Cuts every pair of peers in different groups, both ways. Returns the directed pairs
+    /// cut, for [`undo_after`](Self::undo_after).
+    pub async fn partition(&mut self, groups: &[Vec<String>]) -> Result<Vec<(String, String)>, LabError> {
+        let mut pairs = Vec::new();
         for (i, a_group) in groups.iter().enumerate() {
             for b_group in &groups[i + 1..] {
                 for a in a_group {
                     for b in b_group {
                         self.cuts.cut_both(a, b);
+                        pairs.extend([(a.clone(), b.clone()), (b.clone(), a.clone())]);
                     }
                 }
             }
         }
-        self.world.mark("*", "partition", format!("{groups:?}"));
-        self.apply_cuts().await
+        let described: Vec<String> = groups.iter().map(|g| g.join(" ")).collect();
+        self.world.mark("*", "partition", described.join(" | "));
+        self.apply_cuts().await?;
+        Ok(pairs)
     }
 
-    /// Cuts the link between two peers; with `one_way`, only traffic from `a` to `b`.
-    pub async fn cut(&mut self, a: &str, b: &str, one_way: bool) -> Result<(), LabError> {
+    /// Cuts the link between two peers; with `one_way`, only traffic from `a` to `b`. Returns
+    /// the directed pairs cut.
+    pub async fn cut(&mut self, a: &str, b: &str, one_way: bool) -> Result<Vec<(String, String)>, LabError> {
+        let mut pairs = vec![(a.to_owned(), b.to_owned())];
         if one_way {
             self.cuts.cut(a, b);
         } else {
             self.cuts.cut_both(a, b);
+            pairs.push((b.to_owned(), a.to_owned()));
         }
         let arrow = if one_way { "->" } else { "<->" };
         self.world.mark("*", "cut", format!("{a} {arrow} {b}"));
-        self.apply_cuts().await
+        self.apply_cuts().await?;
+        Ok(pairs)
     }
 
-    /// Heals every cut, or just the one between a pair.
+    /// Heals every cut and condition, or just those between a pair.
     pub async fn heal(&mut self, pair: Option<(&str, &str)>) -> Result<(), LabError> {
         match pair {
-            Some((a, b)) => self.cuts.heal_pair(a, b),
-            None => self.cuts.heal_all(),
+            Some((a, b)) => {
+                self.cuts.heal_pair(a, b);
+                self.conditions.clear_pair(a, b);
+            }
+            None => {
+                self.cuts.heal_all();
+                self.conditions.clear_all();
+            }
         }
         self.world.mark("*", "heal", pair.map_or("all".into(), |(a, b)| format!("{a} <-> {b}")));
         self.apply_cuts().await
+    }
+
+    /// Puts `condition` on links, over what they have: on the link between two peers (with
+    /// `one_way`, only on what the first sends the second), or on every link of one peer to
+    /// the others started so far (with `one_way`, only on what it sends). Returns the directed
+    /// pairs conditioned, for [`undo_after`](Self::undo_after).
+    pub async fn condition(
+        &mut self,
+        peers: &[String],
+        condition: Condition,
+        one_way: bool,
+    ) -> Result<Vec<(String, String)>, LabError> {
+        condition.check().map_err(|e| anyhow::anyhow!(e))?;
+        if condition.delays() && !self.backend.can_delay() {
+            return Err(anyhow::Error::new(NoNetem).into());
+        }
+        let pairs: Vec<(String, String)> = match peers {
+            [a, b] => [(a.clone(), b.clone()), (b.clone(), a.clone())].into_iter().take(if one_way { 1 } else { 2 }).collect(),
+            [a] => self
+                .world
+                .names()
+                .filter(|n| *n != a)
+                .flat_map(|n| {
+                    let back = (!one_way).then(|| (n.clone(), a.clone()));
+                    std::iter::once((a.clone(), n.clone())).chain(back)
+                })
+                .collect(),
+            _ => return Err(anyhow::anyhow!("a condition is on one peer or on the link between two").into()),
+        };
+        for (from, to) in &pairs {
+            self.conditions.set(from, to, condition);
+        }
+        let arrow = if one_way { "->" } else { "<->" };
+        let which = match peers {
+            [a, b] => format!("{a} {arrow} {b}"),
+            [a] => format!("{a} {arrow} *"),
+            _ => unreachable!("checked above"),
+        };
+        self.world.mark("*", "condition", format!("{which}: {condition}"));
+        self.apply_cuts().await?;
+        Ok(pairs)
+    }
+
+    /// Has the lab undo `undo` by itself `after` from now, while later steps run.
+    pub fn undo_after(&mut self, after: Duration, undo: Undo) {
+        let at = Instant::now() + after;
+        let i = self.undos.partition_point(|(t, _)| *t <= at);
+        self.undos.insert(i, (at, undo));
+    }
+
+    /// Undoes `undo` now, and waits until the peers' hooks apply it where they must.
+    pub async fn undo(&mut self, undo: Undo) -> Result<(), LabError> {
+        if self.revert(undo).await? {
+            self.apply_cuts().await?;
+        }
+        Ok(())
+    }
+
+    /// Undoes what is due (without waiting for hook acknowledgements: the checks that follow
+    /// wait for the mesh they need).
+    async fn undo_due(&mut self) -> Result<(), LabError> {
+        let now = Instant::now();
+        let due = self.undos.partition_point(|(t, _)| *t <= now);
+        let mut links_changed = false;
+        for (_, undo) in self.undos.drain(..due).collect::<Vec<_>>() {
+            links_changed |= self.revert(undo).await?;
+        }
+        if links_changed {
+            self.push_links().await?;
+        }
+        Ok(())
+    }
+
+    /// Takes `undo` off the lab's tables (or resumes a peer still paused); returns whether
+    /// the cuts or conditions changed, for the caller to apply.
+    async fn revert(&mut self, undo: Undo) -> Result<bool, LabError> {
+        match undo {
+            Undo::Heal(pairs) => {
+                for (from, to) in &pairs {
+                    self.cuts.heal_directed(from, to);
+                }
+                self.world.mark("*", "heal", describe_pairs(&pairs));
+                Ok(true)
+            }
+            Undo::Clear(pairs) => {
+                for (from, to) in &pairs {
+                    self.conditions.clear_directed(from, to);
+                }
+                self.world.mark("*", "clear", describe_pairs(&pairs));
+                Ok(true)
+            }
+            Undo::Resume(name) => {
+                if self.world.peer(&name).is_some_and(|p| p.paused) {
+                    self.backend.resume(&name).await?;
+                    self.world.set_paused(&name, false);
+                }
+                Ok(false)
+            }
+        }
     }
 
     /// Types a line into a peer. It counts as said once the peer confirms it (`sent`).
@@ -348,6 +480,7 @@ impl<B: Backend> Lab<B> {
     /// owed showing was read (zero when all had been read before).
     pub async fn await_delivery(&mut self, within: Duration) -> Result<(Duration, Delivery), LabError> {
         let started = Instant::now();
+        self.last_delivery_check = started;
         let deadline = started + self.scaled(within);
         let cuts = self.cuts.clone();
         let written = self.written.clone();
@@ -397,7 +530,7 @@ impl<B: Backend> Lab<B> {
         for name in names {
             let config = self.configs[*name].clone();
             let bootstrap = config.via.iter().map(|v| self.address(v)).collect::<Result<Vec<_>, _>>()?;
-            let cuts = self.cuts_of(name);
+            let links = self.links_of(name);
             let mut flags = self.common_flags.clone();
             flags.extend(config.flags);
             self.instances += 1;
@@ -407,7 +540,7 @@ impl<B: Backend> Lab<B> {
             self.world.mark(name, "start", via);
             let keep_state = self.keeps_state.contains(*name);
             let mesh_key = self.mesh_key.clone();
-            let spec = PeerSpec { name: name.to_string(), bootstrap, flags, cuts, keep_state, mesh_key };
+            let spec = PeerSpec { name: name.to_string(), bootstrap, flags, links, keep_state, mesh_key };
             self.backend.start(spec, self.instances, self.events_tx.clone()).await?;
         }
         let deadline = Instant::now() + self.scaled(PROCESS_DEADLINE);
@@ -458,48 +591,58 @@ impl<B: Backend> Lab<B> {
         Ok(self.backend.address_of(name, &listen))
     }
 
-    /// The cuts `name` must apply: (other, drop inbound, drop outbound).
-    fn cuts_of(&self, name: &str) -> Vec<(String, bool, bool)> {
-        self.cuts
+    /// The cuts and conditions `name` must apply.
+    fn links_of(&self, name: &str) -> Links {
+        let cuts = self
+            .cuts
             .involving(name)
             .into_iter()
             .map(|other| {
                 let (inbound, outbound) = self.cuts.view(name, &other);
                 (other, inbound, outbound)
             })
-            .collect()
+            .collect();
+        Links { cuts, conditions: self.conditions.egress_of(name) }
     }
 
-    async fn apply_cuts(&mut self) -> Result<(), LabError> {
+    /// Gives every peer process its cuts and conditions.
+    async fn push_links(&mut self) -> Result<(), LabError> {
         // Paused peers too: a packet filter takes effect at once, and a hook command waits in
         // the peer's stdin until it resumes (only live peers are expected to acknowledge).
         let processes: Vec<String> =
             self.world.names().filter(|n| self.world.peer(n).is_some_and(|p| p.running)).cloned().collect();
         for name in &processes {
-            let cuts = self.cuts_of(name);
-            self.backend.set_cuts(name, &cuts).await?;
+            let links = self.links_of(name);
+            self.backend.set_links(name, &links).await?;
         }
+        Ok(())
+    }
+
+    /// Gives every peer process its cuts and conditions and, where the peers' hook applies
+    /// them, waits until every live one says it has.
+    async fn apply_cuts(&mut self) -> Result<(), LabError> {
+        self.push_links().await?;
         if !self.backend.cuts_acknowledged_by_events() {
             return Ok(());
         }
-        let expected: Vec<(String, BTreeMap<String, String>)> = self
+        type Table = BTreeMap<String, String>;
+        let expected: Vec<(String, Table, Table)> = self
             .world
             .running()
             .iter()
             .map(|n| {
-                let table = self
-                    .cuts_of(n)
-                    .into_iter()
-                    .map(|(o, i, out)| (o, backend::direction(i, out).to_string()))
-                    .collect();
-                (n.clone(), table)
+                let links = self.links_of(n);
+                let cuts = links.cuts.into_iter().map(|(o, i, out)| (o, backend::direction(i, out).to_string())).collect();
+                let conditions = links.conditions.into_iter().map(|(o, c)| (o, c.hook_words())).collect();
+                (n.clone(), cuts, conditions)
             })
             .collect();
         let deadline = Instant::now() + self.scaled(PROCESS_DEADLINE);
-        self.wait_until(deadline, "every peer to apply its cuts", |w| {
-            expected.iter().find_map(|(n, table)| {
+        self.wait_until(deadline, "every peer to apply its cuts and conditions", |w| {
+            expected.iter().find_map(|(n, cuts, conditions)| {
                 let p = w.peer(n)?;
-                (p.live() && p.hook != *table).then(|| format!("{n} has not applied its cuts"))
+                (p.live() && (p.hook != *cuts || p.hook_conditions != *conditions))
+                    .then(|| format!("{n} has not applied its cuts and conditions"))
             })
         })
         .await
@@ -544,6 +687,7 @@ impl<B: Backend> Lab<B> {
     ) -> Result<(), LabError> {
         let mut next_check = Instant::now();
         loop {
+            self.undo_due().await?;
             self.pump();
             self.check_violations()?;
             let now = Instant::now();
@@ -554,10 +698,12 @@ impl<B: Backend> Lab<B> {
                 let took = now.elapsed();
                 next_check = Instant::now() + (took * 2).max(MIN_CHECK_INTERVAL);
             }
-            let wake = next_check.min(deadline);
+            let next_undo = self.undos.first().map(|(t, _)| *t);
+            let wake = next_check.min(deadline).min(next_undo.unwrap_or(deadline));
             match tokio::time::timeout_at(wake.into(), self.events.recv()).await {
                 Ok(Some(o)) => self.record(o),
                 Err(_) if wake < deadline => {}
+                Err(_) if next_undo.is_some_and(|t| t <= deadline) => {}
                 Ok(None) | Err(_) => {
                     self.pump();
                     self.check_violations()?;
@@ -569,6 +715,28 @@ impl<B: Backend> Lab<B> {
             }
         }
     }
+}
+
+/// What the lab undoes by itself when its time comes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Undo {
+    /// Heal these directed cuts.
+    Heal(Vec<(String, String)>),
+    /// Clear the conditions of these directed links.
+    Clear(Vec<(String, String)>),
+    Resume(String),
+}
+
+/// Delay and jitter need the netem qdisc, which this kernel lacks.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "delay and jitter need the kernel's sch_netem queueing discipline, which this kernel lacks (CONFIG_NET_SCH_NETEM): use a kernel with it, or --backend process, whose peers delay their own frames (cooperative)"
+)]
+pub struct NoNetem;
+
+fn describe_pairs(pairs: &[(String, String)]) -> String {
+    let words: Vec<String> = pairs.iter().map(|(a, b)| format!("{a} -> {b}")).collect();
+    words.join(", ")
 }
 
 /// The shortest time between two answers to the same pending check.

@@ -9,6 +9,7 @@ pub mod backend;
 pub mod chaos;
 pub mod event;
 pub mod lab;
+pub mod link;
 pub mod report;
 pub mod runner;
 pub mod scenario;

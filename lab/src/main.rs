@@ -11,6 +11,7 @@ use meshlab_lab::backend::docker::{DEFAULT_IMAGE, DockerBackend};
 use meshlab_lab::backend::process::ProcessBackend;
 use meshlab_lab::runner::{self, RunOptions};
 use meshlab_lab::scenario::Scenario;
+use meshlab_lab::lab::NoNetem;
 use meshlab_lab::{Lab, report};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
@@ -152,7 +153,12 @@ async fn run_all(scenarios: Vec<Scenario>, common: Common, seed: Option<u64>, in
             Ok(false) => failed += 1,
             Err(e) => {
                 eprintln!("error: {e:#}");
-                return ExitCode::from(if e.is::<Interrupted>() { 130 } else { 1 });
+                let code = match () {
+                    () if e.is::<Interrupted>() => 130,
+                    () if e.is::<NoNetem>() => 2,
+                    () => 1,
+                };
+                return ExitCode::from(code);
             }
         }
         println!();
@@ -187,6 +193,9 @@ async fn run_one<B: Backend>(
     report_dir: Option<&Path>,
     interrupt: &mut Signal,
 ) -> anyhow::Result<bool> {
+    if scenario.needs_delay() && !backend.can_delay() {
+        return Err(NoNetem.into());
+    }
     let mut lab = Lab::new(backend);
     let report = tokio::select! {
         report = runner::run(scenario, &mut lab, options) => report,

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::backend::Backend;
 use crate::chaos::{self, ChaosRecord};
-use crate::lab::{Lab, LabError};
+use crate::lab::{Lab, LabError, Undo};
 use crate::scenario::{Action, Scenario, Step};
 use crate::world::{Delivery, Mark};
 
@@ -158,7 +158,7 @@ async fn run_step<B: Backend>(
     failure: &mut Option<Failure>,
 ) -> StepRecord {
     let t0 = Instant::now();
-    let outcome = execute(lab, &step.action, options).await;
+    let outcome = execute(lab, step, options).await;
     let mut record = StepRecord {
         index,
         line: step.line,
@@ -197,8 +197,8 @@ fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-async fn execute<B: Backend>(lab: &mut Lab<B>, action: &Action, options: &RunOptions) -> Result<Outcome, LabError> {
-    match action {
+async fn execute<B: Backend>(lab: &mut Lab<B>, step: &Step, options: &RunOptions) -> Result<Outcome, LabError> {
+    match &step.action {
         Action::Start { peers, via, flags, keep_state } => {
             if *keep_state {
                 for p in peers {
@@ -225,6 +225,9 @@ async fn execute<B: Backend>(lab: &mut Lab<B>, action: &Action, options: &RunOpt
         Action::Pause(peers) => {
             for p in peers {
                 lab.pause(p).await?;
+                if let Some(hold) = step.hold {
+                    lab.undo_after(hold, Undo::Resume(p.clone()));
+                }
             }
         }
         Action::Resume(peers) => {
@@ -232,8 +235,18 @@ async fn execute<B: Backend>(lab: &mut Lab<B>, action: &Action, options: &RunOpt
                 lab.resume(p).await?;
             }
         }
-        Action::Partition(groups) => lab.partition(groups).await?,
-        Action::Cut { a, b, one_way } => lab.cut(a, b, *one_way).await?,
+        Action::Partition(groups) => {
+            let pairs = lab.partition(groups).await?;
+            hold_then(lab, step, Undo::Heal(pairs));
+        }
+        Action::Cut { a, b, one_way } => {
+            let pairs = lab.cut(a, b, *one_way).await?;
+            hold_then(lab, step, Undo::Heal(pairs));
+        }
+        Action::Condition { peers, condition, one_way } => {
+            let pairs = lab.condition(peers, *condition, *one_way).await?;
+            hold_then(lab, step, Undo::Clear(pairs));
+        }
         Action::Heal(pair) => lab.heal(pair.as_ref().map(|(a, b)| (a.as_str(), b.as_str()))).await?,
         Action::Say { peer, text, count } => {
             for i in 1..=*count {
@@ -249,9 +262,21 @@ async fn execute<B: Backend>(lab: &mut Lab<B>, action: &Action, options: &RunOpt
                 chaos: None,
             });
         }
-        Action::AwaitDelivery { within } => {
+        Action::AwaitDelivery { within, p99 } => {
+            let since = lab.last_delivery_check();
             let (took, d) = lab.await_delivery(*within).await?;
-            let detail = format!("{} lines, {} of {} owed showings in {:.1} ms", d.said, d.shown, d.owed, ms(took));
+            let mut detail = format!("{} lines, {} of {} owed showings in {:.1} ms", d.said, d.shown, d.owed, ms(took));
+            if let Some(budget) = p99 {
+                let (direct, _) = lab.world().latencies_since(since);
+                let p = Percentiles::of(&direct);
+                if p.p99_ms > ms(*budget) {
+                    return Err(LabError::Check {
+                        expected: format!("direct showings' p99 at most {}", humantime::format_duration(*budget)),
+                        seen: format!("p99 {:.1} ms (p50 {:.1} ms, max {:.1} ms) over {} showings", p.p99_ms, p.p50_ms, p.max_ms, p.count),
+                    });
+                }
+                detail.push_str(&format!("; direct p99 {:.1} ms over {} showings", p.p99_ms, p.count));
+            }
             return Ok(Outcome { converged: Some(took), detail: Some(detail), chaos: None });
         }
         Action::Sleep(d) => lab.sleep(*d).await?,
@@ -268,6 +293,13 @@ async fn execute<B: Backend>(lab: &mut Lab<B>, action: &Action, options: &RunOpt
         }
     }
     Ok(Outcome::default())
+}
+
+/// Has the lab undo what a step did once its `for` is up.
+fn hold_then<B: Backend>(lab: &mut Lab<B>, step: &Step, undo: Undo) {
+    if let Some(hold) = step.hold {
+        lab.undo_after(hold, undo);
+    }
 }
 
 fn finish<B: Backend>(

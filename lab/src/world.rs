@@ -65,6 +65,10 @@ impl Cuts {
         self.directed.clear();
     }
 
+    pub fn heal_directed(&mut self, from: &str, to: &str) {
+        self.directed.remove(&(from.to_owned(), to.to_owned()));
+    }
+
     /// The pair cannot keep a connection (TCP needs both directions).
     pub fn severed(&self, a: &str, b: &str) -> bool {
         self.directed.contains(&(a.to_owned(), b.to_owned())) || self.directed.contains(&(b.to_owned(), a.to_owned()))
@@ -126,6 +130,8 @@ pub struct PeerState {
     pub answers: u64,
     /// The lab hook's cut table, as the peer last reported it.
     pub hook: BTreeMap<String, String>,
+    /// The lab hook's condition table, as the peer last reported it.
+    pub hook_conditions: BTreeMap<String, String>,
     /// Ids of its neighbours.
     pub neighbours: BTreeSet<String>,
     /// What the current process logged on stderr (the last lines, bounded).
@@ -332,6 +338,7 @@ impl World {
         p.listening_at = None;
         p.sent = 0;
         p.hook.clear();
+        p.hook_conditions.clear();
         p.running = true;
         p.paused = false;
         p.neighbours.clear();
@@ -423,7 +430,11 @@ impl World {
             }
             PeerEvent::Error { message } => self.mark(name, "error", message),
             PeerEvent::Notice { from, text } => self.mark(name, "notice", format!("{}: {text}", from.name)),
-            PeerEvent::Hook { cuts } => self.peer_mut(name).hook = cuts,
+            PeerEvent::Hook { cuts, conditions } => {
+                let p = self.peer_mut(name);
+                p.hook = cuts;
+                p.hook_conditions = conditions;
+            }
             PeerEvent::Peers { peers } => {
                 let p = self.peer_mut(name);
                 p.listed = peers.into_iter().map(|r| r.name).collect();
@@ -737,10 +748,19 @@ impl World {
 
     /// Latencies of first showings, split into direct and caught-up lines.
     pub fn latencies(&self) -> (Vec<Duration>, Vec<Duration>) {
+        self.latencies_since(self.started)
+    }
+
+    /// Latencies of first showings of the lines said at or after `since`, split into direct and
+    /// caught-up lines, each sorted.
+    pub fn latencies_since(&self, since: Instant) -> (Vec<Duration>, Vec<Duration>) {
         let mut direct = Vec::new();
         let mut catch_up = Vec::new();
         for ((_, msg), r) in &self.receipts {
             let Some(index) = self.lines[*msg as usize].said else { continue };
+            if self.said[index].at < since {
+                continue;
+            }
             let said = self.nanos(self.said[index].at);
             let latency = |from: Nanos| Duration::from_nanos(r.first_at.saturating_sub(from));
             match r.caught_up_after {

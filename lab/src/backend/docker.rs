@@ -36,8 +36,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
 use super::{
-    Backend, Cut, PeerSpec, StateDirs, Stop, ensure_neighbour_room, filter_rules, hook_commands, hook_flags,
-    restore_rules, stop_within, with_lab_timing,
+    Backend, Links, PeerSpec, StateDirs, Stop, apply_links, ensure_neighbour_room, hook_commands, hook_flags,
+    stop_within, with_lab_timing,
 };
 use crate::world::{Observation, Observed};
 
@@ -80,7 +80,8 @@ struct Container {
     pid: u32,
     input: Pin<Box<dyn AsyncWrite + Send>>,
     exited: watch::Receiver<bool>,
-    cuts: Vec<(String, bool, bool)>,
+    /// Cuts and conditions in force in it.
+    links: Links,
 }
 
 impl DockerBackend {
@@ -141,19 +142,18 @@ impl DockerBackend {
             args.extend(["--state-dir".to_string(), STATE_MOUNT.to_string()]);
         }
         if let CutMethod::Hook(_) = self.method {
-            args.extend(hook_flags(&spec.cuts));
+            args.extend(hook_flags(&spec.links));
         }
         args.extend(with_lab_timing(&spec.flags));
         args.extend(spec.bootstrap.iter().cloned());
         args
     }
 
-    async fn apply_packet_filter(&mut self, name: &str, cuts: &[Cut]) -> anyhow::Result<()> {
-        let rules = filter_rules(cuts, |other| self.ip_of(other))?;
-        let pid = self.peers.get(name).with_context(|| format!("{name} is not running"))?.pid;
-        restore_rules(&["nsenter", "-t", &pid.to_string(), "-n", "iptables-restore"], &rules)
+    async fn apply_in_namespace(&mut self, name: &str, old: &Links, new: &Links) -> anyhow::Result<()> {
+        let pid = self.peers.get(name).with_context(|| format!("{name} is not running"))?.pid.to_string();
+        apply_links(&["nsenter", "-t", &pid, "-n"], "eth0", old, new, |other| self.ip_of(other))
             .await
-            .with_context(|| format!("iptables-restore in {name}'s network namespace failed"))
+            .with_context(|| format!("cannot apply {name}'s cuts and conditions in its network namespace"))
     }
 
     async fn remove(&mut self, id: &str) {
@@ -254,12 +254,12 @@ impl Backend for DockerBackend {
             self.docker.inspect_container(&id, None::<bollard::query_parameters::InspectContainerOptions>).await?.state;
         let pid = state.and_then(|s| s.pid).filter(|p| *p > 0).context("the container has no process")? as u32;
         let exited = watch_output(self.docker.clone(), id.clone(), attached.output, &spec.name, instance, events);
-        self.peers.insert(spec.name.clone(), Container { id, pid, input: attached.input, exited, cuts: Vec::new() });
-        if self.method == CutMethod::PacketFilter && !spec.cuts.is_empty() {
-            self.set_cuts(&spec.name, &spec.cuts).await?;
+        self.peers.insert(spec.name.clone(), Container { id, pid, input: attached.input, exited, links: Links::default() });
+        if self.method == CutMethod::PacketFilter && spec.links != Links::default() {
+            self.set_links(&spec.name, &spec.links).await?;
         }
         if let Some(c) = self.peers.get_mut(&spec.name) {
-            c.cuts = spec.cuts;
+            c.links = spec.links;
         }
         Ok(())
     }
@@ -311,22 +311,29 @@ impl Backend for DockerBackend {
         self.docker.unpause_container(&c.id).await.with_context(|| format!("cannot resume {name}"))
     }
 
-    async fn set_cuts(&mut self, name: &str, cuts: &[(String, bool, bool)]) -> anyhow::Result<()> {
-        let current = self.peers.get(name).with_context(|| format!("{name} is not running"))?.cuts.clone();
-        if current == cuts {
+    async fn set_links(&mut self, name: &str, links: &Links) -> anyhow::Result<()> {
+        let current = self.peers.get(name).with_context(|| format!("{name} is not running"))?.links.clone();
+        if current == *links {
             return Ok(());
         }
         match self.method {
-            CutMethod::PacketFilter => self.apply_packet_filter(name, cuts).await?,
+            CutMethod::PacketFilter => self.apply_in_namespace(name, &current, links).await?,
             CutMethod::Hook(_) => {
-                let lines = hook_commands(&current, cuts);
+                let lines = hook_commands(&current, links);
                 let c = self.peers.get_mut(name).expect("checked above");
                 c.input.write_all(lines.as_bytes()).await.with_context(|| format!("cannot write to {name}'s stdin"))?;
                 c.input.flush().await?;
             }
         }
-        self.peers.get_mut(name).expect("checked above").cuts = cuts.to_vec();
+        self.peers.get_mut(name).expect("checked above").links = links.clone();
         Ok(())
+    }
+
+    fn can_delay(&self) -> bool {
+        match self.method {
+            CutMethod::PacketFilter => super::kernel_has_netem(),
+            CutMethod::Hook(_) => true,
+        }
     }
 
     async fn shutdown(&mut self) {

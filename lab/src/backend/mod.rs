@@ -8,6 +8,7 @@ pub mod docker;
 pub mod netns;
 pub mod process;
 
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -15,10 +16,26 @@ use anyhow::Context;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
+use crate::link::{Condition, shaping_commands};
 use crate::world::Observed;
 
 /// A cut as the lab asks for it: (the other peer's name, drop inbound, drop outbound).
 pub type Cut = (String, bool, bool);
+
+/// What one peer applies to its links: its cuts, and the conditions of what it sends to each
+/// other peer (by name).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Links {
+    pub cuts: Vec<Cut>,
+    pub conditions: Vec<(String, Condition)>,
+}
+
+impl Links {
+    /// Whether any condition needs a queue on the peer's interface.
+    pub fn shapes(&self) -> bool {
+        self.conditions.iter().any(|(_, c)| c.shapes())
+    }
+}
 
 /// How to start one peer.
 #[derive(Debug, Clone)]
@@ -28,8 +45,8 @@ pub struct PeerSpec {
     pub bootstrap: Vec<String>,
     /// Extra command-line flags for the peer.
     pub flags: Vec<String>,
-    /// Cuts in force when it starts: (other peer's name, drop inbound, drop outbound).
-    pub cuts: Vec<(String, bool, bool)>,
+    /// Cuts and conditions in force when it starts.
+    pub links: Links,
     /// Give it a state directory that outlives its process (`--state-dir`), the same one at
     /// each start under this name.
     pub keep_state: bool,
@@ -142,15 +159,21 @@ pub fn with_lab_timing(flags: &[String]) -> Vec<String> {
     merge_flags(&defaults, flags)
 }
 
-/// The `/lab` hook commands that take a peer from cuts `old` to cuts `new` (for backends that
-/// cut through the peer's lab hook).
-pub fn hook_commands(old: &[(String, bool, bool)], new: &[(String, bool, bool)]) -> String {
+/// The `/lab` hook commands that take a peer from links `old` to links `new` (for backends that
+/// cut and condition links through the peer's lab hook).
+pub fn hook_commands(old: &Links, new: &Links) -> String {
     let mut lines = String::new();
-    for (other, _, _) in old.iter().filter(|c| !new.iter().any(|n| n.0 == c.0)) {
+    for (other, _, _) in old.cuts.iter().filter(|c| !new.cuts.iter().any(|n| n.0 == c.0)) {
         lines.push_str(&format!("/lab heal {other}\n"));
     }
-    for cut in new.iter().filter(|c| !old.contains(c)) {
+    for cut in new.cuts.iter().filter(|c| !old.cuts.contains(c)) {
         lines.push_str(&format!("/lab cut {} {}\n", cut.0, direction(cut.1, cut.2)));
+    }
+    for (other, _) in old.conditions.iter().filter(|c| !new.conditions.iter().any(|n| n.0 == c.0)) {
+        lines.push_str(&format!("/lab condition {other}\n"));
+    }
+    for (other, condition) in new.conditions.iter().filter(|c| !old.conditions.contains(c)) {
+        lines.push_str(&format!("/lab condition {other} {}\n", condition.hook_words()));
     }
     lines
 }
@@ -164,16 +187,20 @@ pub fn direction(inbound: bool, outbound: bool) -> &'static str {
     }
 }
 
-/// `--lab-cut` flags that start a peer with `cuts` in force.
-pub fn hook_flags(cuts: &[(String, bool, bool)]) -> Vec<String> {
+/// `--lab-cut` and `--lab-condition` flags that start a peer with `links` in force.
+pub fn hook_flags(links: &Links) -> Vec<String> {
     let mut flags = vec!["--lab".to_string()];
-    for (other, inbound, outbound) in cuts {
+    for (other, inbound, outbound) in &links.cuts {
         flags.push("--lab-cut".into());
         flags.push(match (inbound, outbound) {
             (true, false) => format!("{other}:in"),
             (false, true) => format!("{other}:out"),
             _ => other.clone(),
         });
+    }
+    for (other, condition) in &links.conditions {
+        flags.push("--lab-condition".into());
+        flags.push(format!("{other} {}", condition.hook_words()));
     }
     flags
 }
@@ -211,13 +238,14 @@ pub fn ensure_neighbour_room(hosts: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The iptables-restore input that drops what `cuts` say, given each other peer's address.
+/// The iptables-restore input that drops what the cuts say, and a random share of what the
+/// peer sends where a condition has loss, given each other peer's address.
 pub fn filter_rules(
-    cuts: &[Cut],
-    mut address_of: impl FnMut(&str) -> anyhow::Result<std::net::Ipv4Addr>,
+    links: &Links,
+    mut address_of: impl FnMut(&str) -> anyhow::Result<Ipv4Addr>,
 ) -> anyhow::Result<String> {
     let mut rules = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
-    for (other, inbound, outbound) in cuts {
+    for (other, inbound, outbound) in &links.cuts {
         let ip = address_of(other)?;
         if *inbound {
             rules.push_str(&format!("-A INPUT -s {ip}/32 -j DROP\n"));
@@ -226,24 +254,83 @@ pub fn filter_rules(
             rules.push_str(&format!("-A OUTPUT -d {ip}/32 -j DROP\n"));
         }
     }
+    for (other, condition) in &links.conditions {
+        if let Some(loss) = condition.loss {
+            let ip = address_of(other)?;
+            let p = loss / 100.0;
+            rules.push_str(&format!("-A OUTPUT -d {ip}/32 -m statistic --mode random --probability {p:.6} -j DROP\n"));
+        }
+    }
     rules.push_str("COMMIT\n");
     Ok(rules)
 }
 
-/// Feeds `rules` to `command` (an iptables-restore entered into a peer's network namespace).
-pub async fn restore_rules(command: &[&str], rules: &str) -> anyhow::Result<()> {
+/// Makes a network namespace's packet filter and queues what `new` says, coming from `old`:
+/// `enter` is the command prefix that enters it (nsenter …), `dev` its interface.
+pub async fn apply_links(
+    enter: &[&str],
+    dev: &str,
+    old: &Links,
+    new: &Links,
+    mut address_of: impl FnMut(&str) -> anyhow::Result<Ipv4Addr>,
+) -> anyhow::Result<()> {
+    let with = |tail: &[&'static str]| -> Vec<String> { enter.iter().chain(tail).map(|s| s.to_string()).collect() };
+    if old.cuts != new.cuts || old.conditions.iter().map(|c| (&c.0, c.1.loss)).ne(new.conditions.iter().map(|c| (&c.0, c.1.loss))) {
+        let rules = filter_rules(new, &mut address_of)?;
+        feed(&with(&["iptables-restore"]), &rules).await.context("iptables-restore failed")?;
+    }
+    let shaping = |l: &Links| -> Vec<(String, Condition)> { l.conditions.iter().filter(|(_, c)| c.shapes()).cloned().collect() };
+    if shaping(old) != shaping(new) {
+        let mut shaped = Vec::new();
+        for (other, c) in shaping(new) {
+            shaped.push((address_of(&other)?, c));
+        }
+        let mut commands = Vec::new();
+        if old.shapes() {
+            commands.push(format!("qdisc del dev {dev} root"));
+        }
+        commands.extend(shaping_commands(dev, &shaped));
+        if !commands.is_empty() {
+            feed(&with(&["tc", "-batch", "-"]), &(commands.join("\n") + "\n")).await.context("tc failed")?;
+        }
+    }
+    Ok(())
+}
+
+/// Feeds `input` to `command` (an iptables-restore or a tc -batch entered into a peer's
+/// network namespace) and fails with what it printed on stderr.
+pub async fn feed(command: &[String], input: &str) -> anyhow::Result<()> {
     use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new(command[0])
+    let mut child = tokio::process::Command::new(&command[0])
         .args(&command[1..])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run {}", command[0]))?;
-    child.stdin.take().expect("piped").write_all(rules.as_bytes()).await?;
+    child.stdin.take().expect("piped").write_all(input.as_bytes()).await?;
     let out = child.wait_with_output().await?;
     anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr).trim());
     Ok(())
+}
+
+/// Whether this kernel can delay packets (the `netem` qdisc), tried on the loopback of a
+/// throwaway network namespace (needs root). Loads the module where it is one.
+pub fn kernel_has_netem() -> bool {
+    let _ = std::process::Command::new("modprobe").arg("sch_netem").stderr(std::process::Stdio::null()).status();
+    let ns = format!("meshlab-netem-probe-{}", std::process::id());
+    let ip = |args: &[&str]| std::process::Command::new("ip").args(args).stderr(std::process::Stdio::null()).status();
+    if !ip(&["netns", "add", &ns]).is_ok_and(|s| s.success()) {
+        return false;
+    }
+    let has = ip(&["-n", &ns, "link", "set", "lo", "up"]).is_ok_and(|s| s.success())
+        && std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    let _ = ip(&["netns", "del", &ns]);
+    has
 }
 
 #[allow(async_fn_in_trait)]
@@ -259,8 +346,14 @@ pub trait Backend {
     /// Scenario deadlines are multiplied by this (containers start slower than processes).
     fn time_scale(&self) -> f64;
 
-    /// Whether cuts are applied through the peer's hook, acknowledged by `hook` events.
+    /// Whether cuts and conditions are applied through the peer's hook (cooperative),
+    /// acknowledged by `hook` events.
     fn cuts_acknowledged_by_events(&self) -> bool;
+
+    /// Whether delays and jitter can be made here (the netem qdisc, on a packet backend).
+    fn can_delay(&self) -> bool {
+        true
+    }
 
     /// Starts a peer; what it prints goes to `events`, tagged with `instance`.
     async fn start(&mut self, spec: PeerSpec, instance: u32, events: UnboundedSender<Observed>) -> anyhow::Result<()>;
@@ -287,9 +380,9 @@ pub trait Backend {
     /// Told that `name` exited on its own (after `/quit`), so it is no longer running.
     fn exited(&mut self, _name: &str) {}
 
-    /// Makes `name` treat each listed peer as cut: (other, drop inbound, drop outbound);
-    /// peers not listed are not cut.
-    async fn set_cuts(&mut self, name: &str, cuts: &[(String, bool, bool)]) -> anyhow::Result<()>;
+    /// Makes `name` treat each peer `links` lists as cut or conditioned; peers not listed are
+    /// neither.
+    async fn set_links(&mut self, name: &str, links: &Links) -> anyhow::Result<()>;
 
     /// Removes everything the backend created. Safe to call more than once.
     async fn shutdown(&mut self);

@@ -23,7 +23,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
-use super::{Cut, filter_rules, restore_rules};
+use super::{Links, apply_links};
 
 /// Where `ip netns` keeps its namespaces.
 const NETNS_DIR: &str = "/run/netns";
@@ -62,8 +62,8 @@ struct Host {
     ip: Ipv4Addr,
     /// An open handle on the namespace, entered by the peer's process before it runs.
     handle: OwnedFd,
-    /// The cuts its packet filter holds (none in a new namespace).
-    cuts: Vec<Cut>,
+    /// The cuts and conditions its packet filter and queues hold (none in a new namespace).
+    links: Links,
 }
 
 impl Namespaces {
@@ -96,7 +96,7 @@ impl Namespaces {
 
     pub fn describe(&self) -> String {
         format!(
-            "netns backend: each peer in a network namespace of its own (10.{}.0.0/16, routed by the host), cuts by iptables in each namespace",
+            "netns backend: each peer in a network namespace of its own (10.{}.0.0/16, routed by the host), cuts and loss by iptables and rate and delay by tc in each namespace",
             self.subnet
         )
     }
@@ -146,7 +146,7 @@ impl Namespaces {
             .with_context(|| format!("cannot make {name}'s network namespace"))?;
         let handle = std::fs::File::open(format!("{NETNS_DIR}/{ns}"))
             .with_context(|| format!("cannot open {name}'s network namespace"))?;
-        self.hosts.insert(name.to_owned(), Host { ns, ip, handle: handle.into(), cuts: Vec::new() });
+        self.hosts.insert(name.to_owned(), Host { ns, ip, handle: handle.into(), links: Links::default() });
         Ok(())
     }
 
@@ -159,18 +159,17 @@ impl Namespaces {
         self.hosts.get(name).with_context(|| format!("{name} has no network namespace yet"))
     }
 
-    /// Makes `name`'s namespace drop what `cuts` say.
-    pub async fn set_cuts(&mut self, name: &str, cuts: &[Cut]) -> anyhow::Result<()> {
+    /// Makes `name`'s namespace drop and shape what `links` say.
+    pub async fn set_links(&mut self, name: &str, links: &Links) -> anyhow::Result<()> {
         let host = self.host(name)?;
-        if host.cuts == cuts {
+        if host.links == *links {
             return Ok(());
         }
-        let rules = filter_rules(cuts, |other| Ok(self.host(other)?.ip))?;
-        let ns = format!("--net={NETNS_DIR}/{}", host.ns);
-        restore_rules(&["nsenter", &ns, "iptables-restore"], &rules)
+        let enter = format!("--net={NETNS_DIR}/{}", host.ns);
+        apply_links(&["nsenter", &enter], "eth0", &host.links, links, |other| Ok(self.host(other)?.ip))
             .await
-            .with_context(|| format!("iptables-restore in {name}'s network namespace failed"))?;
-        self.hosts.get_mut(name).expect("found above").cuts = cuts.to_vec();
+            .with_context(|| format!("cannot apply {name}'s cuts and conditions in its network namespace"))?;
+        self.hosts.get_mut(name).expect("found above").links = links.clone();
         Ok(())
     }
 

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use super::netns::{self, Namespaces};
 use super::{
-    Backend, Cut, PeerSpec, StateDirs, Stop, hook_commands, hook_flags, merge_flags, stop_within, with_lab_timing,
+    Backend, Links, PeerSpec, StateDirs, Stop, hook_commands, hook_flags, merge_flags, stop_within, with_lab_timing,
 };
 use crate::world::{Observation, Observed};
 
@@ -62,8 +62,8 @@ struct Proc {
     pidfd: OwnedFd,
     stdin: ChildStdin,
     exited: watch::Receiver<bool>,
-    /// Cuts last sent through the hook.
-    cuts: Vec<(String, bool, bool)>,
+    /// Cuts and conditions last sent through the hook.
+    links: Links,
 }
 
 impl ProcessBackend {
@@ -142,7 +142,7 @@ impl ProcessBackend {
         let mut cmd = Command::new(&self.peer_bin);
         cmd.args(["--json", "--name", &spec.name]);
         if let Network::Loopback(_) = self.network {
-            cmd.args(hook_flags(&spec.cuts));
+            cmd.args(hook_flags(&spec.links));
         }
         if spec.keep_state {
             cmd.arg("--state-dir").arg(self.states.of(&spec.name)?);
@@ -192,7 +192,7 @@ impl Backend for ProcessBackend {
         match &self.network {
             Network::Loopback([_, a, b]) => {
                 format!(
-                    "process backend: each peer on its own address in 127.{a}.{b}.0/23, cuts through their lab hook"
+                    "process backend: each peer on its own address in 127.{a}.{b}.0/23, cuts and link conditions through their lab hook (cooperative)"
                 )
             }
             Network::Namespaces(net) => net.describe(),
@@ -218,7 +218,7 @@ impl Backend for ProcessBackend {
             // Its own namespace, its own ports; the cuts in force are there before it starts.
             Network::Namespaces(net) => {
                 net.make(&spec.name, ip)?;
-                net.set_cuts(&spec.name, &spec.cuts).await?;
+                net.set_links(&spec.name, &spec.links).await?;
                 netns::PORT
             }
         };
@@ -226,7 +226,7 @@ impl Backend for ProcessBackend {
             .command(&spec, ip, port)?
             .spawn()
             .with_context(|| format!("cannot start {} ({})", spec.name, self.peer_bin.display()))?;
-        let proc = watch_child(child, &spec.name, instance, events, spec.cuts.clone())?;
+        let proc = watch_child(child, &spec.name, instance, events, spec.links.clone())?;
         self.procs.insert(spec.name, proc);
         Ok(())
     }
@@ -272,18 +272,25 @@ impl Backend for ProcessBackend {
         Ok(())
     }
 
-    async fn set_cuts(&mut self, name: &str, cuts: &[Cut]) -> anyhow::Result<()> {
+    async fn set_links(&mut self, name: &str, links: &Links) -> anyhow::Result<()> {
         let proc = self.procs.get_mut(name).with_context(|| format!("{name} is not running"))?;
-        if proc.cuts == cuts {
+        if proc.links == *links {
             return Ok(());
         }
-        let old = std::mem::replace(&mut proc.cuts, cuts.to_vec());
+        let old = std::mem::replace(&mut proc.links, links.clone());
         match &mut self.network {
             Network::Loopback(_) => {
-                let lines = hook_commands(&old, cuts);
+                let lines = hook_commands(&old, links);
                 proc.stdin.write_all(lines.as_bytes()).await.with_context(|| format!("cannot write to {name}'s stdin"))
             }
-            Network::Namespaces(net) => net.set_cuts(name, cuts).await,
+            Network::Namespaces(net) => net.set_links(name, links).await,
+        }
+    }
+
+    fn can_delay(&self) -> bool {
+        match &self.network {
+            Network::Loopback(_) => true,
+            Network::Namespaces(_) => super::kernel_has_netem(),
         }
     }
 
@@ -339,7 +346,7 @@ fn watch_child(
     name: &str,
     instance: u32,
     events: UnboundedSender<Observed>,
-    cuts: Vec<(String, bool, bool)>,
+    links: Links,
 ) -> anyhow::Result<Proc> {
     let pid = child.id().context("child has no pid")?;
     let pidfd = pidfd_open(pid)?;
@@ -378,5 +385,5 @@ fn watch_child(
         let _ = events.send(observe(Observation::Exited(status)));
         let _ = exited_tx.send(true);
     });
-    Ok(Proc { pid, pidfd, stdin, exited, cuts })
+    Ok(Proc { pid, pidfd, stdin, exited, links })
 }
