@@ -15,6 +15,7 @@ use meshlab_lab::scenario::Scenario;
 
 const SHIPPED: &[&str] = &[
     "six-peer-demo",
+    "lossy",
     "partition-heal",
     "churn",
     "thirty-two",
@@ -171,6 +172,77 @@ async fn chaos() {
     assert_eq!(record.seed, 11);
     assert!(record.faults.len() >= 5 && record.lines == 100, "{} faults, {} lines", record.faults.len(), record.lines);
     assert_eq!(report.mesh.links.len(), 12 * 11 / 2);
+}
+
+/// On the process backend, conditions are cooperative: the peers hold back their own frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lossy() {
+    run_shipped("lossy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lossy_on_docker() {
+    run_shipped_on_docker("lossy", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_conditions_are_real() {
+    let _serial = support::exclusive();
+    if !support::docker("docker_conditions_are_real") {
+        return;
+    }
+    let mut lab = Lab::new(DockerBackend::connect(support::image()).await.unwrap());
+    support::conditions_are_real(&mut lab, |b, name| b.pid(name)).await;
+    assert_eq!(docker_leftovers(), "", "after a pass");
+}
+
+/// Two peers alone, so that a line has one way to go: across a link the peers delay (the
+/// process backend's cooperative conditions), a line takes at least the delay, which a p99
+/// budget below it catches, naming the figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_link_delays_lines_and_a_p99_budget_catches_it() {
+    let report = run_text(
+        "[[step]]\nstart = \"a\"\n[[step]]\nstart = \"b\"\nvia = \"a\"\n[[step]]\nawait = \"mesh\"\n\
+         [[step]]\ncondition = [\"a\", \"b\"]\ndelay = \"150ms\"\njitter = \"20ms\"\n\
+         [[step]]\nsay = \"a\"\ntext = \"slow\"\ncount = 5\n[[step]]\nawait = \"delivery\"\np99 = \"50ms\"\n",
+    )
+    .await;
+    let failure = report.failure.expect("the budget is below the delay");
+    assert_eq!(failure.step, 6);
+    assert!(failure.error.contains("direct showings' p99 at most 50ms") && failure.error.contains("over 5 showings"), "{}", failure.error);
+    assert!(report.latency_direct.p50_ms >= 130.0, "{:?}", report.latency_direct);
+    assert!(report.timeline.iter().any(|m| m.kind == "condition" && m.detail == "a <-> b: 150 ms ± 20 ms"));
+}
+
+/// A rate limit spaces frames out: a 1,000-byte line at 8 kbit/s needs a second on the wire.
+/// (Much longer, and the receiver's probes would time the link out: at 8 kbit/s a 4,000-byte
+/// line holds the link four seconds, twice the lab's `--timeout`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_holds_a_long_line_back() {
+    let long = "x".repeat(1000);
+    let report = run_text(&format!(
+        "[[step]]\nstart = \"a\"\n[[step]]\nstart = \"b\"\nvia = \"a\"\n[[step]]\nawait = \"mesh\"\n\
+         [[step]]\ncondition = [\"a\", \"b\"]\nrate = \"8kbit\"\n[[step]]\nsay = \"a\"\ntext = \"{long}\"\n\
+         [[step]]\nawait = \"delivery\"\nwithin = \"20s\"\n"
+    ))
+    .await;
+    assert!(report.passed, "{:?}", report.failure);
+    assert!(report.latency_direct.p50_ms >= 1000.0, "{:?}", report.latency_direct);
+}
+
+/// `for` undoes a step by itself: a cut held for a second heals while the next steps run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_held_for_a_while_heals_by_itself() {
+    let report = run_text(
+        "[[step]]\nstart = \"a\"\n[[step]]\nstart = [\"b\", \"c\"]\nvia = \"a\"\n[[step]]\nawait = \"mesh\"\n\
+         [[step]]\ncut = [\"a\", \"b\"]\nfor = \"1s\"\n[[step]]\nawait = \"mesh\"\nwithin = \"500ms\"\nnote = \"apart\"\n\
+         [[step]]\nsleep = \"1s\"\n[[step]]\nawait = \"mesh\"\nwithin = \"5s\"\nnote = \"together again\"\n",
+    )
+    .await;
+    assert!(report.passed, "{:?}", report.failure);
+    assert_eq!(report.mesh.links.len(), 3);
+    assert!(report.mesh.cuts.is_empty());
+    assert!(report.timeline.iter().any(|m| m.kind == "heal" && m.detail == "a -> b, b -> a"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

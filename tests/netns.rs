@@ -67,6 +67,47 @@ async fn chaos_on_netns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lossy_on_netns() {
+    run_shipped_on_netns("lossy", None, Path::new(PEER)).await;
+}
+
+/// Loss and rate are the kernel's: counted in the peer's namespace, lifted by a heal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netns_conditions_are_real() {
+    let _serial = support::exclusive();
+    if !support::netns("netns_conditions_are_real") {
+        return;
+    }
+    support::conditions_are_real(&mut netns_lab(PEER), |b, name| b.pid(name)).await;
+    assert_eq!(leftovers(), "");
+}
+
+/// Delay and jitter through netem, where the kernel has it: a line across a delayed link takes
+/// at least the delay (measured by the lab from the peers' own events).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the kernel's sch_netem, which this machine's kernel lacks (CONFIG_NET_SCH_NETEM unset): run with --ignored on a kernel that has it"]
+async fn netns_delay_is_real() {
+    let _serial = support::exclusive();
+    assert!(meshlab_lab::backend::kernel_has_netem(), "this kernel has no netem: the test cannot run here");
+    let mut lab = netns_lab(PEER);
+    lab.start(&["a"], &[], &[]).await.unwrap();
+    lab.start(&["b"], &["a"], &[]).await.unwrap();
+    lab.await_mesh(None, std::time::Duration::from_secs(5)).await.unwrap();
+    let late = meshlab_lab::link::Condition {
+        delay: Some(std::time::Duration::from_millis(200)),
+        jitter: Some(std::time::Duration::from_millis(20)),
+        ..Default::default()
+    };
+    lab.condition(&support::names(&["a", "b"]), late, false).await.unwrap();
+    lab.say("a", "late").await.unwrap();
+    lab.await_delivery(std::time::Duration::from_secs(5)).await.unwrap();
+    let (direct, _) = lab.world().latencies();
+    assert!(direct[0] >= std::time::Duration::from_millis(180), "{direct:?}");
+    lab.shutdown().await;
+    assert_eq!(leftovers(), "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_on_netns() {
     run_shipped_on_netns("pause", None, Path::new(PEER)).await;
 }

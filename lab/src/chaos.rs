@@ -541,7 +541,7 @@ mod tests {
 
     #[test]
     fn schedules_respect_the_rate_the_faults_and_the_living() {
-        let schedule = drawn(3, &spec(), &peers(12));
+        let schedule = drawn(4, &spec(), &peers(12));
         let says = schedule.iter().filter(|p| matches!(p.action, Action::Say { .. })).count();
         assert_eq!(says, 150, "5 lines a second for 30 s");
         let mut running: Vec<String> = peers(12).into_iter().map(|p| p.0).collect();
@@ -579,6 +579,30 @@ mod tests {
             }
         }
         assert_eq!(kinds.len(), FAULTS.len(), "every kind of fault appears in 30 s: {kinds:?}");
+    }
+
+    #[test]
+    fn held_faults_end_within_their_bounds() {
+        let mut s = spec();
+        s.faults = ["partition", "cut", "one-way", "pause", "loss", "rate", "delay"].map(String::from).to_vec();
+        s.hold = Some((Duration::from_secs(1), Duration::from_secs(3)));
+        let schedule = drawn(11, &s, &peers(6));
+        let mut open: Vec<(u64, Fault)> = Vec::new();
+        let mut ended = 0;
+        for p in &schedule {
+            let Action::Fault(f) = &p.action else { continue };
+            match f {
+                Fault::Mend { .. } | Fault::Clear { .. } | Fault::Resume { .. } => {
+                    let i = open.iter().position(|(_, o)| o.undo().as_ref() == Some(f)).expect("ends a fault begun");
+                    let (began, _) = open.remove(i);
+                    assert!((1000..=3000).contains(&(p.at_ms - began)), "held {} ms", p.at_ms - began);
+                    ended += 1;
+                }
+                f => open.push((p.at_ms, f.clone())),
+            }
+        }
+        assert!(ended > 10, "faults end by themselves: {ended}");
+        assert!(open.iter().all(|(at, _)| at + 1000 > 30_000 - 3000), "only faults begun near the end stay open");
     }
 
     #[test]

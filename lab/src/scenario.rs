@@ -874,7 +874,7 @@ mod tests {
     fn errors_name_the_line() {
         assert_eq!(
             error("[[step]]\nstart = \"a\"\n[[step]]\njump = \"a\"\n"),
-            "t.toml:4: unknown field `jump`, expected one of `start`, `via`, `flags`, `keep_state`, `stop`, `kill`, `restart`, `pause`, `resume`, `partition`, `cut`, `one_way`, `heal`, `say`, `text`, `count`, `await`, `peers`, `within`, `sleep`, `chaos`, `rate`, `seed`, `every`, `faults`, `note`"
+            "t.toml:4: unknown field `jump`, expected one of `start`, `via`, `flags`, `keep_state`, `stop`, `kill`, `restart`, `pause`, `resume`, `partition`, `cut`, `condition`, `loss`, `delay`, `jitter`, `for`, `one_way`, `heal`, `say`, `text`, `count`, `await`, `peers`, `within`, `p99`, `sleep`, `chaos`, `rate`, `seed`, `every`, `faults`, `hold`, `note`"
         );
         assert_eq!(
             error("[[step]]\nstart = \"a\"\n\n[[step]]\nsay = \"b\"\ntext = \"x\"\n"),
@@ -898,6 +898,41 @@ mod tests {
         assert!(error("[[step]]\nawait = \"everything\"\n").contains("unknown variant `everything`"));
         assert!(error("[[step]]\nsleep = \"soon\"\n").starts_with("t.toml:2: "));
         assert_eq!(error("name = \"x\"\n"), "t.toml:1: missing field `step`");
+    }
+
+    #[test]
+    fn conditions_holds_and_budgets_read_as_written() {
+        let s = parse(
+            "[[step]]\nstart = [\"a\", \"b\"]\n[[step]]\ncondition = [\"a\", \"b\"]\nloss = \"10%\"\nrate = \"1mbit\"\nfor = \"5s\"\n\
+             [[step]]\ncondition = \"a\"\ndelay = \"50ms\"\njitter = \"10ms\"\none_way = true\n[[step]]\ncondition = [\"a\", \"b\"]\nloss = 2.5\nrate = 64000\n\
+             [[step]]\nawait = \"delivery\"\np99 = \"300ms\"\n[[step]]\nchaos = \"10s\"\nhold = [\"1s\", \"5s\"]\nfaults = [\"loss\", \"delay\"]\n",
+        )
+        .unwrap();
+        let ms = Duration::from_millis;
+        let lossy = Condition { loss: Some(10.0), rate: Some(1_000_000), ..Default::default() };
+        assert_eq!(s.steps[1].action, Action::Condition { peers: vec!["a".into(), "b".into()], condition: lossy, one_way: false });
+        assert_eq!(s.steps[1].hold, Some(Duration::from_secs(5)));
+        let late = Condition { delay: Some(ms(50)), jitter: Some(ms(10)), ..Default::default() };
+        assert_eq!(s.steps[2].action, Action::Condition { peers: vec!["a".into()], condition: late, one_way: true });
+        let Action::Condition { condition, .. } = &s.steps[3].action else { panic!() };
+        assert_eq!((condition.loss, condition.rate), (Some(2.5), Some(64_000)));
+        assert_eq!(s.steps[4].action, Action::AwaitDelivery { within: DEFAULT_WITHIN, p99: Some(ms(300)) });
+        let Action::Chaos(chaos) = &s.steps[5].action else { panic!() };
+        assert_eq!(chaos.hold, Some((Duration::from_secs(1), Duration::from_secs(5))));
+        assert!(s.needs_delay());
+
+        let with = |step: &str| error(&format!("[[step]]\nstart = [\"a\", \"b\"]\n[[step]]\n{step}"));
+        assert!(with("condition = [\"a\", \"b\"]\n").contains("needs `loss`, `rate`, `delay` or `jitter`"));
+        assert!(with("condition = [\"a\", \"b\"]\nloss = \"100%\"\n").contains("below 100%"));
+        assert!(with("condition = [\"a\", \"b\"]\nrate = \"1mbps\"\n").contains("bad rate"));
+        assert!(with("condition = [\"a\", \"b\"]\njitter = \"5ms\"\n").contains("varies a `delay`"));
+        assert!(with("condition = [\"a\", \"a\"]\nloss = 5\n").contains("two different peers"));
+        assert!(with("condition = [\"a\", \"zed\"]\nloss = 5\n").contains("unknown peer \"zed\""));
+        assert!(with("kill = \"a\"\nfor = \"1s\"\n").contains("`for` does not apply to a kill step"));
+        assert!(with("chaos = \"1s\"\nhold = [\"5s\", \"1s\"]\n").contains("shortest hold first"));
+        assert!(with("chaos = \"1s\"\nrate = \"1mbit\"\n").contains("lines a second"));
+        assert!(with("await = \"mesh\"\np99 = \"1s\"\n").contains("`p99` applies to await = \"delivery\""));
+        assert!(!parse("[[step]]\nstart = \"a\"\n[[step]]\nchaos = \"1s\"\n").unwrap().needs_delay(), "the default nemesis never delays");
     }
 
     #[test]

@@ -368,3 +368,29 @@ fn netns_without_root_says_so_and_exits_2() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("the netns backend needs root"), "{stderr}");
 }
+
+/// Delay needs the kernel's netem. Where it is missing (this machine's kernel), a scenario that
+/// asks for delay stops before anything starts, saying why, with exit 2; where it is present,
+/// the same scenario runs (and the delay test in tests/netns.rs applies).
+#[test]
+fn a_delay_on_a_kernel_without_netem_stops_before_it_starts() {
+    if !netns("a_delay_on_a_kernel_without_netem_stops_before_it_starts") {
+        return;
+    }
+    let dir = temp_dir("netem");
+    let peer = lonely_peer(&dir);
+    let file = scenario(
+        &dir,
+        "late.toml",
+        "[[step]]\nstart = [\"a\", \"b\"]\n[[step]]\ncondition = [\"a\", \"b\"]\ndelay = \"50ms\"\n",
+    );
+    let out = lab().args(["run", "--backend", "netns", "--peer-bin"]).arg(&peer).arg(&file).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if meshlab_lab::backend::kernel_has_netem() {
+        assert_ne!(out.status.code(), Some(2), "this kernel has netem: {stderr}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("delay and jitter need the kernel's sch_netem"), "{stderr}");
+    assert!(!dir.join("pids").exists(), "no peer started");
+}

@@ -285,3 +285,51 @@ pub async fn cuts_are_real_packet_drops<B: meshlab_lab::backend::Backend>(lab: &
     lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
     lab.shutdown().await;
 }
+
+/// On a backend whose conditions are the kernel's: loss is a random drop in the sender's packet
+/// filter and rate an htb class on its interface, both counting packets in the peer's network
+/// namespace (found through `pid_of`); every line still arrives exactly once, and a heal takes
+/// both away. Shuts the lab down.
+pub async fn conditions_are_real<B: meshlab_lab::backend::Backend>(
+    lab: &mut meshlab_lab::Lab<B>,
+    pid_of: impl Fn(&B, &str) -> Option<u32>,
+) {
+    use meshlab_lab::link::Condition;
+    use std::time::Duration;
+    lab.start(&["a"], &[], &[]).await.unwrap();
+    lab.start(&["b", "c"], &["a"], &[]).await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    let bad = Condition { loss: Some(30.0), rate: Some(64_000), ..Default::default() };
+    lab.condition(&names(&["a", "b"]), bad, false).await.unwrap();
+    // One line at a time, each delivered before the next: at least 60 packets from a, each
+    // dropped with a chance of 30%.
+    for i in 1..=30 {
+        lab.say("a", &format!("line {i} over a lossy, slow link")).await.unwrap();
+        let (_, delivery) = lab.await_delivery(Duration::from_secs(30)).await.unwrap();
+        assert_eq!((delivery.shown, delivery.duplicated), (2 * i, 0), "{delivery:?}");
+    }
+    let pid = pid_of(lab.backend(), "a").expect("a runs").to_string();
+    let inside = |args: &[&str]| {
+        let out = Command::new("nsenter").args(["-t", &pid, "-n"]).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let filter = inside(&["iptables", "-L", "OUTPUT", "-v", "-x", "-n"]);
+    let dropped: u64 = filter
+        .lines()
+        .find(|l| l.contains("statistic"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no loss rule in a's packet filter:\n{filter}"));
+    assert!(dropped > 0, "the loss rule dropped nothing:\n{filter}");
+    let classes = inside(&["tc", "-s", "class", "show", "dev", "eth0"]);
+    let shaped: u64 = classes
+        .split("Sent ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no rate class on a's interface:\n{classes}"));
+    assert!(shaped > 0 && classes.contains("rate 64Kbit"), "{classes}");
+    lab.heal(None).await.unwrap();
+    assert!(!inside(&["iptables", "-S", "OUTPUT"]).contains("statistic"), "the heal lifts the loss");
+    assert!(!inside(&["tc", "qdisc", "show", "dev", "eth0"]).contains("htb"), "and the rate limit");
+    lab.shutdown().await;
+}

@@ -116,6 +116,11 @@ impl DockerBackend {
         &self.method
     }
 
+    /// The host pid of a running peer's container (whose network namespace holds its links).
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.peers.get(name).map(|c| c.pid)
+    }
+
     /// The fixed address of a peer name on the run's subnet.
     fn ip_of(&mut self, name: &str) -> anyhow::Result<Ipv4Addr> {
         let host = match self.hosts.get(name) {
