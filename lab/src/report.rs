@@ -35,10 +35,16 @@ fn html(r: &Report) -> String {
         h,
         "<!doctype html><html><head><meta charset=utf-8><title>{name} — meshlab report</title><style>{CSS}</style></head><body>\
          <h1>{verdict} {name}</h1><p class=desc>{desc}</p>\
-         <p>{backend} backend{scale} · {wall:.2} s wall time</p>",
+         <p>{backend} backend{scale} · {wall:.2} s wall time</p><p class=desc>{method}{cooperative}</p>",
         name = esc(&r.scenario),
         desc = esc(&r.description),
         backend = esc(&r.backend),
+        method = esc(&r.method),
+        cooperative = if r.cooperative {
+            " — cuts and link conditions here are <b>cooperative</b>: the peers under test apply them"
+        } else {
+            ""
+        },
         scale = if r.time_scale == 1.0 { String::new() } else { format!(" (deadlines ×{})", r.time_scale) },
         wall = r.wall_ms / 1000.0,
     );

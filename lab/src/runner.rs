@@ -76,6 +76,11 @@ pub struct Report {
     pub scenario: String,
     pub description: String,
     pub backend: String,
+    /// How the backend runs peers and makes cuts and link conditions.
+    pub method: String,
+    /// Whether cuts and link conditions were the peers' own (their lab hook) rather than the
+    /// kernel's.
+    pub cooperative: bool,
     pub time_scale: f64,
     pub passed: bool,
     pub started_unix_ms: u64,
@@ -333,6 +338,8 @@ fn finish<B: Backend>(
         scenario: scenario.name.clone(),
         description: scenario.description.clone(),
         backend: lab.backend().name().to_string(),
+        method: lab.backend().describe(),
+        cooperative: lab.backend().cuts_acknowledged_by_events(),
         time_scale: lab.backend().time_scale(),
         passed: failure.is_none(),
         started_unix_ms,
