@@ -527,6 +527,7 @@ impl<B: Backend> Lab<B> {
     }
 
     async fn launch(&mut self, names: &[&str]) -> Result<(), LabError> {
+        self.backend.prepare(names).await?;
         for name in names {
             let config = self.configs[*name].clone();
             let bootstrap = config.via.iter().map(|v| self.address(v)).collect::<Result<Vec<_>, _>>()?;

@@ -355,6 +355,13 @@ pub trait Backend {
         true
     }
 
+    /// Told the names about to start together, before the first starts: a backend can make
+    /// their hosts all at once (the netns backend's namespaces) rather than one per start
+    /// while the peers already started compete for the CPU.
+    async fn prepare(&mut self, _names: &[&str]) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     /// Starts a peer; what it prints goes to `events`, tagged with `instance`.
     async fn start(&mut self, spec: PeerSpec, instance: u32, events: UnboundedSender<Observed>) -> anyhow::Result<()>;
 

@@ -113,40 +113,58 @@ impl Namespaces {
         Ok(Ipv4Addr::new(10, self.subnet, (host / 256) as u8, (host % 256) as u8))
     }
 
-    /// Makes peer `name`'s namespace with address `ip`, unless it exists: its link to the
-    /// host, its address, its loopback and its routes.
-    pub fn make(&mut self, name: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
-        if self.hosts.contains_key(name) {
+    /// Makes the namespaces of peers `hosts` (name, address) that do not exist yet: each one's
+    /// link to the host, its address, its loopback and its routes. The host's side of all of
+    /// them is one `ip -batch`; each namespace's inside is one more, all run at once.
+    pub fn make(&mut self, hosts: &[(&str, Ipv4Addr)]) -> anyhow::Result<()> {
+        let new: Vec<(&str, Ipv4Addr, String)> = hosts
+            .iter()
+            .filter(|(name, _)| !self.hosts.contains_key(*name))
+            .map(|(name, ip)| {
+                let [_, _, c, d] = ip.octets();
+                (*name, *ip, format!("{}-{c}-{d}", self.stem))
+            })
+            .collect();
+        if new.is_empty() {
             return Ok(());
         }
-        let [_, _, c, d] = ip.octets();
-        let ns = format!("{}-{c}-{d}", self.stem);
-        // The host's end of the link is named mlv, the run (6 characters), the host number (at
+        // The host's end of a link is named mlv, the run (6 characters), the host number (at
         // most 5): interface names have at most 15 characters. Made with its other end already
         // in the namespace, since moving a link there costs the kernel about 20 ms.
-        let run = self.stem.rsplit('-').next().expect("the stem has parts");
-        let outside = format!("mlv{run}{}", u16::from_be_bytes([c, d]));
+        let run = self.stem.rsplit('-').next().expect("the stem has parts").to_owned();
         let gateway = self.gateway();
-        self.made.push(ns.clone());
-        let outside_commands = [
-            format!("netns add {ns}"),
-            format!("link add {outside} type veth peer name eth0 netns {ns}"),
-            format!("addr add {gateway}/32 dev {outside}"),
-            format!("link set {outside} up"),
-            format!("route add {ip}/32 dev {outside}"),
-        ];
-        let inside_commands = [
-            format!("addr add {ip}/32 dev eth0"),
-            "link set eth0 up".to_string(),
-            "link set lo up".to_string(),
-            format!("route add default via {gateway} dev eth0 onlink"),
-        ];
-        ip_batch(None, &outside_commands)
-            .and_then(|()| ip_batch(Some(&ns), &inside_commands))
-            .with_context(|| format!("cannot make {name}'s network namespace"))?;
-        let handle = std::fs::File::open(format!("{NETNS_DIR}/{ns}"))
-            .with_context(|| format!("cannot open {name}'s network namespace"))?;
-        self.hosts.insert(name.to_owned(), Host { ns, ip, handle: handle.into(), links: Links::default() });
+        let mut outside_commands = Vec::new();
+        for (_, ip, ns) in &new {
+            let [_, _, c, d] = ip.octets();
+            let outside = format!("mlv{run}{}", u16::from_be_bytes([c, d]));
+            self.made.push(ns.clone());
+            outside_commands.extend([
+                format!("netns add {ns}"),
+                format!("link add {outside} type veth peer name eth0 netns {ns}"),
+                format!("addr add {gateway}/32 dev {outside}"),
+                format!("link set {outside} up"),
+                format!("route add {ip}/32 dev {outside}"),
+            ]);
+        }
+        ip_batch(None, &outside_commands).context("cannot make the peers' network namespaces")?;
+        let insides = new.iter().map(|(_, ip, ns)| {
+            let commands = [
+                format!("addr add {ip}/32 dev eth0"),
+                "link set eth0 up".to_string(),
+                "link set lo up".to_string(),
+                format!("route add default via {gateway} dev eth0 onlink"),
+            ];
+            ip_batch_spawn(Some(ns), &commands)
+        });
+        let running: Vec<anyhow::Result<std::process::Child>> = insides.collect();
+        for ((name, ip, ns), child) in new.into_iter().zip(running) {
+            child
+                .and_then(ip_batch_wait)
+                .with_context(|| format!("cannot make {name}'s network namespace"))?;
+            let handle = std::fs::File::open(format!("{NETNS_DIR}/{ns}"))
+                .with_context(|| format!("cannot open {name}'s network namespace"))?;
+            self.hosts.insert(name.to_owned(), Host { ns, ip, handle: handle.into(), links: Links::default() });
+        }
         Ok(())
     }
 
@@ -192,6 +210,11 @@ impl Drop for Namespaces {
 /// Runs `ip -batch -` with `commands`, one per line, in namespace `ns` or the host's,
 /// stopping at the first that fails.
 fn ip_batch(ns: Option<&str>, commands: &[String]) -> anyhow::Result<()> {
+    ip_batch_spawn(ns, commands).and_then(ip_batch_wait)
+}
+
+/// Starts an `ip -batch -` with `commands` ([`ip_batch`]), for [`ip_batch_wait`].
+fn ip_batch_spawn(ns: Option<&str>, commands: &[String]) -> anyhow::Result<std::process::Child> {
     let mut child = Command::new("ip")
         .args(ns.map_or(vec![], |ns| vec!["-n", ns]))
         .args(["-batch", "-"])
@@ -201,6 +224,10 @@ fn ip_batch(ns: Option<&str>, commands: &[String]) -> anyhow::Result<()> {
         .spawn()
         .context("cannot run ip (iproute2)")?;
     child.stdin.take().expect("piped").write_all(commands.join("\n").as_bytes())?;
+    Ok(child)
+}
+
+fn ip_batch_wait(child: std::process::Child) -> anyhow::Result<()> {
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!("{}", String::from_utf8_lossy(&out.stderr).trim());

@@ -207,6 +207,17 @@ impl Backend for ProcessBackend {
         matches!(self.network, Network::Loopback(_))
     }
 
+    async fn prepare(&mut self, names: &[&str]) -> anyhow::Result<()> {
+        let mut hosts = Vec::new();
+        for name in names {
+            hosts.push((*name, self.address(name)?));
+        }
+        match &mut self.network {
+            Network::Namespaces(net) => net.make(&hosts),
+            Network::Loopback(_) => Ok(()),
+        }
+    }
+
     async fn start(&mut self, spec: PeerSpec, instance: u32, events: UnboundedSender<Observed>) -> anyhow::Result<()> {
         if self.procs.contains_key(&spec.name) {
             bail!("{} is already running", spec.name);
@@ -217,7 +228,7 @@ impl Backend for ProcessBackend {
             Network::Loopback(_) => self.ports.get(&spec.name).copied().filter(|p| port_is_free(ip, *p)).unwrap_or(0),
             // Its own namespace, its own ports; the cuts in force are there before it starts.
             Network::Namespaces(net) => {
-                net.make(&spec.name, ip)?;
+                net.make(&[(&spec.name, ip)])?;
                 net.set_links(&spec.name, &spec.links).await?;
                 netns::PORT
             }
