@@ -10,6 +10,7 @@ use meshlab_lab::Lab;
 use meshlab_lab::backend::Backend;
 use meshlab_lab::backend::docker::{CutMethod, DockerBackend};
 use meshlab_lab::backend::process::ProcessBackend;
+use meshlab_lab::progress::Mode;
 use meshlab_lab::runner::{self, Report, RunOptions};
 use meshlab_lab::scenario::Scenario;
 
@@ -37,12 +38,12 @@ fn process_lab() -> Lab<ProcessBackend> {
 async fn run_text(text: &str) -> Report {
     let _serial = support::shared();
     let scenario = Scenario::parse("inline.toml", "inline", text).unwrap();
-    runner::run(&scenario, &mut process_lab(), &RunOptions { progress: true, ..Default::default() }).await
+    runner::run(&scenario, &mut process_lab(), &RunOptions { progress: Mode::Plain, ..Default::default() }).await
 }
 
 async fn run_shipped_on<B: Backend>(name: &str, lab: &mut Lab<B>, seed: Option<u64>) -> Report {
     let scenario = Scenario::load(&scenarios_dir().join(format!("{name}.toml"))).unwrap();
-    let report = runner::run(&scenario, lab, &RunOptions { progress: true, seed }).await;
+    let report = runner::run(&scenario, lab, &RunOptions { progress: Mode::Plain, seed }).await;
     assert!(report.passed, "{name} failed on {}: {:#?}", report.backend, report.failure);
     let d = &report.delivery;
     assert!(d.owed > 0 && d.shown == d.owed, "{d:?}");
@@ -63,7 +64,7 @@ async fn run_shipped_alone(name: &str, seed: Option<u64>) -> Report {
 async fn run_alone_with(name: &str, seed: Option<u64>, mut lab: Lab<ProcessBackend>) -> Report {
     let _serial = support::exclusive();
     let scenario = Scenario::load(&scenarios_dir().join(format!("{name}.toml"))).unwrap();
-    let options = RunOptions { progress: true, seed };
+    let options = RunOptions { progress: Mode::Plain, seed };
     let report = runner::run(&scenario, &mut lab, &options).await;
     assert!(report.passed, "{name} failed: {:#?}", report.failure);
     let d = &report.delivery;

@@ -27,30 +27,68 @@ use crate::backend::Backend;
 use crate::lab::{Lab, LabError, Undo};
 use crate::link::Condition;
 use crate::scenario::ChaosSpec;
+use crate::world::World;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "fault", rename_all = "kebab-case")]
 pub enum Fault {
-    Kill { peer: String },
-    Stop { peer: String },
-    Start { peer: String },
-    Restart { peer: String },
-    Partition { groups: Vec<Vec<String>> },
-    Cut { a: String, b: String },
-    OneWay { from: String, to: String },
+    Kill {
+        peer: String,
+    },
+    Stop {
+        peer: String,
+    },
+    Start {
+        peer: String,
+    },
+    Restart {
+        peer: String,
+    },
+    Partition {
+        groups: Vec<Vec<String>>,
+    },
+    Cut {
+        a: String,
+        b: String,
+    },
+    OneWay {
+        from: String,
+        to: String,
+    },
     Heal,
-    Pause { peer: String },
-    Resume { peer: String },
+    Pause {
+        peer: String,
+    },
+    Resume {
+        peer: String,
+    },
     /// Loss on the link between a and b, both ways.
-    Loss { a: String, b: String, percent: f64 },
+    Loss {
+        a: String,
+        b: String,
+        percent: f64,
+    },
     /// A rate limit on the link between a and b, both ways.
-    Rate { a: String, b: String, bits_per_second: u64 },
+    Rate {
+        a: String,
+        b: String,
+        bits_per_second: u64,
+    },
     /// Delay and jitter on the link between a and b, both ways.
-    Delay { a: String, b: String, delay_ms: u64, jitter_ms: u64 },
+    Delay {
+        a: String,
+        b: String,
+        delay_ms: u64,
+        jitter_ms: u64,
+    },
     /// The end of a held partition or cut: these directed cuts heal.
-    Mend { pairs: Vec<(String, String)> },
+    Mend {
+        pairs: Vec<(String, String)>,
+    },
     /// The end of a held condition: these directed links carry on unconditioned.
-    Clear { pairs: Vec<(String, String)> },
+    Clear {
+        pairs: Vec<(String, String)>,
+    },
 }
 
 impl Fault {
@@ -85,7 +123,11 @@ impl Fault {
             Fault::Delay { a, b, delay_ms, jitter_ms } => Some((
                 a,
                 b,
-                Condition { delay: Some(ms(*delay_ms)), jitter: (*jitter_ms > 0).then(|| ms(*jitter_ms)), ..Default::default() },
+                Condition {
+                    delay: Some(ms(*delay_ms)),
+                    jitter: (*jitter_ms > 0).then(|| ms(*jitter_ms)),
+                    ..Default::default()
+                },
             )),
             _ => None,
         }
@@ -335,9 +377,21 @@ fn draw_fault(
     // Paused peers count as down for the limit of half the peers down at once.
     let may_pause = live.len() > names.len().div_ceil(2);
     let mut kinds = Vec::new();
-    for kind in
-        ["kill", "stop", "start", "restart", "partition", "cut", "one-way", "heal", "pause", "resume", "loss", "rate", "delay"]
-    {
+    for kind in [
+        "kill",
+        "stop",
+        "start",
+        "restart",
+        "partition",
+        "cut",
+        "one-way",
+        "heal",
+        "pause",
+        "resume",
+        "loss",
+        "rate",
+        "delay",
+    ] {
         let applicable = match kind {
             "pause" => may_pause,
             "resume" => !paused.is_empty(),
@@ -397,7 +451,13 @@ fn draw_fault(
 
 /// Runs a chaos step: the planned faults and lines at their offsets, then heal all and start
 /// every peer that is down.
-pub async fn run<B: Backend>(lab: &mut Lab<B>, spec: &ChaosSpec, seed: u64) -> Result<ChaosRecord, LabError> {
+/// `tell` hears of each fault applied and line said, with the world as it stands.
+pub async fn run<B: Backend>(
+    lab: &mut Lab<B>,
+    spec: &ChaosSpec,
+    seed: u64,
+    tell: &mut dyn FnMut(&ChaosRecord, &World),
+) -> Result<ChaosRecord, LabError> {
     let world = lab.world();
     let peers: Vec<(String, bool, bool)> =
         world.names().map(|n| (n.clone(), world.peer(n).is_some_and(|p| p.running), lab.has_bootstrap(n))).collect();
@@ -418,6 +478,7 @@ pub async fn run<B: Backend>(lab: &mut Lab<B>, spec: &ChaosSpec, seed: u64) -> R
                 record.applied(&planned, fault);
             }
         }
+        tell(&record, lab.world());
     }
     if let Some(wait) = (started + spec.duration).checked_duration_since(Instant::now()) {
         lab.sleep(wait).await?;

@@ -10,6 +10,7 @@ pub mod chaos;
 pub mod event;
 pub mod lab;
 pub mod link;
+pub mod progress;
 pub mod report;
 pub mod runner;
 pub mod scenario;

@@ -9,9 +9,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use meshlab_lab::backend::Backend;
 use meshlab_lab::backend::docker::{DEFAULT_IMAGE, DockerBackend};
 use meshlab_lab::backend::process::ProcessBackend;
+use meshlab_lab::lab::NoNetem;
+use meshlab_lab::progress::{Mode, print_line};
 use meshlab_lab::runner::{self, RunOptions};
 use meshlab_lab::scenario::Scenario;
-use meshlab_lab::lab::NoNetem;
 use meshlab_lab::{Lab, report};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
@@ -122,7 +123,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run_all(scenarios: Vec<Scenario>, common: Common, seed: Option<u64>, interrupt: &mut Signal) -> ExitCode {
-    let options = RunOptions { progress: true, seed };
+    let options = RunOptions { progress: Mode::for_stdout(), seed };
     let peer = peer_bin(common.peer_bin);
     let several = scenarios.len() > 1;
     let mut failed = 0;
@@ -161,10 +162,10 @@ async fn run_all(scenarios: Vec<Scenario>, common: Common, seed: Option<u64>, in
                 return ExitCode::from(code);
             }
         }
-        println!();
+        print_line("");
     }
     if several {
-        println!("{} of {} scenarios passed", scenarios.len() - failed, scenarios.len());
+        print_line(&format!("{} of {} scenarios passed", scenarios.len() - failed, scenarios.len()));
     }
     if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
@@ -206,7 +207,7 @@ async fn run_one<B: Backend>(
     };
     if let Some(dir) = report_dir {
         report::write(dir, &report)?;
-        println!("report: {}", dir.join("report.html").display());
+        print_line(&format!("report: {}", dir.join("report.html").display()));
     }
     Ok(report.passed)
 }
@@ -227,9 +228,9 @@ fn list(dir: &Path) -> ExitCode {
     let mut bad = false;
     for f in files {
         match Scenario::load(&f) {
-            Ok(s) => println!("{:<22} {:>3} steps  {}", s.name, s.steps.len(), s.description),
+            Ok(s) => print_line(&format!("{:<22} {:>3} steps  {}", s.name, s.steps.len(), s.description)),
             Err(e) => {
-                println!("{e}");
+                print_line(&e.to_string());
                 bad = true;
             }
         }

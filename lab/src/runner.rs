@@ -1,7 +1,6 @@
 //! Runs a scenario on a lab: each step through the lab's verbs, a progress line per step, an
 //! overall timeout, and a [`Report`] of everything measured. Every peer is gone when it returns.
 
-use std::io::Write;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -9,13 +8,14 @@ use serde::Serialize;
 use crate::backend::Backend;
 use crate::chaos::{self, ChaosRecord};
 use crate::lab::{Lab, LabError, Undo};
+use crate::progress::{self, Mode, Progress, human};
 use crate::scenario::{Action, Scenario, Step};
 use crate::world::{Delivery, Mark};
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// Print a progress line per step on stdout.
-    pub progress: bool,
+    /// What to show on stdout while the run goes.
+    pub progress: Mode,
     /// Replaces the seed of every chaos step.
     pub seed: Option<u64>,
 }
@@ -111,23 +111,29 @@ pub async fn run<B: Backend>(scenario: &Scenario, lab: &mut Lab<B>, options: &Ru
     }
     let started = Instant::now();
     let started_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    if options.progress {
+    let mut shown = Progress::new(options.progress);
+    if shown.enabled() {
         let scale = lab.backend().time_scale();
         let scaled = if scale == 1.0 { String::new() } else { format!("; deadlines x{scale}") };
         let keyed = if scenario.keyed { "; a private mesh with a fresh key" } else { "" };
-        println!("{} ({}{scaled}{keyed})", scenario.name, lab.backend().describe());
+        shown.line(&format!("{} ({}{scaled}{keyed})", scenario.name, lab.backend().describe()));
         if !scenario.description.is_empty() {
-            println!("  {}", scenario.description);
+            shown.line(&format!("  {}", scenario.description));
         }
     }
     let mut steps = Vec::new();
     let mut failure = None;
     let limit = lab.scaled(scenario.timeout);
+    let total = scenario.steps.len();
     let all = async {
         for (i, step) in scenario.steps.iter().enumerate() {
-            let record = run_step(lab, i + 1, step, started, options, &mut failure).await;
-            if options.progress {
-                print_step(&record, scenario.steps.len());
+            shown.step_started(&step.action.describe(), expected_length(lab, &step.action));
+            let record = run_step(lab, i + 1, step, started, options, &mut failure, &shown).await;
+            shown.step_done(&step_line(&record, total));
+            if !record.ok
+                && let Some(d) = &record.detail
+            {
+                shown.line(&format!("        line {}: {}", record.line, d.replace('\n', "\n        ")));
             }
             let ok = record.ok;
             steps.push(record);
@@ -148,10 +154,23 @@ pub async fn run<B: Backend>(scenario: &Scenario, lab: &mut Lab<B>, options: &Ru
     }
     let report = finish(scenario, lab, started, started_unix_ms, steps, failure);
     lab.shutdown().await;
-    if options.progress {
-        print_summary(&report);
+    if shown.enabled() {
+        for line in summary(&report) {
+            shown.line(&line);
+        }
     }
     report
+}
+
+/// How long a step is expected to take, for the progress bar: a sleep's or a chaos step's
+/// length, an await's deadline.
+fn expected_length<B: Backend>(lab: &Lab<B>, action: &Action) -> Option<Duration> {
+    match action {
+        Action::Sleep(d) => Some(*d),
+        Action::Chaos(c) => Some(c.duration),
+        Action::AwaitMesh { within, .. } | Action::AwaitDelivery { within, .. } => Some(lab.scaled(*within)),
+        _ => None,
+    }
 }
 
 async fn run_step<B: Backend>(
@@ -161,9 +180,10 @@ async fn run_step<B: Backend>(
     run_started: Instant,
     options: &RunOptions,
     failure: &mut Option<Failure>,
+    shown: &Progress,
 ) -> StepRecord {
     let t0 = Instant::now();
-    let outcome = execute(lab, step, options).await;
+    let outcome = execute(lab, step, options, shown).await;
     let mut record = StepRecord {
         index,
         line: step.line,
@@ -202,7 +222,12 @@ fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-async fn execute<B: Backend>(lab: &mut Lab<B>, step: &Step, options: &RunOptions) -> Result<Outcome, LabError> {
+async fn execute<B: Backend>(
+    lab: &mut Lab<B>,
+    step: &Step,
+    options: &RunOptions,
+    shown: &Progress,
+) -> Result<Outcome, LabError> {
     match &step.action {
         Action::Start { peers, via, flags, keep_state } => {
             if *keep_state {
@@ -277,7 +302,10 @@ async fn execute<B: Backend>(lab: &mut Lab<B>, step: &Step, options: &RunOptions
                 if p.p99_ms > ms(*budget) {
                     return Err(LabError::Check {
                         expected: format!("direct showings' p99 at most {}", humantime::format_duration(*budget)),
-                        seen: format!("p99 {:.1} ms (p50 {:.1} ms, max {:.1} ms) over {} showings", p.p99_ms, p.p50_ms, p.max_ms, p.count),
+                        seen: format!(
+                            "p99 {:.1} ms (p50 {:.1} ms, max {:.1} ms) over {} showings",
+                            p.p99_ms, p.p50_ms, p.max_ms, p.count
+                        ),
                     });
                 }
                 detail.push_str(&format!("; direct p99 {:.1} ms over {} showings", p.p99_ms, p.count));
@@ -287,10 +315,16 @@ async fn execute<B: Backend>(lab: &mut Lab<B>, step: &Step, options: &RunOptions
         Action::Sleep(d) => lab.sleep(*d).await?,
         Action::Chaos(spec) => {
             let seed = options.seed.or(spec.seed).unwrap_or_else(rand::random);
-            if options.progress {
-                println!("        chaos seed {seed} (replay it with --seed {seed})");
-            }
-            let record = chaos::run(lab, spec, seed).await?;
+            shown.line(&format!("        chaos seed {seed} (replay it with --seed {seed})"));
+            let mut tell = |record: &ChaosRecord, world: &crate::world::World| {
+                shown.step_update(format!(
+                    "{} faults, {} lines said, {} shown",
+                    record.fault_count(),
+                    record.lines,
+                    world.showings()
+                ));
+            };
+            let record = chaos::run(lab, spec, seed, &mut tell).await?;
             let kinds: Vec<String> = record.applied.iter().map(|(k, n)| format!("{n} {k}")).collect();
             let detail =
                 format!("seed {seed}: {} faults ({}), {} lines", record.fault_count(), kinds.join(", "), record.lines);
@@ -355,34 +389,30 @@ fn finish<B: Backend>(
     }
 }
 
-fn print_step(r: &StepRecord, total: usize) {
+/// A finished step's line: `  3/7 await mesh within 5s ........ ok   12.3 ms  (detail)`.
+fn step_line(r: &StepRecord, total: usize) -> String {
     let width = total.to_string().len();
     let label = match &r.note {
         Some(note) => format!("{} — {note}", r.action),
         None => r.action.clone(),
     };
-    let status = if r.ok { "ok" } else { "FAILED" };
     let detail = match (&r.detail, r.ok) {
         (Some(d), true) => format!("  ({d})"),
         _ => String::new(),
     };
-    println!("  {:>width$}/{total} {label:.<60} {status} {:>8.1} ms{detail}", r.index, r.elapsed_ms);
-    if !r.ok
-        && let Some(d) = &r.detail
-    {
-        println!("        line {}: {}", r.line, d.replace('\n', "\n        "));
-    }
-    let _ = std::io::stdout().flush();
+    let took = human(Duration::from_secs_f64(r.elapsed_ms / 1000.0));
+    format!("  {:>width$}/{total} {label:.<60} {} {took:>9}{detail}", r.index, progress::verdict(r.ok))
 }
 
-fn print_summary(r: &Report) {
-    let verdict = if r.passed { "PASS" } else { "FAIL" };
+/// The run's last lines: the verdict and counts, the latencies, where it failed.
+fn summary(r: &Report) -> Vec<String> {
     let d = &r.delivery;
-    println!(
-        "{verdict} {} ({}) in {:.2} s: {} lines said, {} of {} owed showings, {} lost, {} duplicated, {} out of order, {} gapped",
+    let mut lines = vec![format!(
+        "{} {} ({}) in {}: {} lines said, {} of {} owed showings, {} lost, {} duplicated, {} out of order, {} gapped",
+        progress::pass_fail(r.passed),
         r.scenario,
         r.backend,
-        r.wall_ms / 1000.0,
+        human(Duration::from_secs_f64(r.wall_ms / 1000.0)),
         d.said,
         d.shown,
         d.owed,
@@ -390,22 +420,24 @@ fn print_summary(r: &Report) {
         d.duplicated,
         d.out_of_order,
         d.gapped
-    );
-    if r.latency_direct.count > 0 {
-        let l = &r.latency_direct;
-        println!(
-            "  latency, direct: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} showings)",
-            l.p50_ms, l.p99_ms, l.max_ms, l.count
-        );
-    }
-    if r.latency_catch_up.count > 0 {
-        let l = &r.latency_catch_up;
-        println!(
-            "  latency, caught up: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} showings)",
-            l.p50_ms, l.p99_ms, l.max_ms, l.count
-        );
+    )];
+    for (kind, l) in [("direct", &r.latency_direct), ("caught up", &r.latency_catch_up)] {
+        if l.count > 0 {
+            lines.push(format!(
+                "  latency, {kind}: p50 {}, p99 {}, max {} ({} showings)",
+                human_ms(l.p50_ms),
+                human_ms(l.p99_ms),
+                human_ms(l.max_ms),
+                l.count
+            ));
+        }
     }
     if let Some(f) = &r.failure {
-        println!("  failed at step {} (line {}): {}", f.step, f.line, f.action);
+        lines.push(format!("  failed at step {} (line {}): {}", f.step, f.line, f.action));
     }
+    lines
+}
+
+fn human_ms(ms: f64) -> String {
+    human(Duration::from_secs_f64(ms / 1000.0))
 }

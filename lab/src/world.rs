@@ -717,6 +717,11 @@ impl World {
         d
     }
 
+    /// Showings recorded so far (first showings of a line by a receiver).
+    pub fn showings(&self) -> usize {
+        self.receipts.len()
+    }
+
     /// When the current process named `receiver` showed the line `msg_id` (first time), if it did.
     pub fn shown_at(&self, receiver: &str, msg_id: &str) -> Option<Instant> {
         let me = self.peers.get(receiver)?.key?;

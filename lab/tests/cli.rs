@@ -394,3 +394,37 @@ fn a_delay_on_a_kernel_without_netem_stops_before_it_starts() {
     assert!(stderr.contains("delay and jitter need the kernel's sch_netem"), "{stderr}");
     assert!(!dir.join("pids").exists(), "no peer started");
 }
+
+/// `lab run … | head -1`: once stdout is closed the run goes on, passes and writes its report
+/// (no "failed printing to stdout" panic, no exit 134).
+#[test]
+fn a_closed_stdout_never_stops_a_run_or_its_report() {
+    use std::io::BufRead;
+    let dir = temp_dir("closed-stdout");
+    let peer = lonely_peer(&dir);
+    let file = scenario(
+        &dir,
+        "quiet.toml",
+        "[[step]]\nstart = \"a\"\n[[step]]\nsleep = \"300ms\"\n[[step]]\nsleep = \"10ms\"\n",
+    );
+    let report = dir.join("report");
+    let mut child = lab()
+        .args(["run", "--peer-bin"])
+        .arg(&peer)
+        .arg("--report")
+        .arg(&report)
+        .arg(&file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.starts_with("quiet ("), "{first}");
+    // The reader is dropped here: the pipe is closed while the run sleeps.
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(report.join("report.json").exists() && report.join("report.html").exists());
+}
