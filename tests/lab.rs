@@ -43,7 +43,7 @@ async fn run_text(text: &str) -> Report {
 
 async fn run_shipped_on<B: Backend>(name: &str, lab: &mut Lab<B>, seed: Option<u64>) -> Report {
     let scenario = Scenario::load(&scenarios_dir().join(format!("{name}.toml"))).unwrap();
-    let report = runner::run(&scenario, lab, &RunOptions { progress: Mode::Plain, seed }).await;
+    let report = runner::run(&scenario, lab, &RunOptions { progress: Mode::Plain, seed, history: None }).await;
     assert!(report.passed, "{name} failed on {}: {:#?}", report.backend, report.failure);
     let d = &report.delivery;
     assert!(d.owed > 0 && d.shown == d.owed, "{d:?}");
@@ -64,7 +64,7 @@ async fn run_shipped_alone(name: &str, seed: Option<u64>) -> Report {
 async fn run_alone_with(name: &str, seed: Option<u64>, mut lab: Lab<ProcessBackend>) -> Report {
     let _serial = support::exclusive();
     let scenario = Scenario::load(&scenarios_dir().join(format!("{name}.toml"))).unwrap();
-    let options = RunOptions { progress: Mode::Plain, seed };
+    let options = RunOptions { progress: Mode::Plain, seed, history: None };
     let report = runner::run(&scenario, &mut lab, &options).await;
     assert!(report.passed, "{name} failed: {:#?}", report.failure);
     let d = &report.delivery;
@@ -447,6 +447,47 @@ async fn a_delivery_check_that_should_fail_does_fail() {
     let err = lab.await_delivery(Duration::from_millis(800)).await.unwrap_err().to_string();
     assert!(err.contains("p3 has not shown p1's line 1 \"p3 never shows this\""), "{err}");
     lab.shutdown().await;
+}
+
+/// The delivery checker is a function of the recorded history: replayed from events.jsonl
+/// alone, a run gives the verdict and figures it gave live, failed or passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_replays_to_the_runs_verdict() {
+    let _serial = support::shared();
+    let dir = std::env::temp_dir().join(format!("meshlab-history-{}", std::process::id()));
+    let history = dir.join("events.jsonl");
+    let scenario = Scenario::load(&scenarios_dir().join("partition-heal.toml")).unwrap();
+    let options = RunOptions { progress: Mode::Plain, history: Some(history.clone()), ..Default::default() };
+    let report = runner::run(&scenario, &mut process_lab(), &options).await;
+    assert!(report.passed, "{:?}", report.failure);
+    let replayed = meshlab_lab::history::replay(&history).unwrap();
+    let again = replayed.world.delivery(&replayed.cuts);
+    let figures = |d: &meshlab_lab::world::Delivery| (d.said, d.owed, d.shown, d.lost, d.duplicated, d.out_of_order);
+    assert!(again.complete());
+    assert_eq!(figures(&again), figures(&report.delivery));
+    assert_eq!(replayed.world.timeline.len(), report.timeline.len(), "the same timeline");
+    assert_eq!(replayed.world.latencies().0.len(), report.latency_direct.count);
+
+    // A run that loses a line (p3 drops everything behind the lab's back) replays to a failure.
+    let mut lab = process_lab();
+    lab.journal_to(&dir.join("lost.jsonl"), "lost").unwrap();
+    lab.start(&["p1"], &[], &[]).await.unwrap();
+    lab.start(&["p2", "p3"], &["p1"], &[]).await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
+    lab.command("p3", "/lab cut p1 in").await.unwrap();
+    lab.command("p3", "/lab cut p2 in").await.unwrap();
+    lab.peers_of("p3").await.unwrap();
+    lab.say("p1", "p3 never shows this").await.unwrap();
+    assert!(lab.await_delivery(Duration::from_millis(800)).await.is_err());
+    let live = lab.world().delivery(lab.cuts());
+    lab.end_journal();
+    lab.shutdown().await;
+    let replayed = meshlab_lab::history::replay(&dir.join("lost.jsonl")).unwrap();
+    let again = replayed.world.delivery(&replayed.cuts);
+    assert!(!again.complete());
+    assert_eq!(figures(&again), figures(&live));
+    assert_eq!(again.lost_examples, live.lost_examples);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

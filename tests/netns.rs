@@ -24,7 +24,7 @@ async fn run_shipped_on_netns(name: &str, seed: Option<u64>, peer: &Path) -> Opt
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("lab/scenarios/{name}.toml"));
     let scenario = Scenario::load(&path).unwrap();
     let mut lab = netns_lab(peer);
-    let report = runner::run(&scenario, &mut lab, &RunOptions { progress: Mode::Plain, seed }).await;
+    let report = runner::run(&scenario, &mut lab, &RunOptions { progress: Mode::Plain, seed, history: None }).await;
     lab.shutdown().await;
     assert!(report.passed, "{name} failed on netns: {:#?}", report.failure);
     assert_eq!(report.backend, "netns");

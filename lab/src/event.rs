@@ -4,17 +4,18 @@
 //! newer peer does not break an older lab; a line that is not JSON at all is a contract breach
 //! and is reported as such.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A peer as named in events.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerRef {
     pub id: String,
     pub name: String,
     pub addr: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// Serialized again (in a run's history, crate::history) as the fields the lab read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum PeerEvent {
     Listening {
@@ -70,7 +71,7 @@ pub enum PeerEvent {
 }
 
 /// A peer's answer to `/stats`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
     pub neighbours: usize,
     pub dials: u64,

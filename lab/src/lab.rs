@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 
 use crate::backend::{self, Backend, Links, PeerSpec, Stop};
+use crate::history::{Entry, Journal, cut_pairs};
 use crate::link::{Condition, Conditions};
 use crate::world::{Cuts, Delivery, Observed, World};
 
@@ -54,6 +55,8 @@ pub struct Lab<B: Backend> {
     /// Lines written to each running peer's stdin since it started.
     written: HashMap<String, u64>,
     violations_reported: usize,
+    /// The run's history, when one is kept (crate::history).
+    journal: Option<Journal>,
     last_event_at: Instant,
     /// When the latest delivery await began (or the lab was made).
     last_delivery_check: Instant,
@@ -81,6 +84,7 @@ impl<B: Backend> Lab<B> {
             instances: 0,
             written: HashMap::new(),
             violations_reported: 0,
+            journal: None,
             last_event_at: now,
             last_delivery_check: now,
             common_flags: Vec::new(),
@@ -180,7 +184,7 @@ impl<B: Backend> Lab<B> {
     pub async fn pause(&mut self, name: &str) -> Result<(), LabError> {
         self.live(name)?;
         self.backend.pause(name).await?;
-        self.world.set_paused(name, true);
+        self.set_paused(name, true);
         Ok(())
     }
 
@@ -191,7 +195,7 @@ impl<B: Backend> Lab<B> {
             return Err(anyhow::anyhow!("{name} is not paused").into());
         }
         self.backend.resume(name).await?;
-        self.world.set_paused(name, false);
+        self.set_paused(name, false);
         Ok(())
     }
 
@@ -232,7 +236,7 @@ impl<B: Backend> Lab<B> {
             }
         }
         let described: Vec<String> = groups.iter().map(|g| g.join(" ")).collect();
-        self.world.mark("*", "partition", described.join(" | "));
+        self.note("*", "partition", described.join(" | "));
         self.apply_cuts().await?;
         Ok(pairs)
     }
@@ -248,7 +252,7 @@ impl<B: Backend> Lab<B> {
             pairs.push((b.to_owned(), a.to_owned()));
         }
         let arrow = if one_way { "->" } else { "<->" };
-        self.world.mark("*", "cut", format!("{a} {arrow} {b}"));
+        self.note("*", "cut", format!("{a} {arrow} {b}"));
         self.apply_cuts().await?;
         Ok(pairs)
     }
@@ -265,7 +269,7 @@ impl<B: Backend> Lab<B> {
                 self.conditions.clear_all();
             }
         }
-        self.world.mark("*", "heal", pair.map_or("all".into(), |(a, b)| format!("{a} <-> {b}")));
+        self.note("*", "heal", pair.map_or("all".into(), |(a, b)| format!("{a} <-> {b}")));
         self.apply_cuts().await
     }
 
@@ -284,7 +288,9 @@ impl<B: Backend> Lab<B> {
             return Err(anyhow::Error::new(NoNetem).into());
         }
         let pairs: Vec<(String, String)> = match peers {
-            [a, b] => [(a.clone(), b.clone()), (b.clone(), a.clone())].into_iter().take(if one_way { 1 } else { 2 }).collect(),
+            [a, b] => {
+                [(a.clone(), b.clone()), (b.clone(), a.clone())].into_iter().take(if one_way { 1 } else { 2 }).collect()
+            }
             [a] => self
                 .world
                 .names()
@@ -305,7 +311,7 @@ impl<B: Backend> Lab<B> {
             [a] => format!("{a} {arrow} *"),
             _ => unreachable!("checked above"),
         };
-        self.world.mark("*", "condition", format!("{which}: {condition}"));
+        self.note("*", "condition", format!("{which}: {condition}"));
         self.apply_cuts().await?;
         Ok(pairs)
     }
@@ -348,20 +354,20 @@ impl<B: Backend> Lab<B> {
                 for (from, to) in &pairs {
                     self.cuts.heal_directed(from, to);
                 }
-                self.world.mark("*", "heal", describe_pairs(&pairs));
+                self.note("*", "heal", describe_pairs(&pairs));
                 Ok(true)
             }
             Undo::Clear(pairs) => {
                 for (from, to) in &pairs {
                     self.conditions.clear_directed(from, to);
                 }
-                self.world.mark("*", "clear", describe_pairs(&pairs));
+                self.note("*", "clear", describe_pairs(&pairs));
                 Ok(true)
             }
             Undo::Resume(name) => {
                 if self.world.peer(&name).is_some_and(|p| p.paused) {
                     self.backend.resume(&name).await?;
-                    self.world.set_paused(&name, false);
+                    self.set_paused(&name, false);
                 }
                 Ok(false)
             }
@@ -535,10 +541,10 @@ impl<B: Backend> Lab<B> {
             let mut flags = self.common_flags.clone();
             flags.extend(config.flags);
             self.instances += 1;
-            self.world.started(name, self.instances);
+            self.process_started(name, self.instances);
             self.written.remove(*name);
             let via = if config.via.is_empty() { String::new() } else { format!("via {}", config.via.join(", ")) };
-            self.world.mark(name, "start", via);
+            self.note(name, "start", via);
             let keep_state = self.keeps_state.contains(*name);
             let mesh_key = self.mesh_key.clone();
             let spec = PeerSpec { name: name.to_string(), bootstrap, flags, links, keep_state, mesh_key };
@@ -578,7 +584,7 @@ impl<B: Backend> Lab<B> {
             self.resume(name).await?;
         }
         let kind = if how == Stop::Kill { "kill" } else { "stop" };
-        self.world.mark(name, kind, String::new());
+        self.note(name, kind, String::new());
         self.backend.stop(name, how, STOP_GRACE).await?;
         self.await_exit(name, PROCESS_DEADLINE).await?;
         self.written.remove(name);
@@ -606,8 +612,53 @@ impl<B: Backend> Lab<B> {
         Links { cuts, conditions: self.conditions.egress_of(name) }
     }
 
+    /// Keeps the run's history in `path` from now on (docs/report.md).
+    pub fn journal_to(&mut self, path: &std::path::Path, scenario: &str) -> anyhow::Result<()> {
+        self.journal = Some(Journal::create(path, self.world.started, scenario, self.backend.name())?);
+        Ok(())
+    }
+
+    /// Ends the history: the checks are over, teardown follows.
+    pub fn end_journal(&mut self) {
+        if let Some(mut j) = self.journal.take() {
+            j.finish(Instant::now());
+        }
+    }
+
+    /// A mark on the timeline, also in the history.
+    fn note(&mut self, peer: &str, kind: &str, detail: String) {
+        let now = Instant::now();
+        if let Some(j) = &mut self.journal {
+            let entry =
+                Entry::Mark { at_ms: j.at_ms(now), peer: peer.into(), kind: kind.into(), detail: detail.clone() };
+            j.write(&entry);
+        }
+        self.world.mark_at(now, peer, kind, detail);
+    }
+
+    fn set_paused(&mut self, name: &str, paused: bool) {
+        if let Some(j) = &mut self.journal {
+            let at_ms = j.at_ms(Instant::now());
+            j.write(&Entry::Paused { at_ms, peer: name.into(), paused });
+        }
+        self.world.set_paused(name, paused);
+        self.note(name, if paused { "pause" } else { "resume" }, String::new());
+    }
+
+    fn process_started(&mut self, name: &str, instance: u32) {
+        if let Some(j) = &mut self.journal {
+            let at_ms = j.at_ms(Instant::now());
+            j.write(&Entry::Start { at_ms, peer: name.into(), instance });
+        }
+        self.world.started(name, instance);
+    }
+
     /// Gives every peer process its cuts and conditions.
     async fn push_links(&mut self) -> Result<(), LabError> {
+        if let Some(j) = &mut self.journal {
+            let at_ms = j.at_ms(Instant::now());
+            j.write(&Entry::Cuts { at_ms, pairs: cut_pairs(&self.cuts) });
+        }
         // Paused peers too: a packet filter takes effect at once, and a hook command waits in
         // the peer's stdin until it resumes (only live peers are expected to acknowledge).
         let processes: Vec<String> =
@@ -633,7 +684,8 @@ impl<B: Backend> Lab<B> {
             .iter()
             .map(|n| {
                 let links = self.links_of(n);
-                let cuts = links.cuts.into_iter().map(|(o, i, out)| (o, backend::direction(i, out).to_string())).collect();
+                let cuts =
+                    links.cuts.into_iter().map(|(o, i, out)| (o, backend::direction(i, out).to_string())).collect();
                 let conditions = links.conditions.into_iter().map(|(o, c)| (o, c.hook_words())).collect();
                 (n.clone(), cuts, conditions)
             })
@@ -657,6 +709,9 @@ impl<B: Backend> Lab<B> {
     }
 
     fn record(&mut self, o: Observed) {
+        if let Some(j) = &mut self.journal {
+            j.observed(&o);
+        }
         let at = o.at;
         if self.world.observe(o) {
             self.last_event_at = self.last_event_at.max(at);

@@ -13,7 +13,7 @@ use meshlab_lab::lab::NoNetem;
 use meshlab_lab::progress::{Mode, print_line};
 use meshlab_lab::runner::{self, RunOptions};
 use meshlab_lab::scenario::Scenario;
-use meshlab_lab::{Lab, report};
+use meshlab_lab::{Lab, history, report};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// The six-peer demo, built in so that `lab demo` works from anywhere.
@@ -42,6 +42,12 @@ enum Command {
     Demo {
         #[command(flatten)]
         common: Common,
+    },
+    /// Check a finished run again from its history (DIR/events.jsonl, kept with --report DIR):
+    /// every owed line shown exactly once, in order. Exit 0 when it holds, 1 when not.
+    Check {
+        /// A report directory.
+        dir: PathBuf,
     },
     /// List the scenarios in a directory.
     List {
@@ -101,6 +107,7 @@ async fn main() -> ExitCode {
     };
     match cli.command {
         Command::List { dir } => list(&dir),
+        Command::Check { dir } => check(&dir),
         Command::Demo { common } => {
             let scenario =
                 Scenario::parse("six-peer-demo.toml", "six-peer-demo", DEMO).expect("the built-in demo parses");
@@ -123,13 +130,14 @@ async fn main() -> ExitCode {
 }
 
 async fn run_all(scenarios: Vec<Scenario>, common: Common, seed: Option<u64>, interrupt: &mut Signal) -> ExitCode {
-    let options = RunOptions { progress: Mode::for_stdout(), seed };
+    let options = RunOptions { progress: Mode::for_stdout(), seed, history: None };
     let peer = peer_bin(common.peer_bin);
     let several = scenarios.len() > 1;
     let mut failed = 0;
     for (index, scenario) in scenarios.iter().enumerate() {
         let report_dir =
             common.report.as_ref().map(|d| if several { report_dir_of(d, &scenario.name, index) } else { d.clone() });
+        let options = RunOptions { history: report_dir.as_ref().map(|d| d.join("events.jsonl")), ..options.clone() };
         let outcome = match common.backend {
             BackendKind::Process => {
                 run_one(scenario, ProcessBackend::new(&peer), &options, report_dir.as_deref(), interrupt).await
@@ -210,6 +218,45 @@ async fn run_one<B: Backend>(
         print_line(&format!("report: {}", dir.join("report.html").display()));
     }
     Ok(report.passed)
+}
+
+/// Replays a run's history and gives its delivery verdict, next to the one the run gave.
+fn check(dir: &Path) -> ExitCode {
+    let replayed = match history::replay(&dir.join("events.jsonl")) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let d = replayed.world.delivery(&replayed.cuts);
+    let verdict = if d.complete() { "PASS" } else { "FAIL" };
+    print_line(&format!(
+        "{verdict} {} ({}), from its history: {} lines said, {} of {} owed showings, {} lost, {} duplicated, {} out of order, {} gapped",
+        replayed.scenario, replayed.backend, d.said, d.shown, d.owed, d.lost, d.duplicated, d.out_of_order, d.gapped
+    ));
+    for example in &d.lost_examples {
+        print_line(&format!("  lost: {example}"));
+    }
+    let recorded = std::fs::read_to_string(dir.join("report.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|report| report.get("delivery").cloned());
+    match recorded {
+        Some(run) => {
+            let same = ["said", "owed", "shown", "lost", "duplicated", "out_of_order", "gapped"].iter().all(|k| {
+                let replayed = serde_json::to_value(&d).ok().and_then(|v| v.get(k).cloned());
+                run.get(k) == replayed.as_ref()
+            });
+            print_line(if same {
+                "  the same figures as the run's report"
+            } else {
+                "  the run's report.json says otherwise"
+            });
+        }
+        None => print_line("  (no report.json to compare with)"),
+    }
+    if d.complete() { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
 fn list(dir: &Path) -> ExitCode {

@@ -10,7 +10,7 @@ use crate::chaos::{self, ChaosRecord};
 use crate::lab::{Lab, LabError, Undo};
 use crate::progress::{self, Mode, Progress, human};
 use crate::scenario::{Action, Scenario, Step};
-use crate::world::{Delivery, Mark};
+use crate::world::{Delivery, LineOut, Mark};
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -18,6 +18,8 @@ pub struct RunOptions {
     pub progress: Mode,
     /// Replaces the seed of every chaos step.
     pub seed: Option<u64>,
+    /// Keep the run's history (crate::history) in this file.
+    pub history: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -71,8 +73,16 @@ pub struct MeshSnapshot {
     pub cuts: Vec<(String, String)>,
 }
 
+/// The version of report.json's format (docs/report.md).
+pub const REPORT_SCHEMA: u32 = 1;
+
+/// Most showings report.json lists one by one (the delivery figures count them all).
+pub const MAX_LISTED_SHOWINGS: usize = 200_000;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// [`REPORT_SCHEMA`].
+    pub schema: u32,
     pub scenario: String,
     pub description: String,
     pub backend: String,
@@ -93,6 +103,10 @@ pub struct Report {
     pub latency_catch_up: Percentiles,
     pub timeline: Vec<Mark>,
     pub mesh: MeshSnapshot,
+    /// Every line said and each receiver's showing of it.
+    pub lines: Vec<LineOut>,
+    /// Whether showings were left out of `lines` (past [`MAX_LISTED_SHOWINGS`]).
+    pub lines_truncated: bool,
     /// Every peer's stderr (logs), by peer name; written as separate files, not in the JSON.
     #[serde(skip)]
     pub logs: std::collections::BTreeMap<String, Vec<String>>,
@@ -112,6 +126,11 @@ pub async fn run<B: Backend>(scenario: &Scenario, lab: &mut Lab<B>, options: &Ru
     let started = Instant::now();
     let started_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let mut shown = Progress::new(options.progress);
+    if let Some(path) = &options.history
+        && let Err(e) = lab.journal_to(path, &scenario.name)
+    {
+        shown.line(&format!("warning: no history kept: {e:#}"));
+    }
     if shown.enabled() {
         let scale = lab.backend().time_scale();
         let scaled = if scale == 1.0 { String::new() } else { format!("; deadlines x{scale}") };
@@ -152,6 +171,7 @@ pub async fn run<B: Backend>(scenario: &Scenario, lab: &mut Lab<B>, options: &Ru
             error: format!("the scenario did not finish within its timeout ({})", humantime::format_duration(limit)),
         });
     }
+    lab.end_journal();
     let report = finish(scenario, lab, started, started_unix_ms, steps, failure);
     lab.shutdown().await;
     if shown.enabled() {
@@ -368,7 +388,11 @@ fn finish<B: Backend>(
         cuts: lab.cuts().pairs().cloned().collect(),
     };
     let delivery = world.delivery(lab.cuts());
+    let (lines, lines_truncated) = world.line_records(MAX_LISTED_SHOWINGS);
     Report {
+        schema: REPORT_SCHEMA,
+        lines,
+        lines_truncated,
         scenario: scenario.name.clone(),
         description: scenario.description.clone(),
         backend: lab.backend().name().to_string(),

@@ -104,6 +104,10 @@ impl Cuts {
     pub fn pairs(&self) -> impl Iterator<Item = &(String, String)> {
         self.directed.iter()
     }
+
+    pub fn from_pairs(pairs: impl IntoIterator<Item = (String, String)>) -> Cuts {
+        Cuts { directed: pairs.into_iter().collect() }
+    }
 }
 
 /// The lab's view of one named peer (its current process).
@@ -200,6 +204,8 @@ type Nanos = u64;
 struct Receipt {
     count: u32,
     first_at: Nanos,
+    /// The neighbour the first showing came through.
+    via: Key,
     /// When the connection a caught-up line came over last came up (for catch-up latency).
     caught_up_after: Option<Nanos>,
 }
@@ -222,6 +228,30 @@ pub struct Mark {
     pub peer: String,
     pub kind: String,
     pub detail: String,
+}
+
+/// A line said, as the report records it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LineOut {
+    pub msg_id: String,
+    pub sender: String,
+    pub seq: u64,
+    /// When its sender confirmed it (`sent`), from the run's start.
+    pub said_ms: f64,
+    pub showings: Vec<ShowingOut>,
+}
+
+/// A receiver's first showing of a line.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ShowingOut {
+    pub receiver: String,
+    pub at_ms: f64,
+    /// The neighbour it came through (its name).
+    pub via: String,
+    /// Caught up (anti-entropy) rather than sent on directly.
+    pub caught_up: bool,
+    /// How many times it was shown (more than once is a duplicate).
+    pub times: u32,
 }
 
 /// A rule broken, whatever the timing: these fail a run at once.
@@ -352,11 +382,16 @@ impl World {
         if let Some(p) = self.peers.get_mut(name) {
             p.paused = paused;
         }
-        self.mark(name, if paused { "pause" } else { "resume" }, String::new());
     }
 
+    /// Puts a mark on the timeline, now.
     pub fn mark(&mut self, peer: &str, kind: &str, detail: String) {
-        let at_ms = self.started.elapsed().as_millis() as u64;
+        self.mark_at(Instant::now(), peer, kind, detail);
+    }
+
+    /// Puts a mark on the timeline at `at`.
+    pub fn mark_at(&mut self, at: Instant, peer: &str, kind: &str, detail: String) {
+        let at_ms = at.saturating_duration_since(self.started).as_millis() as u64;
         self.timeline.push(Mark { at_ms, peer: peer.to_owned(), kind: kind.to_owned(), detail });
     }
 
@@ -387,7 +422,7 @@ impl World {
                 p.paused = false;
                 p.neighbours.clear();
                 p.exit = Some(status.clone());
-                self.mark(&o.peer, "exit", status);
+                self.mark_at(o.at, &o.peer, "exit", status);
             }
         }
         true
@@ -413,11 +448,11 @@ impl World {
                 self.baselines.entry((me, other)).or_insert(seq);
                 self.link_up.insert((me, other), at);
                 self.peer_mut(name).neighbours.insert(peer.id);
-                self.mark(name, "up", peer.name);
+                self.mark_at(at, name, "up", peer.name);
             }
             PeerEvent::PeerDown { peer, reason } => {
                 self.peer_mut(name).neighbours.remove(&peer.id);
-                self.mark(name, "down", format!("{} ({reason})", peer.name));
+                self.mark_at(at, name, "down", format!("{} ({reason})", peer.name));
             }
             PeerEvent::Sent { msg_id, seq, text } => self.on_sent(name, at, msg_id, seq, text),
             PeerEvent::Message { msg_id, seq, from, via, caught_up, text } => {
@@ -426,10 +461,10 @@ impl World {
             PeerEvent::Gap { from, upto, .. } => {
                 let key = (self.key_of(name), self.ids.intern(&from.id));
                 self.gapped_upto.insert(key, upto);
-                self.mark(name, "gap", from.name);
+                self.mark_at(at, name, "gap", from.name);
             }
-            PeerEvent::Error { message } => self.mark(name, "error", message),
-            PeerEvent::Notice { from, text } => self.mark(name, "notice", format!("{}: {text}", from.name)),
+            PeerEvent::Error { message } => self.mark_at(at, name, "error", message),
+            PeerEvent::Notice { from, text } => self.mark_at(at, name, "notice", format!("{}: {text}", from.name)),
             PeerEvent::Hook { cuts, conditions } => {
                 let p = self.peer_mut(name);
                 p.hook = cuts;
@@ -540,6 +575,7 @@ impl World {
         self.last_shown.insert(order_key, seq.max(last));
         self.peer_mut(name).holds.insert(msg);
         let first_at = self.nanos(at);
+        let via_key = self.ids.intern(via);
         let caught_up_after = match self.ids.get(via) {
             Some(via) if caught_up => self.link_up.get(&(me, via)).map(|t| self.nanos(*t)),
             _ => None,
@@ -548,7 +584,7 @@ impl World {
         let mut first = false;
         self.receipts.entry((me, msg)).and_modify(|r| r.count += 1).or_insert_with(|| {
             first = true;
-            Receipt { count: 1, first_at, caught_up_after }
+            Receipt { count: 1, first_at, via: via_key, caught_up_after }
         });
         if first {
             let record = self.record_of(msg);
@@ -715,6 +751,54 @@ impl World {
         }
         d.last_shown_at = last_shown.map(|t| self.instant(t));
         d
+    }
+
+    /// Every line said, with each showing of it (the first by each receiver), in the order
+    /// said; at most `limit` showings in all (the second value says whether some were left
+    /// out).
+    pub fn line_records(&self, limit: usize) -> (Vec<LineOut>, bool) {
+        let mut by_msg: HashMap<Key, Vec<(Key, &Receipt)>> = HashMap::new();
+        for ((receiver, msg), r) in &self.receipts {
+            by_msg.entry(*msg).or_default().push((*receiver, r));
+        }
+        let mut left = limit;
+        let mut truncated = false;
+        let ms = |n: Nanos| (n as f64 / 1e3).round() / 1e3;
+        let lines = self
+            .said
+            .iter()
+            .zip(&self.said_keys)
+            .map(|(s, (msg, _))| {
+                let mut showings: Vec<ShowingOut> = by_msg
+                    .get(msg)
+                    .map(|v| {
+                        v.iter()
+                            .map(|(receiver, r)| ShowingOut {
+                                receiver: self.name_of_key(*receiver),
+                                at_ms: ms(r.first_at),
+                                via: self.name_of_key(r.via),
+                                caught_up: r.caught_up_after.is_some(),
+                                times: r.count,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                showings.sort_by(|a, b| a.at_ms.total_cmp(&b.at_ms));
+                if showings.len() > left {
+                    truncated = true;
+                    showings.truncate(left);
+                }
+                left -= showings.len();
+                LineOut {
+                    msg_id: s.msg_id.clone(),
+                    sender: s.origin_name.clone(),
+                    seq: s.seq,
+                    said_ms: ms(self.nanos(s.at)),
+                    showings,
+                }
+            })
+            .collect();
+        (lines, truncated)
     }
 
     /// Showings recorded so far (first showings of a line by a receiver).

@@ -428,3 +428,23 @@ fn a_closed_stdout_never_stops_a_run_or_its_report() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(report.join("report.json").exists() && report.join("report.html").exists());
 }
+
+/// `lab check DIR` re-checks a finished run from the history `--report DIR` kept, and says
+/// whether it agrees with the run's report.
+#[test]
+fn lab_check_rechecks_a_finished_run_from_its_history() {
+    let dir = temp_dir("check");
+    let peer = lonely_peer(&dir);
+    let file = scenario(&dir, "alone.toml", "[[step]]\nstart = \"a\"\n[[step]]\nawait = \"delivery\"\n");
+    let report = dir.join("report");
+    let run = lab().args(["run", "--peer-bin"]).arg(&peer).arg("--report").arg(&report).arg(&file).output().unwrap();
+    assert_eq!(run.status.code(), Some(0), "{}", String::from_utf8_lossy(&run.stderr));
+    let out = lab().arg("check").arg(&report).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.starts_with("PASS alone (process), from its history"), "{stdout}");
+    assert!(stdout.contains("the same figures as the run's report"), "{stdout}");
+    let missing = lab().arg("check").arg(dir.join("nowhere")).output().unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot open"), "a clear error");
+}
