@@ -449,6 +449,44 @@ async fn a_delivery_check_that_should_fail_does_fail() {
     lab.shutdown().await;
 }
 
+/// The report renders in a real browser (headless Chromium): every figure is there, drawn,
+/// and nothing is wider than the window; each figure is also an SVG file of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_renders_in_a_headless_browser() {
+    let _serial = support::shared();
+    let dir = std::env::temp_dir().join(format!("meshlab-report-{}", std::process::id()));
+    let scenario = Scenario::load(&scenarios_dir().join("partition-heal.toml")).unwrap();
+    let report = runner::run(&scenario, &mut process_lab(), &RunOptions::default()).await;
+    assert!(report.passed, "{:?}", report.failure);
+    meshlab_lab::report::write(&dir, &report).unwrap();
+    let figures = ["timeline", "latency", "cdf", "rate", "connections", "mesh"];
+    for f in figures {
+        let svg = std::fs::read_to_string(dir.join("figures").join(format!("{f}.svg"))).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{f}.svg is an SVG of its own");
+    }
+    let page = format!("file://{}", dir.join("report.html").display());
+    let chromium = |args: &[&str]| {
+        let out = std::process::Command::new("chromium")
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,2000"])
+            .args(args)
+            .arg(&page)
+            .output()
+            .expect("chromium renders the report in this test: install it (.ci/run does: apt-get install chromium)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out
+    };
+    let dom = String::from_utf8(chromium(&["--dump-dom"]).stdout).unwrap();
+    for f in figures {
+        assert!(dom.contains(&format!("<figure id=\"{f}\">")), "figure {f} is on the page");
+    }
+    assert!(dom.matches("<svg").count() >= figures.len(), "every figure is drawn");
+    assert!(dom.contains("data-overflow=\"false\""), "nothing is wider than the window");
+    let shot = dir.join("shot.png");
+    chromium(&[&format!("--screenshot={}", shot.display())]);
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "a screenshot with something on it");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The delivery checker is a function of the recorded history: replayed from events.jsonl
 /// alone, a run gives the verdict and figures it gave live, failed or passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -162,6 +162,36 @@ impl Fault {
     }
 }
 
+impl std::fmt::Display for Fault {
+    /// As a person would say it: `kill p03`, `partition p01 p02 | p03 p04`, `10% loss p01 <-> p02`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pairs = |pairs: &[(String, String)]| {
+            pairs.iter().map(|(a, b)| format!("{a} -> {b}")).collect::<Vec<_>>().join(", ")
+        };
+        match self {
+            Fault::Kill { peer } => write!(f, "kill {peer}"),
+            Fault::Stop { peer } => write!(f, "stop {peer} (graceful)"),
+            Fault::Start { peer } => write!(f, "start {peer}"),
+            Fault::Restart { peer } => write!(f, "restart {peer} (crash and reboot)"),
+            Fault::Partition { groups } => {
+                let groups: Vec<String> = groups.iter().map(|g| g.join(" ")).collect();
+                write!(f, "partition {}", groups.join(" | "))
+            }
+            Fault::Cut { a, b } => write!(f, "cut {a} <-> {b}"),
+            Fault::OneWay { from, to } => write!(f, "cut {from} -> {to} (one way)"),
+            Fault::Heal => write!(f, "heal everything"),
+            Fault::Pause { peer } => write!(f, "pause {peer}"),
+            Fault::Resume { peer } => write!(f, "resume {peer}"),
+            Fault::Mend { pairs: p } => write!(f, "heal {} (held long enough)", pairs(p)),
+            Fault::Clear { pairs: p } => write!(f, "lift the condition on {} (held long enough)", pairs(p)),
+            link => {
+                let (a, b, condition) = link.condition().expect("every other fault is a link condition");
+                write!(f, "{condition} on {a} <-> {b}")
+            }
+        }
+    }
+}
+
 /// One scheduled action, at an offset from the step's start.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Planned {

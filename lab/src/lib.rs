@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod chaos;
 pub mod event;
+pub mod figures;
 pub mod history;
 pub mod lab;
 pub mod link;

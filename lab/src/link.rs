@@ -132,7 +132,8 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
         .iter()
         .find_map(|(unit, scale)| t.strip_suffix(unit).map(|n| (n.trim().to_owned(), *scale)))
         .unwrap_or((t.clone(), 1.0));
-    let value: f64 = number.parse().map_err(|_| format!("bad rate {text:?}: write bits per second, as 64kbit or 1mbit"))?;
+    let value: f64 =
+        number.parse().map_err(|_| format!("bad rate {text:?}: write bits per second, as 64kbit or 1mbit"))?;
     let bits = value * scale;
     if !(bits.is_finite() && bits >= 1.0 && bits <= MAX_RATE as f64) {
         return Err(format!("bad rate {text:?}: at most {}", human_rate(MAX_RATE)));
@@ -143,7 +144,11 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
 /// Reads a loss: a percentage, as `10%` or `10`.
 pub fn parse_loss(text: &str) -> Result<f64, String> {
     let t = text.trim();
-    t.strip_suffix('%').unwrap_or(t).trim().parse().map_err(|_| format!("bad loss {text:?}: write a percentage, as 10%"))
+    t.strip_suffix('%')
+        .unwrap_or(t)
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad loss {text:?}: write a percentage, as 10%"))
 }
 
 /// Conditions by directed pair of peer names: (from, to) applies to what from sends to.
@@ -214,7 +219,8 @@ pub fn shaping_commands(dev: &str, conditions: &[(Ipv4Addr, Condition)]) -> Vec<
                 delay.as_millis()
             ));
         }
-        commands.push(format!("filter add dev {dev} parent 1: protocol ip prio 1 u32 match ip dst {ip}/32 flowid {class}"));
+        commands
+            .push(format!("filter add dev {dev} parent 1: protocol ip prio 1 u32 match ip dst {ip}/32 flowid {class}"));
     }
     commands
 }
@@ -252,7 +258,10 @@ mod tests {
         let mut all = Conditions::default();
         all.set("a", "b", Condition { loss: Some(5.0), ..Default::default() });
         all.set("a", "b", Condition { rate: Some(64_000), ..Default::default() });
-        assert_eq!(all.egress_of("a"), vec![("b".into(), Condition { loss: Some(5.0), rate: Some(64_000), ..Default::default() })]);
+        assert_eq!(
+            all.egress_of("a"),
+            vec![("b".into(), Condition { loss: Some(5.0), rate: Some(64_000), ..Default::default() })]
+        );
         assert!(all.egress_of("b").is_empty());
         all.clear_pair("b", "a");
         assert!(all.is_empty());

@@ -214,8 +214,10 @@ async fn run_one<B: Backend>(
         }
     };
     if let Some(dir) = report_dir {
+        let writing = std::time::Instant::now();
         report::write(dir, &report)?;
-        print_line(&format!("report: {}", dir.join("report.html").display()));
+        let took = meshlab_lab::progress::human(writing.elapsed());
+        print_line(&format!("report: {} (written in {took})", dir.join("report.html").display()));
     }
     Ok(report.passed)
 }

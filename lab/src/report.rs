@@ -1,21 +1,30 @@
-//! Writes a run's report: `report.json` for programs and `report.html` for people, with the
-//! steps, the delivery figures, a timeline of every peer and the final mesh drawn as a graph.
+//! Writes a run's report: `report.json` for programs (docs/report.md), `report.html` for people
+//! (maud), and each figure as an SVG of its own under `figures/` (crate::figures), to be taken
+//! out into a paper or a slide; each peer's log goes to `logs/NAME.log`.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Context;
+use maud::{DOCTYPE, Markup, PreEscaped, html};
 
+use crate::figures::{self, Figure};
+use crate::progress::human;
 use crate::runner::{Percentiles, Report};
 
-/// Writes `report.json`, `report.html` and each peer's log (`logs/NAME.log`, its stderr) into
-/// `dir` (created if needed).
+/// Writes `report.json`, `report.html`, `figures/*.svg` and the peers' logs into `dir`
+/// (created if needed).
 pub fn write(dir: &Path, report: &Report) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir.join("logs")).with_context(|| format!("cannot create {}", dir.display()))?;
+    for sub in ["logs", "figures"] {
+        std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     let json = serde_json::to_string_pretty(report).expect("reports serialise");
     std::fs::write(dir.join("report.json"), json).context("cannot write report.json")?;
-    std::fs::write(dir.join("report.html"), html(report)).context("cannot write report.html")?;
+    let figures = figures::all(report)?;
+    for f in &figures {
+        std::fs::write(dir.join("figures").join(format!("{}.svg", f.id)), &f.svg).context("cannot write a figure")?;
+    }
+    std::fs::write(dir.join("report.html"), page(report, &figures).into_string()).context("cannot write report.html")?;
     for (peer, lines) in &report.logs {
         let mut text = lines.join("\n");
         text.push('\n');
@@ -24,241 +33,162 @@ pub fn write(dir: &Path, report: &Report) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+fn ms(ms: f64) -> String {
+    human(Duration::from_secs_f64(ms.max(0.0) / 1000.0))
 }
 
-fn html(r: &Report) -> String {
-    let mut h = String::new();
-    let verdict = if r.passed { "<span class=pass>PASS</span>" } else { "<span class=fail>FAIL</span>" };
-    let _ = write!(
-        h,
-        "<!doctype html><html><head><meta charset=utf-8><title>{name} — meshlab report</title><style>{CSS}</style></head><body>\
-         <h1>{verdict} {name}</h1><p class=desc>{desc}</p>\
-         <p>{backend} backend{scale} · {wall:.2} s wall time</p><p class=desc>{method}{cooperative}</p>",
-        name = esc(&r.scenario),
-        desc = esc(&r.description),
-        backend = esc(&r.backend),
-        method = esc(&r.method),
-        cooperative = if r.cooperative {
-            " — cuts and link conditions here are <b>cooperative</b>: the peers under test apply them"
-        } else {
-            ""
-        },
-        scale = if r.time_scale == 1.0 { String::new() } else { format!(" (deadlines ×{})", r.time_scale) },
-        wall = r.wall_ms / 1000.0,
-    );
-    if let Some(f) = &r.failure {
-        let _ = write!(
-            h,
-            "<pre class=failure>step {} (line {}): {}\n{}</pre>",
-            f.step,
-            f.line,
-            esc(&f.action),
-            esc(&f.error)
-        );
-    }
-    let d = &r.delivery;
-    let _ = write!(
-        h,
-        "<h2>Delivery</h2><table><tr><th>lines said</th><th>owed showings</th><th>shown</th><th>lost</th><th>duplicated</th><th>out of order</th><th>gapped</th></tr>\
-         <tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr></table>",
-        d.said, d.owed, d.shown, d.lost, d.duplicated, d.out_of_order, d.gapped
-    );
-    h.push_str("<table><tr><th>receiver</th><th>owed</th><th>shown</th><th>lost</th><th>duplicated</th><th>out of order</th><th>gapped</th></tr>");
-    for (name, rc) in &d.per_receiver {
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(name),
-            rc.owed,
-            rc.shown,
-            rc.lost,
-            rc.duplicated,
-            rc.out_of_order,
-            rc.gapped
-        );
-    }
-    h.push_str("</table>");
-    if let Some(chaos) = r.steps.iter().find_map(|s| s.chaos.as_ref()) {
-        let listed = chaos.faults.len();
-        let first = if listed < chaos.fault_count() { format!(", the first {listed} listed") } else { String::new() };
-        let _ = write!(
-            h,
-            "<h2>Chaos</h2><p>seed {} · {} lines said · {} faults{first}:</p><ol>",
-            chaos.seed,
-            chaos.lines,
-            chaos.fault_count()
-        );
-        for f in &chaos.faults {
-            let what = serde_json::to_string(&f.action).unwrap_or_default();
-            let _ = write!(h, "<li>{:.1} s: {}</li>", f.at_ms as f64 / 1000.0, esc(&what));
-        }
-        h.push_str("</ol>");
-    }
-    h.push_str("<table><tr><th>latency</th><th>showings</th><th>p50</th><th>p99</th><th>max</th></tr>");
-    for (label, p) in [("direct", &r.latency_direct), ("caught up", &r.latency_catch_up)] {
-        let Percentiles { count, p50_ms, p99_ms, max_ms } = p;
-        let _ = write!(
-            h,
-            "<tr><td>{label}</td><td>{count}</td><td>{p50_ms:.2} ms</td><td>{p99_ms:.2} ms</td><td>{max_ms:.2} ms</td></tr>"
-        );
-    }
-    h.push_str("</table><h2>Timeline</h2>");
-    h.push_str(&timeline_svg(r));
-    h.push_str("<h2>Final mesh</h2>");
-    h.push_str(&mesh_svg(r));
-    h.push_str("<h2>Steps</h2><table><tr><th>#</th><th>line</th><th>step</th><th>at</th><th>took</th><th></th></tr>");
-    for s in &r.steps {
-        let status = if s.ok { "ok" } else { "<span class=fail>failed</span>" };
-        let note = s.note.as_deref().map(|n| format!("<br><small>{}</small>", esc(n))).unwrap_or_default();
-        let detail = s.detail.as_deref().map(esc).unwrap_or_default();
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{}{note}</td><td>{:.1} ms</td><td>{:.1} ms</td><td>{status} <small>{detail}</small></td></tr>",
-            s.index,
-            s.line,
-            esc(&s.action),
-            s.started_ms,
-            s.elapsed_ms
-        );
-    }
-    h.push_str("</table></body></html>\n");
-    h
-}
-
-const CSS: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}\
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}\
-.pass{color:#1a7f37}.fail{color:#c62828}.failure{background:#fdecea;padding:1em;white-space:pre-wrap}\
-.desc{color:#555}svg{background:#fafafa;border:1px solid #ddd}";
-
-/// One row per peer: when its processes ran, its links coming up and down, and the lab's
-/// actions (starts, kills, partitions, heals) as markers.
-fn timeline_svg(r: &Report) -> String {
-    let peers: Vec<&String> = r.mesh.peers.iter().map(|(n, _)| n).collect();
-    let row: BTreeMap<&str, usize> = peers.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
-    let (left, width, row_h) = (90.0, 900.0, 22.0);
-    let height = 30.0 + row_h * peers.len() as f64;
-    let end = r.wall_ms.max(1.0);
-    let x = |ms: f64| left + width * (ms / end);
-    let mut s = format!("<svg width='{}' height='{height}' xmlns='http://www.w3.org/2000/svg'>", left + width + 20.0);
-    for (i, name) in peers.iter().enumerate() {
-        let y = 20.0 + row_h * i as f64;
-        let _ = write!(s, "<text x='4' y='{}'>{}</text>", y + 14.0, esc(name));
-        let _ = write!(
-            s,
-            "<line x1='{left}' x2='{}' y1='{}' y2='{}' stroke='#eee'/>",
-            left + width,
-            y + row_h / 2.0,
-            y + row_h / 2.0
-        );
-    }
-    // Process lifetimes: from each start to the next exit (or the end).
-    let mut alive: BTreeMap<&str, f64> = BTreeMap::new();
-    let mut bars = Vec::new();
-    for m in &r.timeline {
-        match m.kind.as_str() {
-            "start" => {
-                alive.insert(&m.peer, m.at_ms as f64);
+fn page(r: &Report, figures: &[Figure]) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (r.scenario) " — meshlab report" }
+                style { (PreEscaped(CSS)) }
             }
-            "exit" => {
-                if let Some(from) = alive.remove(m.peer.as_str()) {
-                    bars.push((m.peer.as_str(), from, m.at_ms as f64));
+            body {
+                header {
+                    h1 {
+                        @if r.passed { span.pass { "PASS" } } @else { span.fail { "FAIL" } }
+                        " " (r.scenario)
+                    }
+                    @if !r.description.is_empty() { p.desc { (r.description) } }
+                    p {
+                        (r.backend) " backend"
+                        @if r.time_scale != 1.0 { " (deadlines ×" (r.time_scale) ")" }
+                        " · " (ms(r.wall_ms)) " wall time · " (r.delivery.said) " lines said"
+                    }
+                    p.desc {
+                        (r.method)
+                        @if r.cooperative { " — cuts and link conditions here are " b { "cooperative" } ": the peers under test apply them" }
+                    }
+                }
+                @if let Some(f) = &r.failure {
+                    pre.failure { "step " (f.step) " (line " (f.line) "): " (f.action) "\n" (f.error) }
+                }
+                (delivery(r))
+                @for f in figures {
+                    figure id=(f.id) {
+                        figcaption { (f.title) " " a href={ "figures/" (f.id) ".svg" } { "(SVG)" } }
+                        div.plot { (PreEscaped(&f.svg)) }
+                        p.note { (caption(f.id)) }
+                    }
+                }
+                (chaos(r))
+                (steps(r))
+                script { (PreEscaped(OVERFLOW_CHECK)) }
+            }
+        }
+    }
+}
+
+/// Marks the page when anything is wider than the window (checked in a headless browser by
+/// the tests).
+const OVERFLOW_CHECK: &str = "document.body.dataset.overflow = String(document.documentElement.scrollWidth > window.innerWidth);";
+
+fn caption(id: &str) -> &'static str {
+    match id {
+        "timeline" => "One row per peer. Blue bars: a process running; green and red ticks: a neighbour up and down (left out above 4,000); shaded: partitions, cuts and link conditions across the mesh, and each peer's pauses and downtime.",
+        "latency" => "Each showing's latency against when its line was said; direct showings and those caught up after a reconnection apart. Faults shaded behind.",
+        "cdf" => "The share of showings within a given latency.",
+        "rate" => "Lines said, and first showings, in each second of the run.",
+        "connections" => "Pairs of peers connected, from the links each side reports; the grey line is a full mesh of every peer named.",
+        _ => "The mesh at the end: up to 16 peers on a circle (blue: connected, dashed red: cut, grey: not running); above, an adjacency matrix.",
+    }
+}
+
+fn delivery(r: &Report) -> Markup {
+    let d = &r.delivery;
+    let troubled: Vec<_> = d
+        .per_receiver
+        .iter()
+        .filter(|(_, rc)| rc.lost + rc.duplicated + rc.out_of_order + rc.gapped > 0)
+        .collect();
+    let quiet = d.per_receiver.len() - troubled.len();
+    html! {
+        h2 { "Delivery" }
+        table {
+            tr { th { "lines said" } th { "owed showings" } th { "shown" } th { "lost" } th { "duplicated" } th { "out of order" } th { "gapped" } }
+            tr { td { (d.said) } td { (d.owed) } td { (d.shown) } td { (d.lost) } td { (d.duplicated) } td { (d.out_of_order) } td { (d.gapped) } }
+        }
+        @if !troubled.is_empty() {
+            table {
+                tr { th { "receiver" } th { "owed" } th { "shown" } th { "lost" } th { "duplicated" } th { "out of order" } th { "gapped" } }
+                @for (name, rc) in &troubled {
+                    tr { td { (name) } td { (rc.owed) } td { (rc.shown) } td { (rc.lost) } td { (rc.duplicated) } td { (rc.out_of_order) } td { (rc.gapped) } }
                 }
             }
-            _ => {}
+        }
+        @if quiet > 0 {
+            p.note {
+                @if troubled.is_empty() { "All " } @else { "The other " }
+                (quiet) " receivers showed every line owed to them once, in order."
+            }
+        }
+        @for example in &d.lost_examples { p.fail { "lost: " (example) } }
+        table {
+            tr { th { "latency" } th { "showings" } th { "p50" } th { "p99" } th { "max" } }
+            @for (label, p) in [("direct", &r.latency_direct), ("caught up", &r.latency_catch_up)] {
+                @let Percentiles { count, p50_ms, p99_ms, max_ms } = p;
+                tr { td { (label) } td { (count) } td { (ms(*p50_ms)) } td { (ms(*p99_ms)) } td { (ms(*max_ms)) } }
+            }
         }
     }
-    bars.extend(alive.into_iter().map(|(p, from)| (p, from, end)));
-    for (peer, from, to) in bars {
-        let Some(&i) = row.get(peer) else { continue };
-        let y = 20.0 + row_h * i as f64 + 5.0;
-        let _ = write!(
-            s,
-            "<rect x='{:.1}' y='{y}' width='{:.1}' height='12' fill='#cfe3ff' rx='3'/>",
-            x(from),
-            (x(to) - x(from)).max(1.0)
-        );
-    }
-    for m in &r.timeline {
-        let at = x(m.at_ms as f64);
-        let title = format!("<title>{:.0} ms {} {} {}</title>", m.at_ms, esc(&m.peer), esc(&m.kind), esc(&m.detail));
-        if m.peer == "*" {
-            let colour = if m.kind == "heal" { "#1a7f37" } else { "#c62828" };
-            let _ = write!(
-                s,
-                "<line x1='{at:.1}' x2='{at:.1}' y1='14' y2='{height}' stroke='{colour}' stroke-dasharray='4 3'>{title}</line>\
-                 <text x='{:.1}' y='11' fill='{colour}' font-size='10'>{}</text>",
-                at + 2.0,
-                esc(&m.kind)
-            );
-            continue;
-        }
-        let Some(&i) = row.get(m.peer.as_str()) else { continue };
-        let y = 20.0 + row_h * i as f64;
-        let (colour, h) = match m.kind.as_str() {
-            "up" => ("#1a7f37", 6.0),
-            "down" => ("#c62828", 6.0),
-            "kill" | "exit" => ("#000", 16.0),
-            "stop" => ("#555", 16.0),
-            "start" => ("#1565c0", 16.0),
-            _ => ("#e65100", 10.0),
-        };
-        let y0 = y + row_h / 2.0 - h / 2.0;
-        let _ = write!(
-            s,
-            "<line x1='{at:.1}' x2='{at:.1}' y1='{y0}' y2='{}' stroke='{colour}' stroke-width='2'>{title}</line>",
-            y0 + h
-        );
-    }
-    s.push_str("</svg><p><small>Rows: peers; blue bars: a process running; green/red ticks: a neighbour up/down; black: kill or exit; dashed lines: partitions, cuts (red) and heals (green). Hover for details.</small></p>");
-    s
 }
 
-/// Peers on a circle; links between connected pairs, cut pairs dashed in red, stopped peers grey.
-fn mesh_svg(r: &Report) -> String {
-    let n = r.mesh.peers.len().max(1);
-    let (cx, cy, radius) = (220.0, 200.0, 150.0);
-    let pos: BTreeMap<&str, (f64, f64)> = r
-        .mesh
-        .peers
-        .iter()
-        .enumerate()
-        .map(|(i, (name, _))| {
-            let a = std::f64::consts::TAU * i as f64 / n as f64 - std::f64::consts::FRAC_PI_2;
-            (name.as_str(), (cx + radius * a.cos(), cy + radius * a.sin()))
-        })
-        .collect();
-    let mut s = String::from("<svg width='440' height='400' xmlns='http://www.w3.org/2000/svg'>");
-    for (a, b) in &r.mesh.links {
-        let ((x1, y1), (x2, y2)) = (pos[a.as_str()], pos[b.as_str()]);
-        let _ = write!(
-            s,
-            "<line x1='{x1:.1}' y1='{y1:.1}' x2='{x2:.1}' y2='{y2:.1}' stroke='#1565c0' stroke-width='1.5'/>"
-        );
+fn chaos(r: &Report) -> Markup {
+    html! {
+        @for step in &r.steps {
+            @if let Some(chaos) = &step.chaos {
+                h2 { "Chaos (step " (step.index) ")" }
+                p {
+                    "seed " (chaos.seed) " · " (chaos.lines) " lines said · " (chaos.fault_count()) " faults"
+                    @if chaos.faults.len() < chaos.fault_count() { ", the first " (chaos.faults.len()) " listed" }
+                }
+                table {
+                    tr { th { "at" } th { "fault" } }
+                    @for f in &chaos.faults {
+                        tr {
+                            td { (ms(step.started_ms + f.at_ms as f64)) }
+                            td { (describe(&f.action)) }
+                        }
+                    }
+                }
+            }
+        }
     }
-    for (a, b) in &r.mesh.cuts {
-        let (Some(&(x1, y1)), Some(&(x2, y2))) = (pos.get(a.as_str()), pos.get(b.as_str())) else { continue };
-        let _ = write!(
-            s,
-            "<line x1='{x1:.1}' y1='{y1:.1}' x2='{x2:.1}' y2='{y2:.1}' stroke='#c62828' stroke-dasharray='5 4'/>"
-        );
-    }
-    for (name, running) in &r.mesh.peers {
-        let (x, y) = pos[name.as_str()];
-        let fill = if *running { "#fff" } else { "#ddd" };
-        let _ = write!(
-            s,
-            "<circle cx='{x:.1}' cy='{y:.1}' r='16' fill='{fill}' stroke='#333'/><text x='{x:.1}' y='{:.1}' text-anchor='middle' font-size='11'>{}</text>",
-            y + 4.0,
-            esc(name)
-        );
-    }
-    let _ = write!(
-        s,
-        "</svg><p><small>{} links among {} running peers; dashed red: cut; grey: not running.</small></p>",
-        r.mesh.links.len(),
-        r.mesh.peers.iter().filter(|(_, up)| *up).count()
-    );
-    s
 }
+
+fn describe(action: &crate::chaos::Action) -> String {
+    match action {
+        crate::chaos::Action::Fault(f) => f.to_string(),
+        crate::chaos::Action::Say { say } => format!("{say} says a line"),
+    }
+}
+
+fn steps(r: &Report) -> Markup {
+    html! {
+        h2 { "Steps" }
+        table {
+            tr { th { "#" } th { "line" } th { "step" } th { "at" } th { "took" } th { "" } }
+            @for s in &r.steps {
+                tr {
+                    td { (s.index) } td { (s.line) }
+                    td { (s.action) @if let Some(n) = &s.note { br; small { (n) } } }
+                    td { (ms(s.started_ms)) } td { (ms(s.elapsed_ms)) }
+                    td {
+                        @if s.ok { "ok" } @else { span.fail { "failed" } }
+                        " " small { (s.detail.as_deref().unwrap_or_default()) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+const CSS: &str = "body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1000px;padding:0 1em;color:#222}\
+table{border-collapse:collapse;margin:.5em 0;max-width:100%}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top;overflow-wrap:anywhere}\
+.pass{color:#1a7f37}.fail{color:#c62828}.failure{background:#fdecea;padding:1em;white-space:pre-wrap;overflow-wrap:anywhere}\
+.desc,.note{color:#555}figure{margin:1.5em 0}figcaption{font-weight:600;margin-bottom:.3em}\
+.plot svg{max-width:100%;height:auto;border:1px solid #ddd}";

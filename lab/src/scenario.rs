@@ -258,7 +258,19 @@ struct RawScenario {
 const VERBS: &str =
     "start, stop, kill, restart, pause, resume, partition, cut, condition, heal, say, await, sleep or chaos";
 pub const FAULTS: &[&str] = &[
-    "kill", "restart", "stop", "start", "partition", "cut", "one-way", "heal", "pause", "resume", "loss", "rate", "delay",
+    "kill",
+    "restart",
+    "stop",
+    "start",
+    "partition",
+    "cut",
+    "one-way",
+    "heal",
+    "pause",
+    "resume",
+    "loss",
+    "rate",
+    "delay",
 ];
 /// The faults a chaos step draws when it names none. Pauses are asked for by name (`faults`):
 /// after a pause of tens of seconds amid other faults, a resumed peer has been seen not to
@@ -498,7 +510,9 @@ impl RawStep {
             "condition" => {
                 let peers = names(self.condition)?;
                 if peers.len() > 2 || peers.len() == 2 && peers[0] == peers[1] {
-                    return Err("a condition is on one peer (all its links) or on the link between two different peers".into());
+                    return Err(
+                        "a condition is on one peer (all its links) or on the link between two different peers".into(),
+                    );
                 }
                 let condition = Condition {
                     loss: self.loss.map(|q| quantity(q, link::parse_loss)).transpose()?,
@@ -910,7 +924,10 @@ mod tests {
         .unwrap();
         let ms = Duration::from_millis;
         let lossy = Condition { loss: Some(10.0), rate: Some(1_000_000), ..Default::default() };
-        assert_eq!(s.steps[1].action, Action::Condition { peers: vec!["a".into(), "b".into()], condition: lossy, one_way: false });
+        assert_eq!(
+            s.steps[1].action,
+            Action::Condition { peers: vec!["a".into(), "b".into()], condition: lossy, one_way: false }
+        );
         assert_eq!(s.steps[1].hold, Some(Duration::from_secs(5)));
         let late = Condition { delay: Some(ms(50)), jitter: Some(ms(10)), ..Default::default() };
         assert_eq!(s.steps[2].action, Action::Condition { peers: vec!["a".into()], condition: late, one_way: true });
@@ -932,7 +949,10 @@ mod tests {
         assert!(with("chaos = \"1s\"\nhold = [\"5s\", \"1s\"]\n").contains("shortest hold first"));
         assert!(with("chaos = \"1s\"\nrate = \"1mbit\"\n").contains("lines a second"));
         assert!(with("await = \"mesh\"\np99 = \"1s\"\n").contains("`p99` applies to await = \"delivery\""));
-        assert!(!parse("[[step]]\nstart = \"a\"\n[[step]]\nchaos = \"1s\"\n").unwrap().needs_delay(), "the default nemesis never delays");
+        assert!(
+            !parse("[[step]]\nstart = \"a\"\n[[step]]\nchaos = \"1s\"\n").unwrap().needs_delay(),
+            "the default nemesis never delays"
+        );
     }
 
     #[test]

@@ -259,7 +259,8 @@ impl Backend for DockerBackend {
             self.docker.inspect_container(&id, None::<bollard::query_parameters::InspectContainerOptions>).await?.state;
         let pid = state.and_then(|s| s.pid).filter(|p| *p > 0).context("the container has no process")? as u32;
         let exited = watch_output(self.docker.clone(), id.clone(), attached.output, &spec.name, instance, events);
-        self.peers.insert(spec.name.clone(), Container { id, pid, input: attached.input, exited, links: Links::default() });
+        self.peers
+            .insert(spec.name.clone(), Container { id, pid, input: attached.input, exited, links: Links::default() });
         if self.method == CutMethod::PacketFilter && spec.links != Links::default() {
             self.set_links(&spec.name, &spec.links).await?;
         }

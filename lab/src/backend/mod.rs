@@ -275,11 +275,14 @@ pub async fn apply_links(
     mut address_of: impl FnMut(&str) -> anyhow::Result<Ipv4Addr>,
 ) -> anyhow::Result<()> {
     let with = |tail: &[&'static str]| -> Vec<String> { enter.iter().chain(tail).map(|s| s.to_string()).collect() };
-    if old.cuts != new.cuts || old.conditions.iter().map(|c| (&c.0, c.1.loss)).ne(new.conditions.iter().map(|c| (&c.0, c.1.loss))) {
+    if old.cuts != new.cuts
+        || old.conditions.iter().map(|c| (&c.0, c.1.loss)).ne(new.conditions.iter().map(|c| (&c.0, c.1.loss)))
+    {
         let rules = filter_rules(new, &mut address_of)?;
         feed(&with(&["iptables-restore"]), &rules).await.context("iptables-restore failed")?;
     }
-    let shaping = |l: &Links| -> Vec<(String, Condition)> { l.conditions.iter().filter(|(_, c)| c.shapes()).cloned().collect() };
+    let shaping =
+        |l: &Links| -> Vec<(String, Condition)> { l.conditions.iter().filter(|(_, c)| c.shapes()).cloned().collect() };
     if shaping(old) != shaping(new) {
         let mut shaped = Vec::new();
         for (other, c) in shaping(new) {

@@ -158,9 +158,7 @@ impl Namespaces {
         });
         let running: Vec<anyhow::Result<std::process::Child>> = insides.collect();
         for ((name, ip, ns), child) in new.into_iter().zip(running) {
-            child
-                .and_then(ip_batch_wait)
-                .with_context(|| format!("cannot make {name}'s network namespace"))?;
+            child.and_then(ip_batch_wait).with_context(|| format!("cannot make {name}'s network namespace"))?;
             let handle = std::fs::File::open(format!("{NETNS_DIR}/{ns}"))
                 .with_context(|| format!("cannot open {name}'s network namespace"))?;
             self.hosts.insert(name.to_owned(), Host { ns, ip, handle: handle.into(), links: Links::default() });
