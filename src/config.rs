@@ -44,113 +44,113 @@ pub struct Config {
     pub bootstrap: Vec<String>,
 
     /// Port to listen on; 0 picks a free one.
-    #[arg(short, long, env = "PORT", default_value_t = 4000)]
+    #[arg(help_heading = "Network", short, long, env = "PORT", default_value_t = 4000)]
     pub port: u16,
 
     /// Address to listen on; a specific address is also the source of outgoing connections.
-    #[arg(long, default_value = "0.0.0.0")]
+    #[arg(help_heading = "Network", long, value_name = "ADDRESS", default_value = "0.0.0.0")]
     pub bind: IpAddr,
 
     /// Name shown to others [default: the host name].
-    #[arg(long, env = "PEER_NAME", value_parser = parse_name)]
+    #[arg(help_heading = "Network", long, env = "PEER_NAME", value_parser = parse_name)]
     pub name: Option<String>,
 
     /// Address others should dial to reach this peer, when the one they observe is not it.
-    #[arg(long, value_name = "HOST:PORT", value_parser = parse_addr)]
+    #[arg(help_heading = "Network", long, value_name = "HOST:PORT", value_parser = parse_addr)]
     pub advertise: Option<String>,
 
     /// Write one JSON event per line on stdout instead of the chat view.
-    #[arg(long)]
+    #[arg(help_heading = "Output", long)]
     pub json: bool,
 
     /// Interval between probes: each beat, a peer pings the neighbour it heard from least lately.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Timing", long, default_value = "1s", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub heartbeat: Duration,
 
     /// A neighbour silent for this long is dropped.
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Timing", long, default_value = "3s", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 
     /// A connection that has not completed its handshake after this long is closed.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Timing", long, default_value = "5s", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
 
     /// Time allowed for one outgoing TCP connect.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Timing", long, default_value = "2s", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
 
     /// Longest wait between redials of a lost peer (backoff cap).
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Timing", long, default_value = "5s", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub redial_max: Duration,
 
     /// A lost peer that cannot be reached for this long is forgotten.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Timing", long, default_value = "10m", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub give_up: Duration,
 
     /// Interval between anti-entropy rounds (digests to neighbours that fell behind, requests
     /// to follow senders no longer heard directly). The default matches --heartbeat's, so that
     /// a peer at rest wakes once a second for both.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Timing", long, default_value = "1s", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub sync_interval: Duration,
 
     /// Lines a second a neighbour may send of its own, on average; past it (and the burst) its
     /// lines are refused for now, it is told so, and they are caught up later at this pace.
-    #[arg(long, default_value_t = 100.0)]
+    #[arg(help_heading = "Limits", long, default_value_t = 100.0)]
     pub line_rate: f64,
 
     /// Lines a neighbour may send of its own in a burst, above the rate.
-    #[arg(long, default_value_t = 10_000.0)]
+    #[arg(help_heading = "Limits", long, default_value_t = 10_000.0)]
     pub line_burst: f64,
 
     /// Most open connections, incoming and outgoing together. A quarter of them are kept for
     /// members met before (strangers cannot take them), and 16 for this peer's own dials.
-    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(4..=65536))]
+    #[arg(help_heading = "Limits", long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(4..=65536))]
     pub max_conns: u32,
 
     /// Most connections from one host (an IPv4 address or an IPv6 /64).
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    #[arg(help_heading = "Limits", long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_conns_per_host: u32,
 
     /// The memory this peer may use for what others send it or make it queue: history, early
     /// lines, frames queued towards neighbours and stdout, whatever its neighbours do. Written
     /// in bytes, or with a suffix: 64MiB, 512KiB, 1GiB.
-    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    #[arg(help_heading = "Limits", long, default_value = "64MiB", value_parser = parse_bytes)]
     pub max_memory: usize,
 
     /// Lines kept for catch-up.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(help_heading = "Limits", long, default_value_t = 10_000)]
     pub history_lines: usize,
 
     /// Bytes of lines kept for catch-up.
-    #[arg(long, default_value_t = 8 * 1024 * 1024)]
+    #[arg(help_heading = "Limits", long, default_value = "8MiB", value_parser = parse_bytes)]
     pub history_bytes: usize,
 
     /// How long lines are kept for catch-up.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Limits", long, default_value = "10m", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub history_age: Duration,
 
     /// A file holding the mesh key (64 hex characters; `peer keygen` prints one). With a key,
     /// only peers holding it can join, and every connection is encrypted (Noise). The key can
     /// also come from the environment variable MESH_KEY.
-    #[arg(long, value_name = "PATH")]
+    #[arg(help_heading = "Private mesh", long, value_name = "PATH")]
     pub key_file: Option<PathBuf>,
 
     /// Keep this peer's identity, sequence numbers, own lines and watermarks in DIR, so that a
     /// restart resumes as the same member and catches up on what it missed.
-    #[arg(long, value_name = "DIR")]
+    #[arg(help_heading = "State", long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 
     /// Enable the lab's fault-injection commands on stdin (/lab cut, /lab heal, /lab condition). Lab use only.
-    #[arg(long)]
+    #[arg(hide = true, long)]
     pub lab: bool,
 
     /// Start with traffic to and from peer NAME cut: NAME, NAME:in or NAME:out. Needs --lab.
-    #[arg(long, value_name = "NAME[:in|:out]", requires = "lab", value_parser = crate::hook::parse_spec)]
+    #[arg(hide = true, long, value_name = "NAME[:in|:out]", requires = "lab", value_parser = crate::hook::parse_spec)]
     pub lab_cut: Vec<crate::hook::LabCommand>,
 
     /// Start with what we send peer NAME conditioned: "NAME loss=10 rate=64000 delay=50ms
     /// jitter=10ms" (any of them). Needs --lab.
-    #[arg(long, value_name = "NAME WORDS", requires = "lab", value_parser = crate::hook::parse_condition_spec)]
+    #[arg(hide = true, long, value_name = "NAME WORDS", requires = "lab", value_parser = crate::hook::parse_condition_spec)]
     pub lab_condition: Vec<crate::hook::LabCommand>,
 }
 

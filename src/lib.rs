@@ -27,6 +27,7 @@ pub mod shutdown;
 pub mod state;
 pub mod stdio;
 pub mod store;
+pub mod terminal;
 
 pub use mesh::{Io, run, serve};
 

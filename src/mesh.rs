@@ -84,8 +84,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // Installed before the peer says it listens: a signal at any moment after is a goodbye.
     let mut signals = Shutdown::install().context("cannot install signal handlers")?;
     let (typed, input) = mpsc::channel(64);
-    tokio::spawn(console::read_stdin(typed, cfg.lab));
-    let output = Sink::stdout(cfg.limits().stdout_bytes);
+    let output = if crate::terminal::wanted(cfg.json) {
+        Sink::Printer(crate::terminal::open(typed, cfg.lab, "you> ".into())?)
+    } else {
+        tokio::spawn(console::read_stdin(typed, cfg.lab));
+        Sink::stdout(cfg.limits().stdout_bytes)
+    };
     let shutdown = Box::pin(async move { signals.requested().await });
     serve(cfg, Io { listener, input, output, shutdown }).await
 }
@@ -238,8 +242,8 @@ impl Mesh {
             security: self.ctx.local.security(),
         });
         if self.ctx.local.mesh_key.is_none() {
-            eprintln!(
-                "* open mesh: anyone who can reach this peer can join and read the chat (--key-file or MESH_KEY makes it private)"
+            self.out.notice(
+                "* open mesh: anyone who can reach this peer can join and read the chat (--key-file or MESH_KEY makes it private)",
             );
         }
         if let Some(hook) = &self.hook {

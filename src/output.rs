@@ -136,13 +136,41 @@ pub const OUTPUT_QUEUE: usize = 65_536;
 /// with a state directory prints lines at once instead: see [`Output::emit_now`].)
 pub struct Output {
     json: bool,
+    style: Style,
     sink: Sink,
     dropped: u64,
 }
 
+/// How the chat view dresses its lines: on a terminal (crate::terminal) with the local time
+/// and a colour per name, unless `NO_COLOR` is set; elsewhere plain, as scripts read it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Style {
+    pub clock: bool,
+    pub colour: bool,
+}
+
+impl Style {
+    /// The terminal's style.
+    pub fn terminal() -> Style {
+        Style { clock: true, colour: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) }
+    }
+}
+
 impl Output {
     pub fn new(json: bool, sink: Sink) -> Output {
-        Output { json, sink, dropped: 0 }
+        let style = if matches!(sink, Sink::Printer(_)) { Style::terminal() } else { Style::default() };
+        Output { json, style, sink, dropped: 0 }
+    }
+
+    /// A notice for the person at the terminal: above the line being typed on a terminal, on
+    /// stderr otherwise (never among the events).
+    pub fn notice(&mut self, text: &str) {
+        match &mut self.sink {
+            Sink::Printer(p) => {
+                let _ = print_above(p, text.as_bytes());
+            }
+            _ => eprintln!("{text}"),
+        }
     }
 
     pub fn emit(&mut self, event: &Event) {
@@ -173,8 +201,10 @@ impl Output {
             line.push(b'\n');
             return Some(line);
         }
-        match chat_view(event) {
+        match chat_view(event, self.style) {
             View::Stdout(text) => Some(format!("{text}\n").into_bytes()),
+            // On a terminal, notices go above the line being typed too.
+            View::Stderr(text) if matches!(self.sink, Sink::Printer(_)) => Some(format!("{text}\n").into_bytes()),
             View::Stderr(text) => {
                 eprintln!("{text}");
                 None
@@ -197,6 +227,8 @@ pub enum Sink {
     Thread(Threaded),
     /// Events as bytes to a channel: a peer run inside another program (a test).
     Channel(tokio::sync::mpsc::UnboundedSender<Vec<u8>>),
+    /// A terminal whose line being typed is rustyline's: lines print above it.
+    Printer(crate::terminal::Printer),
 }
 
 impl Sink {
@@ -215,6 +247,7 @@ impl Sink {
             Sink::Direct(d) => d.push(line),
             Sink::Thread(t) => t.push(line),
             Sink::Channel(c) => c.send(line).is_ok(),
+            Sink::Printer(p) => print_above(p, &line).is_ok(),
         }
     }
 
@@ -224,6 +257,7 @@ impl Sink {
             Sink::Direct(d) => d.write_now(lines),
             Sink::Thread(t) => t.write_now(lines),
             Sink::Channel(c) => c.send(lines.to_vec()).map_err(|_| io::Error::other("the channel is closed")),
+            Sink::Printer(p) => print_above(p, lines),
         }
     }
 
@@ -231,9 +265,19 @@ impl Sink {
         match self {
             Sink::Direct(d) => d.close(wait),
             Sink::Thread(t) => t.close(wait),
-            Sink::Channel(_) => {}
+            Sink::Channel(_) | Sink::Printer(_) => {}
         }
     }
+}
+
+/// Prints `lines` above the line being typed, newline-ended (rustyline adds none while no line
+/// is being read).
+fn print_above(printer: &mut crate::terminal::Printer, lines: &[u8]) -> io::Result<()> {
+    let mut text = String::from_utf8_lossy(lines).into_owned();
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    printer.print(text).map_err(io::Error::other)
 }
 
 /// Stdout written on the peer's thread: a line goes out at once when stdout has room; what it
@@ -453,7 +497,27 @@ fn who(p: &PeerInfo) -> String {
     format!("{}@{}", clean(&p.name), clean(&p.addr))
 }
 
-fn chat_view(event: &Event) -> View {
+/// A sender as a line names it: `[name@addr]`, in the colour of its name when colours are on.
+fn sender(p: &PeerInfo, style: Style) -> String {
+    const COLOURS: [u8; 6] = [31, 32, 33, 34, 35, 36];
+    let tag = format!("[{}]", who(p));
+    if !style.colour {
+        return tag;
+    }
+    let hash = p.name.bytes().fold(5381u32, |h, b| h.wrapping_mul(33) ^ u32::from(b));
+    format!("\x1b[{}m{tag}\x1b[0m", COLOURS[hash as usize % COLOURS.len()])
+}
+
+/// The local time of now, `HH:MM:SS `, when the style shows it.
+fn stamp(style: Style) -> String {
+    if !style.clock {
+        return String::new();
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    format!("{} ", local_clock(now))
+}
+
+fn chat_view(event: &Event, style: Style) -> View {
     match event {
         Event::Listening { id, name, addr, .. } => View::Stderr(format!(
             "* {} ({}) listening on {addr}: type a line to chat, /help for commands",
@@ -470,13 +534,21 @@ fn chat_view(event: &Event) -> View {
             };
             View::Stdout(format!("* {} {why}", who(peer)))
         }
-        Event::Message { from, text, caught_up, sent_at_ms, .. } if *caught_up => {
-            View::Stdout(format!("[{}] {}  (caught up: said {} UTC)", who(from), clean(text), clock(*sent_at_ms)))
+        Event::Message { from, text, caught_up, sent_at_ms, .. } if *caught_up => View::Stdout(format!(
+            "{}{} {}  (caught up: said {})",
+            stamp(style),
+            sender(from, style),
+            clean(text),
+            if style.clock { local_clock(*sent_at_ms) } else { format!("{} UTC", clock(*sent_at_ms)) }
+        )),
+        Event::Message { from, text, .. } => {
+            View::Stdout(format!("{}{} {}", stamp(style), sender(from, style), clean(text)))
         }
-        Event::Message { from, text, .. } => View::Stdout(format!("[{}] {}", who(from), clean(text))),
-        Event::Sent { queued: true, .. } => {
-            View::Stdout("* no peer connected: your line will be delivered when the mesh re-forms".into())
-        }
+        Event::Sent { queued: true, .. } => View::Stdout(
+            "* no peer connected: your line is kept, and reaches the members who knew you when they reconnect \
+             (peers that join afresh, or restart without their state, are not sent it)"
+                .into(),
+        ),
         Event::Sent { .. } | Event::Hook { .. } => View::Nothing,
         Event::Gap { from, missed, .. } => {
             View::Stdout(format!("* {missed} earlier lines from {} are lost (older than the history kept)", who(from)))
@@ -532,6 +604,17 @@ pub fn is_unsafe(c: char) -> bool {
     c.is_control() || FORMAT.iter().any(|(lo, hi)| (*lo..=*hi).contains(&c))
 }
 
+/// HH:MM:SS in the local time zone of a Unix time in milliseconds.
+fn local_clock(ms: u64) -> String {
+    let t = (ms / 1000) as libc::time_t;
+    // SAFETY: localtime_r writes into the zeroed struct we pass and reads the time we pass.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        return clock(ms);
+    }
+    format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
+}
+
 /// HH:MM:SS (UTC) of a Unix time in milliseconds.
 fn clock(ms: u64) -> String {
     let s = ms / 1000;
@@ -582,7 +665,7 @@ mod tests {
             sent_at_ms: 0,
             caught_up: false,
         };
-        match chat_view(&ev) {
+        match chat_view(&ev, Style::default()) {
             View::Stdout(s) => assert_eq!(s, "[bob\u{fffd}@10.0.0.2:4000] hello"),
             _ => panic!("messages go to stdout"),
         }

@@ -260,3 +260,39 @@ fn a_bad_mesh_key_is_one_clear_error() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("bad mesh key in MESH_KEY: a mesh key is 64 hex characters"), "{stderr}");
 }
+
+/// On a terminal the line being typed stays whole: a line from another peer prints above it,
+/// arrow keys edit it (never sent as text), the peer's own lines keep their `you>` mark, lines
+/// shown carry the local time, and Ctrl-C leaves.
+#[test]
+fn a_chat_line_stays_whole_on_a_terminal() {
+    let ip = loopback();
+    let mut bob = Running::start(&ip, &["--name", "bob"], Stdio::piped());
+    let addr = bob.next_of("listening")["addr"].as_str().unwrap().to_owned();
+    let peer_bin = assert_cmd::cargo::cargo_bin("peer");
+    let session = format!("meshlab-chat-{}", std::process::id());
+    let alice = support::Terminal::open(
+        &session,
+        &format!("env -u NO_COLOR {} --name alice --bind {ip} --port 0 {addr}", peer_bin.display()),
+    );
+    alice.wait_for("its prompt", |s| s.lines().any(|l| l.starts_with("you>")));
+    bob.next_of("peer_up");
+    alice.type_text("half typ");
+    alice.wait_for("the half-typed line", |s| s.contains("you> half typ"));
+    bob.say("hello from bob");
+    let screen = alice.wait_for("bob's line", |s| s.contains("] hello from bob"));
+    let rows: Vec<&str> = screen.lines().collect();
+    let incoming = rows.iter().position(|r| r.contains("[bob@") && r.ends_with("hello from bob")).unwrap();
+    let typing = rows.iter().position(|r| r.trim_end() == "you> half typ").expect("the half-typed line is whole");
+    assert!(incoming < typing, "the incoming line prints above the line being typed:\n{screen}");
+    let time = rows[incoming].split(' ').next().unwrap();
+    assert!(time.len() == 8 && time.as_bytes()[2] == b':' && time.as_bytes()[5] == b':', "local time first: {}", rows[incoming]);
+    alice.keys(&["Left", "Left", "Left"]);
+    alice.type_text("X");
+    alice.keys(&["Enter"]);
+    let said = bob.next_of("message");
+    assert_eq!(said["text"], "half Xtyp", "arrow keys edit the line, never travel as text");
+    alice.wait_for("its own line marked", |s| s.lines().any(|l| l.trim_end() == "you> half Xtyp"));
+    alice.keys(&["C-c"]);
+    assert_eq!(bob.next_of("peer_down")["reason"], "goodbye", "Ctrl-C leaves with a goodbye");
+}

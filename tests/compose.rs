@@ -41,33 +41,6 @@ impl Drop for Project {
     }
 }
 
-/// A tmux session running one command in a terminal, killed when dropped.
-struct Terminal {
-    session: String,
-}
-
-impl Terminal {
-    fn open(session: &str, command: &str) -> Terminal {
-        run(Command::new("tmux").args(["new-session", "-d", "-s", session, "-x", "200", "-y", "50", command]));
-        Terminal { session: session.to_owned() }
-    }
-
-    fn type_line(&self, text: &str) {
-        run(Command::new("tmux").args(["send-keys", "-t", &self.session, "-l", text]));
-        run(Command::new("tmux").args(["send-keys", "-t", &self.session, "Enter"]));
-    }
-
-    fn screen(&self) -> String {
-        String::from_utf8(run(Command::new("tmux").args(["capture-pane", "-p", "-t", &self.session])).stdout).unwrap()
-    }
-}
-
-impl Drop for Terminal {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux").args(["kill-session", "-t", &self.session]).output();
-    }
-}
-
 fn logs(id: &str) -> String {
     let out = run(Command::new("docker").args(["logs", id]));
     String::from_utf8_lossy(&out.stdout).replace('\r', "") + &String::from_utf8_lossy(&out.stderr)
@@ -118,7 +91,7 @@ fn compose_up_gives_a_six_peer_mesh_to_chat_in() {
     // Chat in peer3 through `docker attach`, as a person would.
     let peer3 = &ids[2];
     let session = format!("meshlab-compose-{}", std::process::id());
-    let terminal = Terminal::open(&session, &format!("docker attach --detach-keys=ctrl-p,ctrl-q {peer3}"));
+    let terminal = support::Terminal::open(&session, &format!("docker attach --detach-keys=ctrl-p,ctrl-q {peer3}"));
     let text = "hello from an attached terminal";
     // The attach is live once the terminal answers a command typed into it.
     wait_for("the attached terminal to answer /peers", Duration::from_secs(15), || {
@@ -127,7 +100,8 @@ fn compose_up_gives_a_six_peer_mesh_to_chat_in() {
         terminal.screen().contains("* 5 peers:")
     });
     terminal.type_line(text);
-    let shown = |id: &String| logs(id).lines().filter(|l| l.starts_with("[peer3@") && l.ends_with(text)).count();
+    // On a terminal (tty: true) each line shown has the time in front and the name coloured.
+    let shown = |id: &String| logs(id).lines().filter(|l| l.contains("[peer3@") && l.ends_with(text)).count();
     wait_for("the five others to show the line", Duration::from_secs(15), || {
         ids.iter().filter(|id| *id != peer3).all(|id| shown(id) >= 1)
     });

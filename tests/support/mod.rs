@@ -333,3 +333,64 @@ pub async fn conditions_are_real<B: meshlab_lab::backend::Backend>(
     assert!(!inside(&["tc", "qdisc", "show", "dev", "eth0"]).contains("htb"), "and the rate limit");
     lab.shutdown().await;
 }
+
+/// A tmux session running one command in a terminal, killed when dropped.
+pub struct Terminal {
+    session: String,
+}
+
+impl Terminal {
+    pub fn open(session: &str, command: &str) -> Terminal {
+        tmux(&["new-session", "-d", "-s", session, "-x", "200", "-y", "50", command]);
+        Terminal { session: session.to_owned() }
+    }
+
+    /// Types `text` as it is (no key names), a key at a time as a person would: rustyline
+    /// redraws a burst of keys arriving in one read only at the next key.
+    pub fn type_text(&self, text: &str) {
+        for c in text.chars() {
+            tmux(&["send-keys", "-t", &self.session, "-l", &c.to_string()]);
+        }
+    }
+
+    /// Presses keys by tmux's names (`Left`, `Enter`, `C-c`).
+    pub fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", &self.session];
+        args.extend(keys);
+        tmux(&args);
+    }
+
+    pub fn type_line(&self, text: &str) {
+        self.type_text(text);
+        self.keys(&["Enter"]);
+    }
+
+    pub fn screen(&self) -> String {
+        String::from_utf8(tmux(&["capture-pane", "-p", "-t", &self.session]).stdout).unwrap()
+    }
+
+    /// Waits until the screen satisfies `done`, failing after [`LINE_DEADLINE`] with the screen.
+    pub fn wait_for(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + LINE_DEADLINE;
+        loop {
+            let screen = self.screen();
+            if done(&screen) {
+                return screen;
+            }
+            assert!(std::time::Instant::now() < deadline, "the terminal never showed {what}:\n{screen}");
+            std::thread::sleep(std::time::Duration::from_millis(50)); // polling the screen, no event to wait on
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux").args(["kill-session", "-t", &self.session]).output();
+    }
+}
+
+fn tmux(args: &[&str]) -> std::process::Output {
+    let out = Command::new("tmux").args(args).output().expect("tmux drives a terminal in these tests (.ci/run installs it)");
+    assert!(out.status.success(), "tmux {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
