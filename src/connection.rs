@@ -23,8 +23,8 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::frame::{self, Hello, Message};
-use crate::hook::Conditions;
 use crate::handshake::{Established, Handshake, HandshakeError, Local, Progress, Side};
+use crate::hook::Conditions;
 use crate::neighbours::ConnId;
 use crate::noise::{Opener, Sealer};
 use crate::outbox::{Budget, Drain, Outbox, outbox};
@@ -475,7 +475,12 @@ const BATCH: usize = 64;
 
 /// Writes queued frames, as many as are queued before each flush; through the lab hook's
 /// shaper when there is one.
-async fn write_loop(writer: Writer, queue: Drain, traffic: Arc<Traffic>, shaper: Option<Shaper>) -> std::io::Result<()> {
+async fn write_loop(
+    writer: Writer,
+    queue: Drain,
+    traffic: Arc<Traffic>,
+    shaper: Option<Shaper>,
+) -> std::io::Result<()> {
     match shaper {
         None => write_plainly(writer, queue, traffic).await,
         Some(shaper) => write_shaped(writer, queue, traffic, shaper).await,

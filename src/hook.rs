@@ -171,7 +171,9 @@ pub fn parse_command(args: &str) -> Result<LabCommand, String> {
 pub fn parse_condition_spec(spec: &str) -> Result<LabCommand, String> {
     match parse_command(&format!("condition {spec}"))? {
         cmd @ LabCommand::Condition { condition: Some(_), .. } => Ok(cmd),
-        _ => Err(format!("bad --lab-condition {spec:?}: expected NAME and at least one of loss=, rate=, delay=, jitter=")),
+        _ => Err(format!(
+            "bad --lab-condition {spec:?}: expected NAME and at least one of loss=, rate=, delay=, jitter="
+        )),
     }
 }
 

@@ -671,6 +671,74 @@ mod tests {
         }
     }
 
+    /// Every kind of line the chat view shows, plain (pipes, files) and dressed for a terminal
+    /// (colours on; the clock, which changes, left off).
+    #[test]
+    fn each_chat_view_line_kind() {
+        let id = PeerId::from_bytes([7; 32]);
+        let bob = PeerInfo { id, name: "bob".into(), addr: "10.0.0.2:4000".into() };
+        let alice = PeerInfo { id: PeerId::from_bytes([9; 32]), name: "alice".into(), addr: "10.0.0.3:4000".into() };
+        let peers = [bob.clone(), alice.clone()];
+        let message = |caught_up| Event::Message {
+            msg_id: msg_id(&id, 3),
+            seq: 3,
+            from: &bob,
+            via: &id,
+            text: "hello\x1b[2J",
+            sent_at_ms: 45_296_000,
+            caught_up,
+        };
+        let events = [
+            Event::Listening {
+                id: &id,
+                name: "bob",
+                addr: "10.0.0.2:4000".into(),
+                advertise: None,
+                protocol: 2,
+                events: EVENTS_VERSION,
+                security: crate::frame::Security::Open,
+            },
+            Event::PeerUp { peer: &alice, seq: 0, protocol: 2 },
+            Event::PeerDown { peer: &alice, reason: DownReason::Goodbye },
+            Event::PeerDown { peer: &alice, reason: DownReason::Closed },
+            Event::PeerDown { peer: &alice, reason: DownReason::Timeout },
+            Event::PeerDown { peer: &alice, reason: DownReason::Cut },
+            message(false),
+            message(true),
+            Event::Sent { msg_id: msg_id(&id, 4), seq: 4, text: "mine", queued: false },
+            Event::Sent { msg_id: msg_id(&id, 5), seq: 5, text: "mine", queued: true },
+            Event::Gap { from: &bob, missed: 12, upto: 20 },
+            Event::Peers { peers: &[] },
+            Event::Peers { peers: &peers },
+            Event::Stats {
+                neighbours: 2,
+                dials: 3,
+                accepted: 1,
+                admitted: 2,
+                frames_in: 10,
+                bytes_in: 900,
+                frames_out: 11,
+                bytes_out: 1000,
+            },
+            Event::Help { text: HELP },
+            Event::Hook { cuts: BTreeMap::new(), conditions: BTreeMap::new() },
+            Event::Error { message: "line longer than 8192 bytes: not sent".into() },
+            Event::Notice { from: &alice, text: "you send lines faster than 100 a second" },
+        ];
+        let mut shown = String::new();
+        for style in [Style::default(), Style { clock: false, colour: true }] {
+            shown.push_str(&format!("--- {style:?}\n"));
+            for e in &events {
+                shown.push_str(&match chat_view(e, style) {
+                    View::Stdout(s) => format!("stdout: {s}\n"),
+                    View::Stderr(s) => format!("stderr: {s}\n"),
+                    View::Nothing => "(nothing)\n".into(),
+                });
+            }
+        }
+        insta::assert_snapshot!(shown.replace('\x1b', "<ESC>"));
+    }
+
     #[test]
     fn json_events_are_tagged() {
         let ev = Event::Error { message: "x".into() };

@@ -68,6 +68,16 @@ impl Running {
     }
 }
 
+/// `peer --help` as a user reads it: options grouped, the lab's flags hidden, durations named.
+#[test]
+fn help_reads_well() {
+    let out = peer().arg("--help").env("COLUMNS", "100").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(!help.contains("--lab"), "the lab's flags are hidden");
+    insta::assert_snapshot!(help);
+}
+
 #[test]
 fn help_lists_the_options_and_commands() {
     peer()
@@ -286,7 +296,11 @@ fn a_chat_line_stays_whole_on_a_terminal() {
     let typing = rows.iter().position(|r| r.trim_end() == "you> half typ").expect("the half-typed line is whole");
     assert!(incoming < typing, "the incoming line prints above the line being typed:\n{screen}");
     let time = rows[incoming].split(' ').next().unwrap();
-    assert!(time.len() == 8 && time.as_bytes()[2] == b':' && time.as_bytes()[5] == b':', "local time first: {}", rows[incoming]);
+    assert!(
+        time.len() == 8 && time.as_bytes()[2] == b':' && time.as_bytes()[5] == b':',
+        "local time first: {}",
+        rows[incoming]
+    );
     alice.keys(&["Left", "Left", "Left"]);
     alice.type_text("X");
     alice.keys(&["Enter"]);

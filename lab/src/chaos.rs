@@ -10,9 +10,11 @@
 //!
 //! Repertoire: kill (SIGKILL), stop (SIGTERM), start (a peer that is down), restart (kill, then
 //! start: a crash and a reboot), partition into random groups, cut one link, cut one direction,
-//! heal everything, pause a peer (SIGSTOP; `docker pause`) and resume one. At most half the
-//! peers are down or paused at once. A peer with no bootstrap peers is
-//! never stopped gracefully: after its goodbye nobody would dial it again.
+//! heal everything, pause a peer (SIGSTOP; `docker pause`) and resume one, and loss, a rate
+//! limit or a delay on one link. With `hold`, each partition, cut, condition and pause ends by
+//! itself after a time drawn between the bounds. At most half the peers are down or paused at
+//! once. A peer with no bootstrap peers is never stopped gracefully: after its goodbye nobody
+//! would dial it again.
 
 use std::collections::BTreeMap;
 use std::iter::Peekable;

@@ -229,7 +229,7 @@ fn timeline(r: &Report, windows: &[Window], end_s: f64) -> anyhow::Result<String
             .y_labels(n.min(40))
             .y_label_formatter(&|y| {
                 let i = (n as f64 - 1.0 - y.floor()) as usize;
-                let at_row = (y.fract() - 0.0).abs() < 1e-9 && i < n && i % every == 0;
+                let at_row = y.fract().abs() < 1e-9 && i < n && i.is_multiple_of(every);
                 if at_row { names[i].to_owned() } else { String::new() }
             })
             .disable_y_mesh()
@@ -263,7 +263,10 @@ fn timeline(r: &Report, windows: &[Window], end_s: f64) -> anyhow::Result<String
         chart
             .draw_series(windows.iter().filter_map(|w| {
                 let (y0, y1) = lane(w.peer.as_deref()?, 0.1)?;
-                Some(Rectangle::new([(w.from_ms / 1000.0, y0), (w.to_ms / 1000.0, y1)], w.kind.colour().mix(0.45).filled()))
+                Some(Rectangle::new(
+                    [(w.from_ms / 1000.0, y0), (w.to_ms / 1000.0, y1)],
+                    w.kind.colour().mix(0.45).filled(),
+                ))
             }))
             .map_err(plot_error)?;
         let ticks: Vec<&Mark> = r.timeline.iter().filter(|m| m.kind == "up" || m.kind == "down").collect();
@@ -277,7 +280,10 @@ fn timeline(r: &Report, windows: &[Window], end_s: f64) -> anyhow::Result<String
                 }))
                 .map_err(plot_error)?;
         }
-        legend(root, &[WindowKind::Partition, WindowKind::Cut, WindowKind::Condition, WindowKind::Pause, WindowKind::Down])
+        legend(
+            root,
+            &[WindowKind::Partition, WindowKind::Cut, WindowKind::Condition, WindowKind::Pause, WindowKind::Down],
+        )
     })
 }
 
@@ -336,7 +342,12 @@ fn latency_over_time(r: &Report, windows: &[Window], end_s: f64) -> anyhow::Resu
                 .label(format!("{label} ({})", points.len()))
                 .legend(move |(x, y)| Circle::new((x, y), 3, colour.filled()));
         }
-        chart.configure_series_labels().background_style(WHITE.mix(0.9)).border_style(BLACK).draw().map_err(plot_error)?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_error)?;
         Ok(())
     })
 }
@@ -361,12 +372,7 @@ fn latency_cdf(r: &Report) -> anyhow::Result<String> {
             .y_label_area_size(60)
             .build_cartesian_2d((0.01f64..top).log_scale(), 0f64..1f64)
             .map_err(plot_error)?;
-        chart
-            .configure_mesh()
-            .x_desc("latency (ms, log)")
-            .y_desc("share of showings")
-            .draw()
-            .map_err(plot_error)?;
+        chart.configure_mesh().x_desc("latency (ms, log)").y_desc("share of showings").draw().map_err(plot_error)?;
         for (values, colour, label) in
             [(&direct, RGBColor(21, 101, 192), "direct"), (&caught_up, RGBColor(230, 81, 0), "caught up")]
         {
@@ -382,7 +388,12 @@ fn latency_cdf(r: &Report) -> anyhow::Result<String> {
                 .label(format!("{label} ({})", values.len()))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2)));
         }
-        chart.configure_series_labels().background_style(WHITE.mix(0.9)).border_style(BLACK).draw().map_err(plot_error)?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_error)?;
         Ok(())
     })
 }
@@ -408,15 +419,23 @@ fn rates(r: &Report, end_s: f64) -> anyhow::Result<String> {
             .build_cartesian_2d(0f64..bins as f64, 0f64..top)
             .map_err(plot_error)?;
         chart.configure_mesh().x_desc("second of the run").y_desc("per second").draw().map_err(plot_error)?;
-        for (counts, colour, label) in [(&said, RGBColor(21, 101, 192), "said"), (&shown, RGBColor(46, 125, 50), "shown")] {
-            let steps = counts.iter().enumerate().flat_map(|(i, c)| [(i as f64, *c as f64), ((i + 1) as f64, *c as f64)]);
+        for (counts, colour, label) in
+            [(&said, RGBColor(21, 101, 192), "said"), (&shown, RGBColor(46, 125, 50), "shown")]
+        {
+            let steps =
+                counts.iter().enumerate().flat_map(|(i, c)| [(i as f64, *c as f64), ((i + 1) as f64, *c as f64)]);
             chart
                 .draw_series(LineSeries::new(steps, colour.stroke_width(2)))
                 .map_err(plot_error)?
                 .label(label)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2)));
         }
-        chart.configure_series_labels().background_style(WHITE.mix(0.9)).border_style(BLACK).draw().map_err(plot_error)?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_error)?;
         Ok(())
     })
 }
@@ -460,15 +479,23 @@ fn connections(r: &Report, windows: &[Window], end_s: f64) -> anyhow::Result<Str
             .draw()
             .map_err(plot_error)?;
         shade(&mut chart, windows, (0.0, top))?;
-        let stepped: Vec<(f64, f64)> = curve.windows(2).flat_map(|w| [w[0], (w[1].0, w[0].1)]).chain(curve.last().copied()).collect();
-        chart.draw_series(LineSeries::new(thin(&stepped, 20_000), RGBColor(21, 101, 192).stroke_width(2))).map_err(plot_error)?;
+        let stepped: Vec<(f64, f64)> =
+            curve.windows(2).flat_map(|w| [w[0], (w[1].0, w[0].1)]).chain(curve.last().copied()).collect();
+        chart
+            .draw_series(LineSeries::new(thin(&stepped, 20_000), RGBColor(21, 101, 192).stroke_width(2)))
+            .map_err(plot_error)?;
         let full = n * (n - 1.0) / 2.0;
         chart
             .draw_series(LineSeries::new([(0.0, full), (end_s, full)], BLACK.mix(0.4).stroke_width(1)))
             .map_err(plot_error)?
             .label(format!("full mesh ({full})"))
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.mix(0.4)));
-        chart.configure_series_labels().background_style(WHITE.mix(0.9)).border_style(BLACK).draw().map_err(plot_error)?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_error)?;
         Ok(())
     })
 }
@@ -504,8 +531,16 @@ fn mesh(r: &Report) -> anyhow::Result<String> {
         let px = |v: f64| v.round() as i32;
         root.draw(&Text::new("rows and columns: peers; blue: connected; red: cut", (10, 10), (FONT, 13).into_font()))
             .map_err(plot_error)?;
-        for i in 0..n {
-            let state = |j: usize| if linked.contains(&(i, j)) { 1 } else if cut.contains(&(i, j)) { 2 } else { 0 };
+        for (i, name) in names.iter().enumerate() {
+            let state = |j: usize| {
+                if linked.contains(&(i, j)) {
+                    1
+                } else if cut.contains(&(i, j)) {
+                    2
+                } else {
+                    0
+                }
+            };
             let mut j = 0;
             while j < n {
                 let s = state(j);
@@ -522,9 +557,9 @@ fn mesh(r: &Report) -> anyhow::Result<String> {
                 let rect = [(px(left), px(top)), (px(x0 + j as f64 * cell), px(top + cell).max(px(top) + 1))];
                 root.draw(&Rectangle::new(rect, colour.filled())).map_err(plot_error)?;
             }
-            if i % n.div_ceil(32) == 0 {
+            if i.is_multiple_of(n.div_ceil(32)) {
                 let y = px(y0 + (i as f64 + 0.5) * cell) - 5;
-                root.draw(&Text::new(names[i], (10, y), (FONT, 10).into_font())).map_err(plot_error)?;
+                root.draw(&Text::new(*name, (10, y), (FONT, 10).into_font())).map_err(plot_error)?;
             }
         }
         let frame = [(px(x0), px(y0)), (px(x0 + side as f64), px(y0 + side as f64))];
@@ -549,13 +584,15 @@ fn circle(
         .collect();
     canvas((460, 430), |root| {
         for &(a, b) in linked.iter().filter(|(a, b)| a < b) {
-            root.draw(&PathElement::new(vec![pos[a], pos[b]], RGBColor(21, 101, 192).stroke_width(2))).map_err(plot_error)?;
+            root.draw(&PathElement::new(vec![pos[a], pos[b]], RGBColor(21, 101, 192).stroke_width(2)))
+                .map_err(plot_error)?;
         }
         for &(a, b) in cut.iter().filter(|(a, b)| a < b) {
             // Dashes: short segments along the line.
             let ((x1, y1), (x2, y2)) = (pos[a], pos[b]);
             for k in (0..20).step_by(2) {
-                let at = |t: f64| ((x1 as f64 + (x2 - x1) as f64 * t) as i32, (y1 as f64 + (y2 - y1) as f64 * t) as i32);
+                let at =
+                    |t: f64| ((x1 as f64 + (x2 - x1) as f64 * t) as i32, (y1 as f64 + (y2 - y1) as f64 * t) as i32);
                 let segment = vec![at(k as f64 / 20.0), at((k + 1) as f64 / 20.0)];
                 root.draw(&PathElement::new(segment, RGBColor(198, 40, 40).stroke_width(2))).map_err(plot_error)?;
             }

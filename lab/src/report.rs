@@ -24,7 +24,8 @@ pub fn write(dir: &Path, report: &Report) -> anyhow::Result<()> {
     for f in &figures {
         std::fs::write(dir.join("figures").join(format!("{}.svg", f.id)), &f.svg).context("cannot write a figure")?;
     }
-    std::fs::write(dir.join("report.html"), page(report, &figures).into_string()).context("cannot write report.html")?;
+    std::fs::write(dir.join("report.html"), page(report, &figures).into_string())
+        .context("cannot write report.html")?;
     for (peer, lines) in &report.logs {
         let mut text = lines.join("\n");
         text.push('\n');
@@ -85,26 +86,32 @@ fn page(r: &Report, figures: &[Figure]) -> Markup {
 
 /// Marks the page when anything is wider than the window (checked in a headless browser by
 /// the tests).
-const OVERFLOW_CHECK: &str = "document.body.dataset.overflow = String(document.documentElement.scrollWidth > window.innerWidth);";
+const OVERFLOW_CHECK: &str =
+    "document.body.dataset.overflow = String(document.documentElement.scrollWidth > window.innerWidth);";
 
 fn caption(id: &str) -> &'static str {
     match id {
-        "timeline" => "One row per peer. Blue bars: a process running; green and red ticks: a neighbour up and down (left out above 4,000); shaded: partitions, cuts and link conditions across the mesh, and each peer's pauses and downtime.",
-        "latency" => "Each showing's latency against when its line was said; direct showings and those caught up after a reconnection apart. Faults shaded behind.",
+        "timeline" => {
+            "One row per peer. Blue bars: a process running; green and red ticks: a neighbour up and down (left out above 4,000); shaded: partitions, cuts and link conditions across the mesh, and each peer's pauses and downtime."
+        }
+        "latency" => {
+            "Each showing's latency against when its line was said; direct showings and those caught up after a reconnection apart. Faults shaded behind."
+        }
         "cdf" => "The share of showings within a given latency.",
         "rate" => "Lines said, and first showings, in each second of the run.",
-        "connections" => "Pairs of peers connected, from the links each side reports; the grey line is a full mesh of every peer named.",
-        _ => "The mesh at the end: up to 16 peers on a circle (blue: connected, dashed red: cut, grey: not running); above, an adjacency matrix.",
+        "connections" => {
+            "Pairs of peers connected, from the links each side reports; the grey line is a full mesh of every peer named."
+        }
+        _ => {
+            "The mesh at the end: up to 16 peers on a circle (blue: connected, dashed red: cut, grey: not running); above, an adjacency matrix."
+        }
     }
 }
 
 fn delivery(r: &Report) -> Markup {
     let d = &r.delivery;
-    let troubled: Vec<_> = d
-        .per_receiver
-        .iter()
-        .filter(|(_, rc)| rc.lost + rc.duplicated + rc.out_of_order + rc.gapped > 0)
-        .collect();
+    let troubled: Vec<_> =
+        d.per_receiver.iter().filter(|(_, rc)| rc.lost + rc.duplicated + rc.out_of_order + rc.gapped > 0).collect();
     let quiet = d.per_receiver.len() - troubled.len();
     html! {
         h2 { "Delivery" }

@@ -694,6 +694,10 @@ impl World {
         let mut per_receiver: Vec<Receiver> = vec![Receiver::default(); running.len()];
         let mut last_shown: Option<Nanos> = None;
         let mut reachable = vec![false; components];
+        // (receiver, sender) pairs behind a hole: a line the receiver has not shown, nor skipped,
+        // that no peer it can reach holds. A sender's lines are shown in order, so the later
+        // ones cannot be shown either (only the sender may declare lines gone) and are not owed.
+        let mut behind_a_hole: HashSet<(usize, Key)> = HashSet::new();
         for (line, &(msg, origin)) in self.said.iter().zip(&self.said_keys) {
             // Holders: processes that showed the line, and its sender if still running under
             // the same identity (a peer with a state directory keeps its own lines).
@@ -710,16 +714,29 @@ impl World {
                 }
             }
             for (i, (name, _, me)) in running.iter().enumerate() {
-                if *me == origin || !reachable[component[i]] {
+                if *me == origin {
                     continue;
                 }
                 match self.baselines.get(&(*me, origin)) {
                     Some(&base) if line.seq > base => {}
                     _ => continue,
                 }
+                let shown = self.receipts.get(&(*me, msg));
+                let skipped = self.gapped_upto.get(&(*me, origin)).is_some_and(|&u| line.seq <= u);
+                if shown.is_none() && !skipped {
+                    if !reachable[component[i]] {
+                        behind_a_hole.insert((i, origin));
+                        continue;
+                    }
+                    if behind_a_hole.contains(&(i, origin)) {
+                        continue;
+                    }
+                } else if !reachable[component[i]] && shown.is_none() {
+                    continue;
+                }
                 let r = &mut per_receiver[i];
                 r.owed += 1;
-                if let Some(receipt) = self.receipts.get(&(*me, msg)) {
+                if let Some(receipt) = shown {
                     r.shown += 1;
                     last_shown = Some(last_shown.map_or(receipt.first_at, |t| t.max(receipt.first_at)));
                 } else if self.gapped_upto.get(&(*me, origin)).is_some_and(|&u| line.seq <= u) {
@@ -1002,6 +1019,34 @@ mod tests {
         assert_eq!(d.owed, 0, "b cannot reach any holder");
         cuts.heal_all();
         assert_eq!(w.delivery(&cuts).owed, 1);
+    }
+
+    /// A sender's lines are shown in order: behind a line nobody reachable holds (its sender
+    /// and every holder gone), the later ones cannot be shown, and are not owed, even where a
+    /// peer that met the sender later holds them.
+    #[test]
+    fn lines_behind_a_hole_nobody_can_fill_are_not_owed() {
+        let mut w = world(&["s", "h", "r", "n"]);
+        link(&mut w, "s", "h");
+        link(&mut w, "s", "r");
+        say(&mut w, "s", 1);
+        show(&mut w, "h", "s", 1); // r (frozen, say) has not shown it
+        ev(&mut w, "n", PeerEvent::PeerUp { peer: r("s"), seq: 1 }); // n met s after line 1
+        say(&mut w, "s", 2);
+        show(&mut w, "h", "s", 2);
+        show(&mut w, "n", "s", 2);
+        assert_eq!(w.delivery(&Cuts::default()).lost, 2, "r is owed both while s and h run");
+        for gone in ["s", "h"] {
+            let instance = w.peers[gone].instance;
+            w.observe(Observed {
+                peer: gone.into(),
+                instance,
+                at: Instant::now(),
+                what: Observation::Exited("killed".into()),
+            });
+        }
+        let d = w.delivery(&Cuts::default());
+        assert_eq!((d.owed, d.lost), (1, 0), "n's line 2 is shown; r is owed nothing it could show: {d:?}");
     }
 
     #[test]

@@ -390,7 +390,8 @@ impl Drop for Terminal {
 }
 
 fn tmux(args: &[&str]) -> std::process::Output {
-    let out = Command::new("tmux").args(args).output().expect("tmux drives a terminal in these tests (.ci/run installs it)");
+    let out =
+        Command::new("tmux").args(args).output().expect("tmux drives a terminal in these tests (.ci/run installs it)");
     assert!(out.status.success(), "tmux {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     out
 }
