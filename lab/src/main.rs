@@ -29,8 +29,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run scenario files, one after another.
+    ///
+    /// Each file is checked before anything starts (exit 2 with the file and line of an
+    /// error); each run prints a line per step and a verdict. Exit 0 when every check passes,
+    /// 1 when one fails.
     Run {
-        #[arg(required = true)]
+        /// Scenario files (TOML, docs/scenarios.md); the shipped ones are in lab/scenarios.
+        #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
         #[command(flatten)]
         common: Common,
@@ -61,11 +66,13 @@ struct Common {
     /// Where the peers run.
     #[arg(long, value_enum, default_value_t = BackendKind::Process)]
     backend: BackendKind,
-    /// Write report.json and report.html here.
+    /// Write the report here: report.html, figures/*.svg, report.json and the run's history
+    /// events.jsonl, which `lab check DIR` re-checks (docs/report.md). With several files, one
+    /// directory each inside it.
     #[arg(long, value_name = "DIR")]
     report: Option<PathBuf>,
     /// The peer binary for the process and netns backends [default: `peer` next to this program, else on PATH].
-    #[arg(long, env = "MESHLAB_PEER")]
+    #[arg(long, env = "MESHLAB_PEER", value_name = "PATH")]
     peer_bin: Option<PathBuf>,
     /// The peer image for the docker backend (build it with scripts/build-image).
     #[arg(long, default_value = DEFAULT_IMAGE)]
@@ -78,7 +85,7 @@ enum BackendKind {
     Process,
     /// Containers of the peer image on a network of their own (needs a Docker engine).
     Docker,
-    /// Local processes, each in a network namespace of its own on a bridge (needs root).
+    /// Local processes, each in a network namespace of its own, routed by the host (needs root).
     Netns,
 }
 

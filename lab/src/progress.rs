@@ -67,11 +67,15 @@ impl Progress {
                 let bar = ProgressBar::with_draw_target(Some(d.as_millis() as u64), ProgressDrawTarget::stdout());
                 bar.set_style(
                     ProgressStyle::with_template(
-                        "  {spinner:.cyan} {prefix} [{bar:24.cyan/blue}] {elapsed} of {human_len} {msg}",
+                        "  {spinner:.cyan} {prefix} [{bar:24.cyan/blue}] {elapsed} of {human_len}, {left} left {msg}",
                     )
                     .expect("a valid template")
                     .with_key("human_len", |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
                         let _ = write!(w, "{}", human(Duration::from_millis(s.len().unwrap_or(0))));
+                    })
+                    .with_key("left", |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                        let left = s.len().unwrap_or(0).saturating_sub(s.pos());
+                        let _ = write!(w, "{}", human(Duration::from_secs(left.div_ceil(1000))));
                     })
                     .progress_chars("=> "),
                 );

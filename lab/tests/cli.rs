@@ -448,3 +448,52 @@ fn lab_check_rechecks_a_finished_run_from_its_history() {
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot open"), "a clear error");
 }
+
+/// `lab run --help` describes its arguments and options.
+#[test]
+fn lab_run_help_reads_well() {
+    let out = lab().args(["run", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    insta::assert_snapshot!(String::from_utf8(out.stdout).unwrap());
+}
+
+/// On a terminal a long step shows a live bar (elapsed of its length, time left) and the
+/// verdict is coloured, unless NO_COLOR is set.
+#[test]
+fn a_terminal_shows_a_live_bar_and_colour_unless_no_color() {
+    let dir = temp_dir("live");
+    let peer = lonely_peer(&dir);
+    let file = scenario(&dir, "wait.toml", "[[step]]\nstart = \"a\"\n[[step]]\nsleep = \"3s\"\n");
+    for (env, coloured) in [("-u NO_COLOR", true), ("NO_COLOR=1", false)] {
+        let session = format!("meshlab-live-{}-{coloured}", std::process::id());
+        let command = format!(
+            "env {env} {} run --peer-bin {} {}; sleep 30",
+            env!("CARGO_BIN_EXE_lab"),
+            peer.display(),
+            file.display()
+        );
+        let tmux = |args: &[&str]| Command::new("tmux").args(args).output().expect("tmux drives a terminal here");
+        assert!(tmux(&["new-session", "-d", "-s", &session, "-x", "160", "-y", "20", &command]).status.success());
+        let screen =
+            || String::from_utf8_lossy(&tmux(&["capture-pane", "-e", "-p", "-t", &session]).stdout).into_owned();
+        let bar = wait_for_screen(&screen, |s| s.contains("of 3.0 s") && s.contains("left"));
+        assert!(bar.contains("sleep 3s"), "{bar}");
+        let end = wait_for_screen(&screen, |s| s.contains("PASS") || s.contains("FAIL"));
+        let _ = tmux(&["kill-session", "-t", &session]);
+        assert!(!end.contains("of 3.0 s"), "the bar goes when its step ends:\n{end}");
+        assert_eq!(end.contains("\u{1b}[32m") || end.contains("\u{1b}[1m"), coloured, "env {env}:\n{end}");
+    }
+}
+
+/// The screen once `done` holds; fails after 15 s with the screen.
+fn wait_for_screen(screen: &dyn Fn() -> String, done: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let s = screen();
+        if done(&s) {
+            return s;
+        }
+        assert!(std::time::Instant::now() < deadline, "the terminal never showed it:\n{s}");
+        std::thread::sleep(std::time::Duration::from_millis(50)); // polling the screen, no event to wait on
+    }
+}
