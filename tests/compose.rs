@@ -41,16 +41,36 @@ impl Drop for Project {
     }
 }
 
+/// A container's output as text: the peers run on a terminal (`tty: true`), so the line being
+/// typed is redrawn around each line shown; carriage returns and terminal escapes are dropped.
 fn logs(id: &str) -> String {
     let out = run(Command::new("docker").args(["logs", id]));
-    String::from_utf8_lossy(&out.stdout).replace('\r', "") + &String::from_utf8_lossy(&out.stderr)
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "") + &String::from_utf8_lossy(&out.stderr);
+    without_escapes(&text)
 }
 
-/// Distinct peers a container's chat view showed joining.
+/// `text` without its CSI escape sequences (ESC [ … final byte).
+fn without_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            while chars.next().is_some_and(|c| !('@'..='~').contains(&c)) {}
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Distinct peers a container's chat view showed joining (after the prompt, when the line
+/// being typed was redrawn in front of it).
 fn joined(log: &str) -> usize {
     let mut names: Vec<&str> = log
         .lines()
-        .filter(|l| l.starts_with("* ") && l.ends_with(" joined"))
+        .filter_map(|l| l.find("* ").map(|at| &l[at..]))
+        .filter(|l| l.ends_with(" joined"))
         .filter_map(|l| l.split('@').next())
         .collect();
     names.sort();
