@@ -28,7 +28,7 @@ use serde::Serialize;
 use crate::backend::Backend;
 use crate::lab::{Lab, LabError, Undo};
 use crate::link::Condition;
-use crate::scenario::ChaosSpec;
+use crate::scenario::{ChaosSpec, FAULTS};
 use crate::world::World;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -409,21 +409,7 @@ fn draw_fault(
     // Paused peers count as down for the limit of half the peers down at once.
     let may_pause = live.len() > names.len().div_ceil(2);
     let mut kinds = Vec::new();
-    for kind in [
-        "kill",
-        "stop",
-        "start",
-        "restart",
-        "partition",
-        "cut",
-        "one-way",
-        "heal",
-        "pause",
-        "resume",
-        "loss",
-        "rate",
-        "delay",
-    ] {
+    for &kind in FAULTS {
         let applicable = match kind {
             "pause" => may_pause,
             "resume" => !paused.is_empty(),
@@ -552,7 +538,6 @@ async fn inflict<B: Backend>(lab: &mut Lab<B>, fault: &Fault) -> Result<(), LabE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scenario::FAULTS;
 
     fn spec() -> ChaosSpec {
         ChaosSpec {

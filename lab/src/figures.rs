@@ -192,6 +192,20 @@ fn plot_error<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("cannot draw a figure: {e:?}")
 }
 
+/// A chart's frame: margins and room for the axes' labels.
+fn chart_on<'a, 'b>(root: &'a DrawingArea<SVGBackend<'b>, Shift>) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+    let mut builder = ChartBuilder::on(root);
+    builder.margin(10).x_label_area_size(36).y_label_area_size(60);
+    builder
+}
+
+/// The series' names and keys, boxed, at a chart's top right.
+fn series_legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+) -> anyhow::Result<()> {
+    chart.configure_series_labels().background_style(WHITE.mix(0.9)).border_style(BLACK).draw().map_err(plot_error)
+}
+
 /// Whole-mesh windows shaded across a chart's height.
 fn shade<DB: DrawingBackend>(
     chart: &mut ChartContext<'_, DB, Cartesian2d<plotters::coord::types::RangedCoordf64, impl Ranged<ValueType = f64>>>,
@@ -320,12 +334,8 @@ fn latency_over_time(r: &Report, windows: &[Window], end_s: f64) -> anyhow::Resu
     }
     let top = direct.iter().chain(&caught_up).map(|p| p.1).fold(1.0f64, f64::max) * 1.5;
     canvas((WIDTH, 360), |root| {
-        let mut chart = ChartBuilder::on(root)
-            .margin(10)
-            .x_label_area_size(36)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0f64..end_s, (0.01f64..top).log_scale())
-            .map_err(plot_error)?;
+        let mut chart =
+            chart_on(root).build_cartesian_2d(0f64..end_s, (0.01f64..top).log_scale()).map_err(plot_error)?;
         chart
             .configure_mesh()
             .x_desc("when the line was said (s since the run started)")
@@ -342,12 +352,7 @@ fn latency_over_time(r: &Report, windows: &[Window], end_s: f64) -> anyhow::Resu
                 .label(format!("{label} ({})", points.len()))
                 .legend(move |(x, y)| Circle::new((x, y), 3, colour.filled()));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_error)?;
+        series_legend(&mut chart)?;
         Ok(())
     })
 }
@@ -366,12 +371,8 @@ fn latency_cdf(r: &Report) -> anyhow::Result<String> {
     caught_up.sort_by(f64::total_cmp);
     let top = direct.iter().chain(&caught_up).copied().fold(1.0f64, f64::max) * 1.5;
     canvas((WIDTH, 320), |root| {
-        let mut chart = ChartBuilder::on(root)
-            .margin(10)
-            .x_label_area_size(36)
-            .y_label_area_size(60)
-            .build_cartesian_2d((0.01f64..top).log_scale(), 0f64..1f64)
-            .map_err(plot_error)?;
+        let mut chart =
+            chart_on(root).build_cartesian_2d((0.01f64..top).log_scale(), 0f64..1f64).map_err(plot_error)?;
         chart.configure_mesh().x_desc("latency (ms, log)").y_desc("share of showings").draw().map_err(plot_error)?;
         for (values, colour, label) in
             [(&direct, RGBColor(21, 101, 192), "direct"), (&caught_up, RGBColor(230, 81, 0), "caught up")]
@@ -388,12 +389,7 @@ fn latency_cdf(r: &Report) -> anyhow::Result<String> {
                 .label(format!("{label} ({})", values.len()))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2)));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_error)?;
+        series_legend(&mut chart)?;
         Ok(())
     })
 }
@@ -412,12 +408,7 @@ fn rates(r: &Report, end_s: f64) -> anyhow::Result<String> {
     }
     let top = said.iter().chain(&shown).copied().max().unwrap_or(1).max(1) as f64 * 1.15;
     canvas((WIDTH, 300), |root| {
-        let mut chart = ChartBuilder::on(root)
-            .margin(10)
-            .x_label_area_size(36)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0f64..bins as f64, 0f64..top)
-            .map_err(plot_error)?;
+        let mut chart = chart_on(root).build_cartesian_2d(0f64..bins as f64, 0f64..top).map_err(plot_error)?;
         chart.configure_mesh().x_desc("second of the run").y_desc("per second").draw().map_err(plot_error)?;
         for (counts, colour, label) in
             [(&said, RGBColor(21, 101, 192), "said"), (&shown, RGBColor(46, 125, 50), "shown")]
@@ -430,12 +421,7 @@ fn rates(r: &Report, end_s: f64) -> anyhow::Result<String> {
                 .label(label)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2)));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_error)?;
+        series_legend(&mut chart)?;
         Ok(())
     })
 }
@@ -466,12 +452,7 @@ fn connections(r: &Report, windows: &[Window], end_s: f64) -> anyhow::Result<Str
     let n = r.mesh.peers.len() as f64;
     let top = (n * (n - 1.0) / 2.0).max(1.0) * 1.1;
     canvas((WIDTH, 300), |root| {
-        let mut chart = ChartBuilder::on(root)
-            .margin(10)
-            .x_label_area_size(36)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0f64..end_s, 0f64..top)
-            .map_err(plot_error)?;
+        let mut chart = chart_on(root).build_cartesian_2d(0f64..end_s, 0f64..top).map_err(plot_error)?;
         chart
             .configure_mesh()
             .x_desc("time since the run started (s)")
@@ -490,12 +471,7 @@ fn connections(r: &Report, windows: &[Window], end_s: f64) -> anyhow::Result<Str
             .map_err(plot_error)?
             .label(format!("full mesh ({full})"))
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.mix(0.4)));
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_error)?;
+        series_legend(&mut chart)?;
         Ok(())
     })
 }

@@ -259,9 +259,9 @@ const VERBS: &str =
     "start, stop, kill, restart, pause, resume, partition, cut, condition, heal, say, await, sleep or chaos";
 pub const FAULTS: &[&str] = &[
     "kill",
-    "restart",
     "stop",
     "start",
+    "restart",
     "partition",
     "cut",
     "one-way",

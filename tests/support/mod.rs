@@ -345,12 +345,11 @@ impl Terminal {
         Terminal { session: session.to_owned() }
     }
 
-    /// Types `text` as it is (no key names), a key at a time as a person would: rustyline
-    /// redraws a burst of keys arriving in one read only at the next key.
+    /// Types `text` as it is (no key names), in one burst (as a paste without bracketing
+    /// would arrive; rustyline before 19 left all but the first key of a burst unread until the
+    /// next one).
     pub fn type_text(&self, text: &str) {
-        for c in text.chars() {
-            tmux(&["send-keys", "-t", &self.session, "-l", &c.to_string()]);
-        }
+        tmux(&["send-keys", "-t", &self.session, "-l", text]);
     }
 
     /// Presses keys by tmux's names (`Left`, `Enter`, `C-c`).
