@@ -243,8 +243,11 @@ fn timeline(r: &Report, windows: &[Window], end_s: f64) -> anyhow::Result<String
             .y_labels(n.min(40))
             .y_label_formatter(&|y| {
                 let i = (n as f64 - 1.0 - y.floor()) as usize;
-                let at_row = y.fract().abs() < 1e-9 && i < n && i.is_multiple_of(every);
-                if at_row { names[i].to_owned() } else { String::new() }
+                let at_row = y.fract().abs() < 1e-9 && i.is_multiple_of(every);
+                match names.get(i) {
+                    Some(name) if at_row => name.to_string(),
+                    _ => String::new(), // between rows, or no peer at all
+                }
             })
             .disable_y_mesh()
             .draw()
