@@ -10,6 +10,7 @@ pub mod chaos;
 pub mod event;
 pub mod figures;
 pub mod history;
+pub mod junit;
 pub mod lab;
 pub mod link;
 pub mod progress;

@@ -13,7 +13,7 @@ use meshlab_lab::lab::NoNetem;
 use meshlab_lab::progress::{Mode, print_line};
 use meshlab_lab::runner::{self, RunOptions};
 use meshlab_lab::scenario::Scenario;
-use meshlab_lab::{Lab, history, report};
+use meshlab_lab::{Lab, history, junit, report};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// The six-peer demo, built in so that `lab demo` works from anywhere.
@@ -71,6 +71,10 @@ struct Common {
     /// directory each inside it.
     #[arg(long, value_name = "DIR")]
     report: Option<PathBuf>,
+    /// Also write a JUnit XML summary here (a test suite per scenario, a test case per step),
+    /// for CI systems that show test results.
+    #[arg(long, value_name = "FILE")]
+    junit: Option<PathBuf>,
     /// The peer binary for the process and netns backends [default: `peer` next to this program, else on PATH].
     #[arg(long, env = "MESHLAB_PEER", value_name = "PATH")]
     peer_bin: Option<PathBuf>,
@@ -140,7 +144,7 @@ async fn run_all(scenarios: Vec<Scenario>, common: Common, seed: Option<u64>, in
     let options = RunOptions { progress: Mode::for_stdout(), seed, history: None };
     let peer = peer_bin(common.peer_bin);
     let several = scenarios.len() > 1;
-    let mut failed = 0;
+    let mut reports = Vec::new();
     for (index, scenario) in scenarios.iter().enumerate() {
         let report_dir =
             common.report.as_ref().map(|d| if several { report_dir_of(d, &scenario.name, index) } else { d.clone() });
@@ -165,8 +169,7 @@ async fn run_all(scenarios: Vec<Scenario>, common: Common, seed: Option<u64>, in
             },
         };
         match outcome {
-            Ok(true) => {}
-            Ok(false) => failed += 1,
+            Ok(report) => reports.push(report),
             Err(e) => {
                 eprintln!("error: {e:#}");
                 let code = match () {
@@ -179,8 +182,15 @@ async fn run_all(scenarios: Vec<Scenario>, common: Common, seed: Option<u64>, in
         }
         print_line("");
     }
+    let failed = reports.iter().filter(|r| !r.passed).count();
     if several {
         print_line(&format!("{} of {} scenarios passed", scenarios.len() - failed, scenarios.len()));
+    }
+    if let Some(path) = &common.junit
+        && let Err(e) = junit::write(path, &reports)
+    {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(1);
     }
     if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
@@ -208,7 +218,7 @@ async fn run_one<B: Backend>(
     options: &RunOptions,
     report_dir: Option<&Path>,
     interrupt: &mut Signal,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<runner::Report> {
     if scenario.needs_delay() && !backend.can_delay() {
         return Err(NoNetem.into());
     }
@@ -226,7 +236,7 @@ async fn run_one<B: Backend>(
         let took = meshlab_lab::progress::human(writing.elapsed());
         print_line(&format!("report: {} (written in {took})", dir.join("report.html").display()));
     }
-    Ok(report.passed)
+    Ok(report)
 }
 
 /// Replays a run's history and gives its delivery verdict, next to the one the run gave.

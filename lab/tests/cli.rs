@@ -497,3 +497,38 @@ fn wait_for_screen(screen: &dyn Fn() -> String, done: impl Fn(&str) -> bool) -> 
         std::thread::sleep(std::time::Duration::from_millis(50)); // polling the screen, no event to wait on
     }
 }
+
+/// `--junit FILE` summarises the runs for CI: a suite per scenario, a case per step, a failed
+/// step as a failure carrying what was expected and what was seen.
+#[test]
+fn junit_summarises_runs_for_ci() {
+    let dir = temp_dir("junit");
+    let peer = lonely_peer(&dir);
+    let passing = scenario(&dir, "quiet.toml", "[[step]]\nstart = \"a\"\n");
+    let failing = scenario(
+        &dir,
+        "lonely.toml",
+        "[[step]]\nstart = \"a\"\n[[step]]\nstart = \"b\"\nvia = \"a\"\n[[step]]\nawait = \"mesh\"\nwithin = \"300ms\"\n",
+    );
+    let xml = dir.join("junit.xml");
+    let out = lab()
+        .args(["run", "--peer-bin"])
+        .arg(&peer)
+        .arg("--junit")
+        .arg(&xml)
+        .arg(&passing)
+        .arg(&failing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "one scenario fails");
+    let xml = std::fs::read_to_string(&xml).unwrap();
+    assert!(xml.contains(r#"<testsuites name="meshlab lab" tests="4" failures="1""#), "{xml}");
+    assert!(
+        xml.contains(r#"<testsuite name="quiet" tests="1""#) && xml.contains(r#"<testsuite name="lonely" tests="3""#),
+        "{xml}"
+    );
+    assert!(
+        xml.contains("03 await mesh within 300ms (line 6)") && xml.contains("expected a full mesh of a, b"),
+        "{xml}"
+    );
+}
