@@ -485,20 +485,15 @@ fn connections(r: &Report, windows: &[Window], end_s: f64) -> anyhow::Result<Str
 fn mesh(r: &Report) -> anyhow::Result<String> {
     let names: Vec<&str> = r.mesh.peers.iter().map(|(n, _)| n.as_str()).collect();
     let index: BTreeMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
-    let linked: BTreeSet<(usize, usize)> = r
-        .mesh
-        .links
-        .iter()
-        .filter_map(|(a, b)| Some((*index.get(a.as_str())?, *index.get(b.as_str())?)))
-        .flat_map(|(a, b)| [(a, b), (b, a)])
-        .collect();
-    let cut: BTreeSet<(usize, usize)> = r
-        .mesh
-        .cuts
-        .iter()
-        .filter_map(|(a, b)| Some((*index.get(a.as_str())?, *index.get(b.as_str())?)))
-        .flat_map(|(a, b)| [(a, b), (b, a)])
-        .collect();
+    // Named pairs as index pairs, both ways round.
+    let both_ways = |pairs: &[(String, String)]| -> BTreeSet<(usize, usize)> {
+        pairs
+            .iter()
+            .filter_map(|(a, b)| Some((*index.get(a.as_str())?, *index.get(b.as_str())?)))
+            .flat_map(|(a, b)| [(a, b), (b, a)])
+            .collect()
+    };
+    let (linked, cut) = (both_ways(&r.mesh.links), both_ways(&r.mesh.cuts));
     if names.len() <= 16 {
         return circle(r, &names, &linked, &cut);
     }
