@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use meshlab_lab::backend::Backend;
 use meshlab_lab::backend::docker::{DEFAULT_IMAGE, DockerBackend};
 use meshlab_lab::backend::process::ProcessBackend;
+use meshlab_lab::backend::swarm::SwarmBackend;
 use meshlab_lab::lab::NoNetem;
 use meshlab_lab::progress::{Mode, print_line};
 use meshlab_lab::runner::{self, RunOptions};
@@ -78,7 +79,7 @@ struct Common {
     /// The peer binary for the process and netns backends [default: `peer` next to this program, else on PATH].
     #[arg(long, env = "MESHLAB_PEER", value_name = "PATH")]
     peer_bin: Option<PathBuf>,
-    /// The peer image for the docker backend (build it with scripts/build-image).
+    /// The peer image for the docker and swarm backends (build it with scripts/build-image).
     #[arg(long, default_value = DEFAULT_IMAGE)]
     image: String,
 }
@@ -91,6 +92,9 @@ enum BackendKind {
     Docker,
     /// Local processes, each in a network namespace of its own, routed by the host (needs root).
     Netns,
+    /// One-task services of the peer image on an overlay network of their own (needs this
+    /// engine to be a swarm manager: `docker swarm init`).
+    Swarm,
 }
 
 fn default_scenarios() -> PathBuf {
@@ -161,6 +165,13 @@ async fn run_all(scenarios: Vec<Scenario>, common: Common, seed: Option<u64>, in
                 }
             },
             BackendKind::Docker => match DockerBackend::connect(&common.image).await {
+                Ok(backend) => run_one(scenario, backend, &options, report_dir.as_deref(), interrupt).await,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::from(2);
+                }
+            },
+            BackendKind::Swarm => match SwarmBackend::connect(&common.image).await {
                 Ok(backend) => run_one(scenario, backend, &options, report_dir.as_deref(), interrupt).await,
                 Err(e) => {
                     eprintln!("error: {e:#}");

@@ -5,8 +5,10 @@
 //! namespaces of their own, packet filtering for cuts) run the same files.
 
 pub mod docker;
+pub mod engine;
 pub mod netns;
 pub mod process;
+pub mod swarm;
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -238,15 +240,17 @@ pub fn ensure_neighbour_room(hosts: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A peer's address, for the rules that name it: `None` for a name with no address yet (a swarm
+/// task gets its address when it starts), which no rule can match.
+pub trait AddressOf: FnMut(&str) -> anyhow::Result<Option<Ipv4Addr>> {}
+impl<F: FnMut(&str) -> anyhow::Result<Option<Ipv4Addr>>> AddressOf for F {}
+
 /// The iptables-restore input that drops what the cuts say, and a random share of what the
 /// peer sends where a condition has loss, given each other peer's address.
-pub fn filter_rules(
-    links: &Links,
-    mut address_of: impl FnMut(&str) -> anyhow::Result<Ipv4Addr>,
-) -> anyhow::Result<String> {
+pub fn filter_rules(links: &Links, mut address_of: impl AddressOf) -> anyhow::Result<String> {
     let mut rules = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
     for (other, inbound, outbound) in &links.cuts {
-        let ip = address_of(other)?;
+        let Some(ip) = address_of(other)? else { continue };
         if *inbound {
             rules.push_str(&format!("-A INPUT -s {ip}/32 -j DROP\n"));
         }
@@ -255,8 +259,9 @@ pub fn filter_rules(
         }
     }
     for (other, condition) in &links.conditions {
-        if let Some(loss) = condition.loss {
-            let ip = address_of(other)?;
+        if let Some(loss) = condition.loss
+            && let Some(ip) = address_of(other)?
+        {
             let p = loss / 100.0;
             rules.push_str(&format!("-A OUTPUT -d {ip}/32 -m statistic --mode random --probability {p:.6} -j DROP\n"));
         }
@@ -266,38 +271,73 @@ pub fn filter_rules(
 }
 
 /// Makes a network namespace's packet filter and queues what `new` says, coming from `old`:
-/// `enter` is the command prefix that enters it (nsenter …), `dev` its interface.
+/// `enter` is the command prefix that enters it (nsenter …), `dev` its interface. Only what
+/// changed is redone.
 pub async fn apply_links(
     enter: &[&str],
     dev: &str,
     old: &Links,
     new: &Links,
-    mut address_of: impl FnMut(&str) -> anyhow::Result<Ipv4Addr>,
+    mut address_of: impl AddressOf,
 ) -> anyhow::Result<()> {
-    let with = |tail: &[&'static str]| -> Vec<String> { enter.iter().chain(tail).map(|s| s.to_string()).collect() };
-    if old.cuts != new.cuts
-        || old.conditions.iter().map(|c| (&c.0, c.1.loss)).ne(new.conditions.iter().map(|c| (&c.0, c.1.loss)))
-    {
-        let rules = filter_rules(new, &mut address_of)?;
-        feed(&with(&["iptables-restore"]), &rules).await.context("iptables-restore failed")?;
+    let loss = |l: &Links| -> Vec<(String, Option<f64>)> { l.conditions.iter().map(|c| (c.0.clone(), c.1.loss)).collect() };
+    if old.cuts != new.cuts || loss(old) != loss(new) {
+        apply_filter(enter, new, &mut address_of).await?;
     }
-    let shaping =
-        |l: &Links| -> Vec<(String, Condition)> { l.conditions.iter().filter(|(_, c)| c.shapes()).cloned().collect() };
-    if shaping(old) != shaping(new) {
-        let mut shaped = Vec::new();
-        for (other, c) in shaping(new) {
-            shaped.push((address_of(&other)?, c));
-        }
-        let mut commands = Vec::new();
-        if old.shapes() {
-            commands.push(format!("qdisc del dev {dev} root"));
-        }
-        commands.extend(shaping_commands(dev, &shaped));
-        if !commands.is_empty() {
-            feed(&with(&["tc", "-batch", "-"]), &(commands.join("\n") + "\n")).await.context("tc failed")?;
-        }
+    if shaped(old) != shaped(new) {
+        apply_shaping(enter, dev, old, new, &mut address_of).await?;
     }
     Ok(())
+}
+
+/// Makes a namespace's rules again for links already in force, after a peer they name came back
+/// at another address.
+pub async fn reapply_links(enter: &[&str], dev: &str, links: &Links, mut address_of: impl AddressOf) -> anyhow::Result<()> {
+    apply_filter(enter, links, &mut address_of).await?;
+    if links.shapes() {
+        apply_shaping(enter, dev, links, links, &mut address_of).await?;
+    }
+    Ok(())
+}
+
+fn shaped(links: &Links) -> Vec<(String, Condition)> {
+    links.conditions.iter().filter(|(_, c)| c.shapes()).cloned().collect()
+}
+
+fn entered(enter: &[&str], tail: &[&str]) -> Vec<String> {
+    enter.iter().chain(tail).map(|s| s.to_string()).collect()
+}
+
+/// Replaces the namespace's packet filter with the one `links` make (iptables-restore replaces
+/// the table at once, so no packet passes between the old rules and the new).
+async fn apply_filter(enter: &[&str], links: &Links, address_of: impl AddressOf) -> anyhow::Result<()> {
+    let rules = filter_rules(links, address_of)?;
+    feed(&entered(enter, &["iptables-restore"]), &rules).await.context("iptables-restore failed")
+}
+
+/// Replaces the queues `old` made on `dev` with those `new` needs.
+async fn apply_shaping(
+    enter: &[&str],
+    dev: &str,
+    old: &Links,
+    new: &Links,
+    mut address_of: impl AddressOf,
+) -> anyhow::Result<()> {
+    let mut targets = Vec::new();
+    for (other, c) in shaped(new) {
+        if let Some(ip) = address_of(&other)? {
+            targets.push((ip, c));
+        }
+    }
+    let mut commands = Vec::new();
+    if old.shapes() {
+        commands.push(format!("qdisc del dev {dev} root"));
+    }
+    commands.extend(shaping_commands(dev, &targets));
+    if commands.is_empty() {
+        return Ok(());
+    }
+    feed(&entered(enter, &["tc", "-batch", "-"]), &(commands.join("\n") + "\n")).await.context("tc failed")
 }
 
 /// Feeds `input` to `command` (an iptables-restore or a tc -batch entered into a peer's

@@ -182,7 +182,7 @@ impl Namespaces {
             return Ok(());
         }
         let enter = format!("--net={NETNS_DIR}/{}", host.ns);
-        apply_links(&["nsenter", &enter], "eth0", &host.links, links, |other| Ok(self.host(other)?.ip))
+        apply_links(&["nsenter", &enter], "eth0", &host.links, links, |other| Ok(Some(self.host(other)?.ip)))
             .await
             .with_context(|| format!("cannot apply {name}'s cuts and conditions in its network namespace"))?;
         self.hosts.get_mut(name).expect("found above").links = links.clone();
