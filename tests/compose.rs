@@ -1,6 +1,7 @@
-//! The repository's docker-compose.yml, used as a person would: `up`, watch the mesh form in the
-//! containers' output, type a line into one container through `docker attach` (in a tmux
-//! terminal), see it shown by the five others, `down`.
+//! The repository's docker-compose.yml, used as a person would: `docker compose up`, or `docker
+//! stack deploy` on a swarm; watch the mesh form in the containers' output, type a line into one
+//! container through `docker attach` (in a tmux terminal), see it shown by the five others, take
+//! it down.
 
 mod support;
 
@@ -16,28 +17,81 @@ fn run(cmd: &mut Command) -> Output {
     out
 }
 
-/// A compose project of the repository's file under a name of its own; `down` when dropped,
-/// whatever happened.
-struct Project {
-    name: String,
+/// The repository's compose file brought up under a name of its own, and taken down when
+/// dropped, whatever happened.
+enum Deployment {
+    /// `docker compose -p NAME up -d`.
+    Compose(String),
+    /// `docker stack deploy -c docker-compose.yml NAME`.
+    Stack(String),
 }
 
-impl Project {
+impl Deployment {
+    fn up(self) -> Deployment {
+        match &self {
+            Deployment::Compose(_) => run(self.compose().args(["up", "-d"])),
+            Deployment::Stack(name) => run(Command::new("docker")
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .env_remove("MESH_KEY")
+                .args(["stack", "deploy", "-c", "docker-compose.yml", name])),
+        };
+        self
+    }
+
     fn compose(&self) -> Command {
         let mut c = support::compose();
-        c.current_dir(env!("CARGO_MANIFEST_DIR")).args(["-f", "docker-compose.yml", "-p", &self.name]);
+        c.current_dir(env!("CARGO_MANIFEST_DIR")).args(["-f", "docker-compose.yml", "-p", self.name()]);
         c
     }
 
+    fn name(&self) -> &str {
+        match self {
+            Deployment::Compose(name) | Deployment::Stack(name) => name,
+        }
+    }
+
+    /// The running container of a service (a stack's task starts a moment after the deploy).
     fn container(&self, service: &str) -> String {
-        let out = run(self.compose().args(["ps", "-q", service]));
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        let find = || match self {
+            Deployment::Compose(_) => {
+                String::from_utf8(run(self.compose().args(["ps", "-q", service])).stdout).unwrap().trim().to_owned()
+            }
+            Deployment::Stack(name) => {
+                let label = format!("label=com.docker.swarm.service.name={name}_{service}");
+                support::docker_text(&["ps", "--quiet", "--filter", &label])
+            }
+        };
+        let mut id = String::new();
+        wait_for(&format!("{service}'s container"), Duration::from_secs(30), || {
+            id = find();
+            !id.is_empty()
+        });
+        id
     }
 }
 
-impl Drop for Project {
+impl Drop for Deployment {
     fn drop(&mut self) {
-        let _ = self.compose().args(["down", "--timeout", "5"]).output();
+        match self {
+            Deployment::Compose(_) => {
+                let _ = self.compose().args(["down", "--timeout", "5"]).output();
+            }
+            Deployment::Stack(name) => {
+                let _ = Command::new("docker").args(["stack", "rm", name]).output();
+                // The stack's network goes once the swarm has let go of its tasks.
+                let network = format!("{name}_default");
+                let until = Instant::now() + Duration::from_secs(30);
+                while Command::new("docker")
+                    .args(["network", "inspect", &network])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+                    && Instant::now() < until
+                {
+                    std::thread::sleep(Duration::from_millis(200));
+                    let _ = Command::new("docker").args(["network", "rm", &network]).output();
+                }
+            }
+        }
     }
 }
 
@@ -93,11 +147,23 @@ fn compose_up_gives_a_six_peer_mesh_to_chat_in() {
         return;
     }
     support::image();
-    assert!(Path::new("/usr/bin/tmux").exists() || Command::new("tmux").arg("-V").output().is_ok(), "tmux is needed");
+    a_six_peer_mesh_to_chat_in(Deployment::Compose(format!("meshlabtest{}", std::process::id())).up());
+}
 
-    let project = Project { name: format!("meshlabtest{}", std::process::id()) };
-    run(project.compose().args(["up", "-d"]));
-    let ids: Vec<String> = PEERS.iter().map(|p| project.container(p)).collect();
+#[test]
+fn stack_deploy_gives_a_six_peer_mesh_to_chat_in() {
+    let _serial = support::exclusive();
+    if !support::docker("stack_deploy_gives_a_six_peer_mesh_to_chat_in") {
+        return;
+    }
+    support::image();
+    let _swarm = support::Swarm::join();
+    a_six_peer_mesh_to_chat_in(Deployment::Stack(format!("meshlabtest{}", std::process::id())).up());
+}
+
+fn a_six_peer_mesh_to_chat_in(deployment: Deployment) {
+    assert!(Path::new("/usr/bin/tmux").exists() || Command::new("tmux").arg("-V").output().is_ok(), "tmux is needed");
+    let ids: Vec<String> = PEERS.iter().map(|p| deployment.container(p)).collect();
 
     // The mesh forms: every container's output shows the five others joining.
     wait_for("every peer to show the five others joined", Duration::from_secs(30), || {

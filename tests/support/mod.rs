@@ -86,6 +86,52 @@ pub fn image() -> &'static str {
     meshlab_lab::backend::docker::DEFAULT_IMAGE
 }
 
+/// A single-node swarm for the length of a test: this engine's own if it is already a manager,
+/// else one made with `docker swarm init` and left when dropped, with the gateway bridge the
+/// swarm made, so that the engine is left as the test found it. Hold [`exclusive`] while it lives.
+pub struct Swarm {
+    made: bool,
+    bridge_was_there: bool,
+}
+
+impl Swarm {
+    pub fn join() -> Swarm {
+        let state = docker_text(&["info", "--format", "{{.Swarm.LocalNodeState}} {{.Swarm.ControlAvailable}}"]);
+        let bridge_was_there =
+            !docker_text(&["network", "ls", "--quiet", "--filter", "name=^docker_gwbridge$"]).is_empty();
+        match state.as_str() {
+            "active true" => Swarm { made: false, bridge_was_there },
+            "inactive false" => {
+                let out = Command::new("docker")
+                    .args(["swarm", "init", "--advertise-addr", "127.0.0.1"])
+                    .output()
+                    .expect("docker swarm init");
+                assert!(out.status.success(), "docker swarm init: {}", String::from_utf8_lossy(&out.stderr));
+                Swarm { made: true, bridge_was_there }
+            }
+            other => panic!("this engine is in a swarm it does not manage ({other}): the swarm tests need a manager"),
+        }
+    }
+}
+
+impl Drop for Swarm {
+    fn drop(&mut self) {
+        if !self.made {
+            return;
+        }
+        let _ = Command::new("docker").args(["swarm", "leave", "--force"]).output();
+        if !self.bridge_was_there {
+            let _ = Command::new("docker").args(["network", "rm", "docker_gwbridge"]).output();
+        }
+    }
+}
+
+/// What a docker command prints, trimmed ("" when it fails).
+pub fn docker_text(args: &[&str]) -> String {
+    let out = Command::new("docker").args(args).output().expect("docker");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// `docker compose` where it exists, else `docker-compose`.
 pub fn compose() -> Command {
     let v2 = Command::new("docker").args(["compose", "version"]).output().is_ok_and(|o| o.status.success());

@@ -177,7 +177,8 @@ impl Backend for DockerBackend {
         };
         let docker = &self.containers.docker;
         let options = CreateContainerOptionsBuilder::new().name(&name).build();
-        let id = docker.create_container(Some(options), body).await.with_context(|| format!("cannot create {name}"))?.id;
+        let id =
+            docker.create_container(Some(options), body).await.with_context(|| format!("cannot create {name}"))?.id;
         self.created.push(id.clone());
         let attached = self.containers.attach(&id, true).await.with_context(|| format!("cannot attach to {name}"))?;
         docker
@@ -320,4 +321,3 @@ async fn create_network(docker: &Docker, run: &str) -> anyhow::Result<(String, [
     }
     Err(anyhow::anyhow!("cannot create a network for the lab: {}", last.map(|e| e.to_string()).unwrap_or_default()))
 }
-

@@ -142,7 +142,8 @@ impl Containers {
     ) -> anyhow::Result<ContainerInspectResponse> {
         let inspected =
             self.docker.inspect_container(id, None::<bollard::query_parameters::InspectContainerOptions>).await?;
-        let pid = inspected.state.as_ref().and_then(|s| s.pid).filter(|p| *p > 0).context("the container has no process")?;
+        let pid =
+            inspected.state.as_ref().and_then(|s| s.pid).filter(|p| *p > 0).context("the container has no process")?;
         let exited = watch_output(self.docker.clone(), id.to_owned(), attached.output, &spec.name, instance, events);
         let container =
             Container { id: id.to_owned(), pid: pid as u32, input: attached.input, exited, links: Links::default() };

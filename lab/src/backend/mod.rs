@@ -280,7 +280,8 @@ pub async fn apply_links(
     new: &Links,
     mut address_of: impl AddressOf,
 ) -> anyhow::Result<()> {
-    let loss = |l: &Links| -> Vec<(String, Option<f64>)> { l.conditions.iter().map(|c| (c.0.clone(), c.1.loss)).collect() };
+    let loss =
+        |l: &Links| -> Vec<(String, Option<f64>)> { l.conditions.iter().map(|c| (c.0.clone(), c.1.loss)).collect() };
     if old.cuts != new.cuts || loss(old) != loss(new) {
         apply_filter(enter, new, &mut address_of).await?;
     }
@@ -292,7 +293,12 @@ pub async fn apply_links(
 
 /// Makes a namespace's rules again for links already in force, after a peer they name came back
 /// at another address.
-pub async fn reapply_links(enter: &[&str], dev: &str, links: &Links, mut address_of: impl AddressOf) -> anyhow::Result<()> {
+pub async fn reapply_links(
+    enter: &[&str],
+    dev: &str,
+    links: &Links,
+    mut address_of: impl AddressOf,
+) -> anyhow::Result<()> {
     apply_filter(enter, links, &mut address_of).await?;
     if links.shapes() {
         apply_shaping(enter, dev, links, links, &mut address_of).await?;

@@ -40,6 +40,10 @@ pub const TIME_SCALE: f64 = 4.0;
 const TASK_DEADLINE: Duration = Duration::from_secs(60);
 /// How often a starting task's state is read.
 const TASK_POLL: Duration = Duration::from_millis(50);
+/// How long the swarm may take to let go of a removed network's endpoints.
+const NETWORK_DEADLINE: Duration = Duration::from_secs(20);
+/// How often a network being removed is looked for.
+const NETWORK_POLL: Duration = Duration::from_millis(100);
 
 pub struct SwarmBackend {
     containers: Containers,
@@ -162,7 +166,8 @@ impl SwarmBackend {
         let deadline = Instant::now() + TASK_DEADLINE;
         let filters = HashMap::from([("service", vec![service])]);
         loop {
-            let tasks = self.containers.docker.list_tasks(Some(ListTasksOptionsBuilder::new().filters(&filters).build()));
+            let tasks =
+                self.containers.docker.list_tasks(Some(ListTasksOptionsBuilder::new().filters(&filters).build()));
             let task = tasks.await.with_context(|| format!("cannot read {name}'s task"))?.into_iter().next();
             if let Some(container) = task.as_ref().and_then(|t| self.container_of(t, name).transpose()) {
                 return container;
@@ -179,9 +184,7 @@ impl SwarmBackend {
         let status = task.status.clone().unwrap_or_default();
         match status.state {
             Some(TaskState::RUNNING) => {}
-            Some(
-                state @ (TaskState::FAILED | TaskState::REJECTED | TaskState::COMPLETE | TaskState::SHUTDOWN),
-            ) => {
+            Some(state @ (TaskState::FAILED | TaskState::REJECTED | TaskState::COMPLETE | TaskState::SHUTDOWN)) => {
                 let why = status.err.or(status.message).unwrap_or_default();
                 bail!("{name}'s task is {state}: {why}")
             }
@@ -233,7 +236,8 @@ impl Backend for SwarmBackend {
         self.created.push(service.clone());
         self.services.insert(spec.name.clone(), service.clone());
         let id = self.running_task(&service, &spec.name).await?;
-        let attached = self.containers.attach(&id, true).await.with_context(|| format!("cannot attach to {}", spec.name))?;
+        let attached =
+            self.containers.attach(&id, true).await.with_context(|| format!("cannot attach to {}", spec.name))?;
         let inspected = self.containers.adopt(&spec, &id, attached, instance, events, known(&self.addresses)).await?;
         let ip = inspected
             .network_settings
@@ -322,7 +326,16 @@ impl Drop for SwarmBackend {
             docker_command(&[&["unpause"], &ids[..]].concat());
             docker_command(&[&["rm", "--force"], &ids[..]].concat());
         }
-        docker_command(&["network", "rm", &self.network]);
+        // The swarm lets go of the network a moment after its tasks are gone.
+        let deadline = Instant::now() + NETWORK_DEADLINE;
+        while Instant::now() < deadline {
+            docker_command(&["network", "rm", &self.network]);
+            let inspect = std::process::Command::new("docker").args(["network", "inspect", &self.network]).output();
+            if inspect.is_ok_and(|o| !o.status.success()) {
+                return;
+            }
+            std::thread::sleep(NETWORK_POLL);
+        }
     }
 }
 
@@ -361,22 +374,26 @@ async fn remove_containers(docker: &Docker, select: impl Fn(&HashMap<String, Str
 /// Removes an overlay network and waits until it is gone: the engine refuses while the swarm
 /// still holds endpoints of deleted tasks, and a removal it accepts completes a moment later.
 async fn remove_network(docker: &Docker, network: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + NETWORK_DEADLINE;
     while Instant::now() < deadline {
         let _ = docker.remove_network(network).await;
         let inspect = docker.inspect_network(network, None::<bollard::query_parameters::InspectNetworkOptions>);
         if inspect.await.is_err() {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(NETWORK_POLL).await;
     }
-    tracing::warn!("the swarm did not remove network {network} within 20 s");
+    tracing::warn!("the swarm did not remove network {network} within {NETWORK_DEADLINE:?}");
 }
 
 /// Removes services, containers and networks left by labs that are no longer running.
 async fn remove_leftovers(docker: &Docker) {
     let filters = HashMap::from([("label".to_string(), vec![LABEL.to_string()])]);
-    for s in docker.list_services(Some(ListServicesOptionsBuilder::new().filters(&filters).build())).await.unwrap_or_default() {
+    for s in docker
+        .list_services(Some(ListServicesOptionsBuilder::new().filters(&filters).build()))
+        .await
+        .unwrap_or_default()
+    {
         let labels = s.spec.as_ref().and_then(|spec| spec.labels.as_ref());
         if !owner_alive(labels)
             && let Some(id) = s.id

@@ -1,0 +1,193 @@
+//! The swarm backend on a single-node swarm: the shipped scenarios run unchanged, cuts and
+//! conditions are the kernel's in the tasks' network namespaces, and nothing is left behind. Each
+//! test makes the swarm with `docker swarm init` and leaves it after (an engine that already
+//! manages a swarm is used as it is and left in it).
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use meshlab_lab::Lab;
+use meshlab_lab::backend::docker::CutMethod;
+use meshlab_lab::backend::swarm::SwarmBackend;
+use meshlab_lab::progress::Mode;
+use meshlab_lab::runner::{self, RunOptions};
+use meshlab_lab::scenario::Scenario;
+
+/// Takes the Docker lock and a swarm, or says why the test cannot run.
+fn swarm(test: &str) -> Option<(support::Serial, support::Swarm)> {
+    let serial = support::exclusive();
+    if !support::docker(test) {
+        return None;
+    }
+    support::image();
+    Some((serial, support::Swarm::join()))
+}
+
+async fn run_shipped_on_swarm(name: &str, seed: Option<u64>) {
+    let Some(_swarm) = swarm(name) else { return };
+    let backend = SwarmBackend::connect(support::image()).await.unwrap();
+    assert_eq!(backend.cut_method(), &CutMethod::PacketFilter, "CI runs as root with iptables: cuts must be real");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("lab/scenarios/{name}.toml"));
+    let scenario = Scenario::load(&path).unwrap();
+    let report =
+        runner::run(&scenario, &mut Lab::new(backend), &RunOptions { progress: Mode::Plain, seed, history: None })
+            .await;
+    assert!(report.passed, "{name} failed on the swarm: {:#?}", report.failure);
+    assert_eq!(report.backend, "swarm");
+    let d = &report.delivery;
+    assert!(d.owed > 0 && d.shown == d.owed, "{d:?}");
+    assert_eq!((d.duplicated, d.out_of_order, d.gapped), (0, 0, 0));
+    assert_eq!(leftovers(&std::process::id().to_string()), "", "{name} left something behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_peer_demo_on_swarm() {
+    run_shipped_on_swarm("six-peer-demo", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_heal_on_swarm() {
+    run_shipped_on_swarm("partition-heal", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_on_swarm() {
+    run_shipped_on_swarm("chaos", Some(12)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_on_swarm() {
+    run_shipped_on_swarm("sixty-four", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swarm_cuts_are_real_packet_drops() {
+    let Some(_swarm) = swarm("swarm_cuts_are_real_packet_drops") else { return };
+    let mut lab = Lab::new(SwarmBackend::connect(support::image()).await.unwrap());
+    support::cuts_are_real_packet_drops(&mut lab).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swarm_conditions_are_real() {
+    let Some(_swarm) = swarm("swarm_conditions_are_real") else { return };
+    let mut lab = Lab::new(SwarmBackend::connect(support::image()).await.unwrap());
+    support::conditions_are_real(&mut lab, |b, name| b.pid(name)).await;
+}
+
+/// A restarted peer is a new task at a new address: a cut made before the restart still holds
+/// against it, in the kernel of the peer that cut it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_follows_a_restarted_peer_to_its_new_address() {
+    use std::time::Duration;
+    let Some(_swarm) = swarm("a_cut_follows_a_restarted_peer_to_its_new_address") else { return };
+    let mut lab = Lab::new(SwarmBackend::connect(support::image()).await.unwrap());
+    lab.start(&["a"], &[], &[]).await.unwrap();
+    lab.start(&["b", "c", "d"], &["a"], &[]).await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(20)).await.unwrap();
+    lab.cut("a", "b", false).await.unwrap();
+    let rules_before = drops(lab.backend().pid("a").unwrap());
+    lab.restart("b").await.unwrap();
+    let rules_after = drops(lab.backend().pid("a").unwrap());
+    assert_eq!(rules_before.len(), 2, "a drops b both ways: {rules_before:?}");
+    assert_eq!(rules_after.len(), 2, "{rules_after:?}");
+    assert_ne!(rules_before, rules_after, "a's rules name b's new address");
+    // The mesh re-forms around the cut (the lab awaits every pair but a–b), and a still has no
+    // link to b.
+    lab.await_mesh(None, Duration::from_secs(20)).await.unwrap();
+    let peers = lab.peers_of("a").await.unwrap();
+    assert!(!peers.iter().any(|p| p == "b"), "a is not linked to b: {peers:?}");
+    lab.shutdown().await;
+}
+
+/// The DROP rules in a task's packet filter.
+fn drops(pid: u32) -> Vec<String> {
+    let out = Command::new("nsenter").args(["-t", &pid.to_string(), "-n", "iptables", "-S"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("DROP")).map(String::from).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swarm_leaves_nothing_behind_after_a_failed_check_a_panic_or_a_dead_lab() {
+    let Some(_swarm) = swarm("swarm_leaves_nothing_behind_after_a_failed_check_a_panic_or_a_dead_lab") else {
+        return;
+    };
+    let image = support::image();
+    let me = std::process::id().to_string();
+    // A check that fails: p1 accepts one connection only, so three peers cannot mesh.
+    let scenario = Scenario::parse(
+        "t.toml",
+        "t",
+        "[[step]]\nstart = \"p1\"\nflags = [\"--max-conns\", \"1\"]\n[[step]]\nstart = [\"p2\", \"p3\"]\nvia = \"p1\"\n[[step]]\nawait = \"mesh\"\nwithin = \"500ms\"\n",
+    )
+    .unwrap();
+    let mut lab = Lab::new(SwarmBackend::connect(image).await.unwrap());
+    let report = runner::run(&scenario, &mut lab, &RunOptions::default()).await;
+    assert!(!report.passed);
+    assert_eq!(leftovers(&me), "", "after a failed check");
+    // A test that panics while its tasks run.
+    let outcome = std::thread::spawn(move || {
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            let mut lab = Lab::new(SwarmBackend::connect(image).await.unwrap());
+            lab.start(&["a", "b"], &[], &[]).await.unwrap();
+            lab.pause("a").await.unwrap();
+            panic!("a test fails while its tasks run");
+        })
+    })
+    .join();
+    assert!(outcome.is_err());
+    assert_eq!(leftovers(&me), "", "after a panic");
+    // What a lab killed with SIGKILL leaves: a service with a running task and an overlay
+    // network, labelled with its pid, which is no longer alive.
+    let mut gone = Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let dead = gone.id().to_string();
+    let labels = ["--label", "meshlab.lab=1", "--label", &format!("meshlab.lab.owner={dead}")];
+    let network = format!("meshlab-lab-dead{dead}");
+    let made = |args: &[&str]| {
+        let out = Command::new("docker").args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    made(&[&["network", "create", "--driver", "overlay", "--attachable"], &labels[..], &[network.as_str()]].concat());
+    let container_labels =
+        ["--container-label", "meshlab.lab=1", "--container-label", &format!("meshlab.lab.owner={dead}")];
+    made(
+        &[
+            &["service", "create", "--detach", "--quiet", "--endpoint-mode", "dnsrr", "--network", &network],
+            &labels[..],
+            &container_labels[..],
+            &[image, "--name", "ghost"],
+        ]
+        .concat(),
+    );
+    assert_ne!(leftovers(&dead), "", "the dead lab's service and network are there");
+    let next = SwarmBackend::connect(image).await.unwrap();
+    assert_eq!(leftovers(&dead), "", "the next lab removes a dead lab's service, task and network");
+    drop(next);
+}
+
+/// Outside a swarm the backend says how to make one, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outside_a_swarm_the_backend_says_how_to_make_one() {
+    let _serial = support::exclusive();
+    if !support::docker("outside_a_swarm_the_backend_says_how_to_make_one") {
+        return;
+    }
+    if support::docker_text(&["info", "--format", "{{.Swarm.LocalNodeState}}"]) != "inactive" {
+        eprintln!("SKIPPED outside_a_swarm_the_backend_says_how_to_make_one: this engine is in a swarm");
+        return;
+    }
+    let error = SwarmBackend::connect(support::image()).await.err().expect("no swarm, no backend");
+    let message = format!("{error:#}");
+    assert!(message.contains("not in a swarm") && message.contains("docker swarm init"), "{message}");
+    assert_eq!(support::docker_text(&["info", "--format", "{{.Swarm.LocalNodeState}}"]), "inactive");
+}
+
+/// Services, containers and networks whose owner label is `pid`.
+fn leftovers(pid: &str) -> String {
+    let owner = format!("label=meshlab.lab.owner={pid}");
+    let services = support::docker_text(&["service", "ls", "--quiet", "--filter", &owner]);
+    let containers = support::docker_text(&["ps", "--all", "--quiet", "--filter", &owner]);
+    let networks = support::docker_text(&["network", "ls", "--quiet", "--filter", &owner]);
+    [services, containers, networks].join(" ").trim().to_owned()
+}
