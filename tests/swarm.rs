@@ -9,8 +9,9 @@ use std::path::Path;
 use std::process::Command;
 
 use meshlab_lab::Lab;
+use meshlab_lab::agent::{self, Agent, Call, Key};
 use meshlab_lab::backend::docker::CutMethod;
-use meshlab_lab::backend::swarm::SwarmBackend;
+use meshlab_lab::backend::swarm::{Agents, SwarmBackend};
 use meshlab_lab::progress::Mode;
 use meshlab_lab::runner::{self, RunOptions};
 use meshlab_lab::scenario::Scenario;
@@ -27,7 +28,11 @@ fn swarm(test: &str) -> Option<(support::Serial, support::Swarm)> {
 
 async fn run_shipped_on_swarm(name: &str, seed: Option<u64>) {
     let Some(_swarm) = swarm(name) else { return };
-    let backend = SwarmBackend::connect(support::image()).await.unwrap();
+    run_on_swarm(name, seed, Agents::default()).await;
+}
+
+async fn run_on_swarm(name: &str, seed: Option<u64>, agents: Agents) {
+    let backend = SwarmBackend::connect(support::image(), agents).await.unwrap();
     assert_eq!(backend.cut_method(), &CutMethod::PacketFilter, "CI runs as root with iptables: cuts must be real");
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("lab/scenarios/{name}.toml"));
     let scenario = Scenario::load(&path).unwrap();
@@ -65,14 +70,14 @@ async fn sixty_four_on_swarm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swarm_cuts_are_real_packet_drops() {
     let Some(_swarm) = swarm("swarm_cuts_are_real_packet_drops") else { return };
-    let mut lab = Lab::new(SwarmBackend::connect(support::image()).await.unwrap());
+    let mut lab = Lab::new(SwarmBackend::connect(support::image(), Agents::default()).await.unwrap());
     support::cuts_are_real_packet_drops(&mut lab).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swarm_conditions_are_real() {
     let Some(_swarm) = swarm("swarm_conditions_are_real") else { return };
-    let mut lab = Lab::new(SwarmBackend::connect(support::image()).await.unwrap());
+    let mut lab = Lab::new(SwarmBackend::connect(support::image(), Agents::default()).await.unwrap());
     support::conditions_are_real(&mut lab, |b, name| b.pid(name)).await;
 }
 
@@ -82,7 +87,7 @@ async fn swarm_conditions_are_real() {
 async fn a_cut_follows_a_restarted_peer_to_its_new_address() {
     use std::time::Duration;
     let Some(_swarm) = swarm("a_cut_follows_a_restarted_peer_to_its_new_address") else { return };
-    let mut lab = Lab::new(SwarmBackend::connect(support::image()).await.unwrap());
+    let mut lab = Lab::new(SwarmBackend::connect(support::image(), Agents::default()).await.unwrap());
     lab.start(&["a"], &[], &[]).await.unwrap();
     lab.start(&["b", "c", "d"], &["a"], &[]).await.unwrap();
     lab.await_mesh(None, Duration::from_secs(20)).await.unwrap();
@@ -121,14 +126,14 @@ async fn swarm_leaves_nothing_behind_after_a_failed_check_a_panic_or_a_dead_lab(
         "[[step]]\nstart = \"p1\"\nflags = [\"--max-conns\", \"1\"]\n[[step]]\nstart = [\"p2\", \"p3\"]\nvia = \"p1\"\n[[step]]\nawait = \"mesh\"\nwithin = \"500ms\"\n",
     )
     .unwrap();
-    let mut lab = Lab::new(SwarmBackend::connect(image).await.unwrap());
+    let mut lab = Lab::new(SwarmBackend::connect(image, Agents::default()).await.unwrap());
     let report = runner::run(&scenario, &mut lab, &RunOptions::default()).await;
     assert!(!report.passed);
     assert_eq!(leftovers(&me), "", "after a failed check");
     // A test that panics while its tasks run.
     let outcome = std::thread::spawn(move || {
         tokio::runtime::Runtime::new().unwrap().block_on(async {
-            let mut lab = Lab::new(SwarmBackend::connect(image).await.unwrap());
+            let mut lab = Lab::new(SwarmBackend::connect(image, Agents::default()).await.unwrap());
             lab.start(&["a", "b"], &[], &[]).await.unwrap();
             lab.pause("a").await.unwrap();
             panic!("a test fails while its tasks run");
@@ -161,7 +166,7 @@ async fn swarm_leaves_nothing_behind_after_a_failed_check_a_panic_or_a_dead_lab(
         .concat(),
     );
     assert_ne!(leftovers(&dead), "", "the dead lab's service and network are there");
-    let next = SwarmBackend::connect(image).await.unwrap();
+    let next = SwarmBackend::connect(image, Agents::default()).await.unwrap();
     assert_eq!(leftovers(&dead), "", "the next lab removes a dead lab's service, task and network");
     drop(next);
 }
@@ -177,7 +182,7 @@ async fn outside_a_swarm_the_backend_says_how_to_make_one() {
         eprintln!("SKIPPED outside_a_swarm_the_backend_says_how_to_make_one: this engine is in a swarm");
         return;
     }
-    let error = SwarmBackend::connect(support::image()).await.err().expect("no swarm, no backend");
+    let error = SwarmBackend::connect(support::image(), Agents::default()).await.err().expect("no swarm, no backend");
     let message = format!("{error:#}");
     assert!(message.contains("not in a swarm") && message.contains("docker swarm init"), "{message}");
     assert_eq!(support::docker_text(&["info", "--format", "{{.Swarm.LocalNodeState}}"]), "inactive");
@@ -190,4 +195,57 @@ fn leftovers(pid: &str) -> String {
     let containers = support::docker_text(&["ps", "--all", "--quiet", "--filter", &owner]);
     let networks = support::docker_text(&["network", "ls", "--quiet", "--filter", &owner]);
     [services, containers, networks].join(" ").trim().to_owned()
+}
+
+/// An agent serving this node's engine on a loopback port, in this process, with a fresh key.
+async fn local_agent(tag: &str) -> (String, Key, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let dir = std::env::temp_dir().join(format!("meshlab-agent-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = Key::read_or_make(&dir.join("agent.key")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let docker = bollard::Docker::connect_with_local_defaults().unwrap();
+    let server = tokio::spawn(agent::serve(listener, key.clone(), docker));
+    (address, key, server)
+}
+
+/// The lab reaches peers on other nodes through their agents. Here the node's own agent is
+/// named for it, so every attach, signal, pause and packet rule goes through an agent
+/// connection: the shipped partition and chaos scenarios pass, and cuts are the kernel's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_an_agent_the_lab_drives_peers_and_cuts_in_their_kernel() {
+    let Some(_swarm) = swarm("through_an_agent_the_lab_drives_peers_and_cuts_in_their_kernel") else { return };
+    let (address, key, server) = local_agent("drives").await;
+    let node = support::docker_text(&["info", "--format", "{{.Swarm.NodeID}}"]);
+    let agents = Agents { key: Some(key), at: vec![(node, address)] };
+    run_on_swarm("partition-heal", None, agents.clone()).await;
+    run_on_swarm("pause", None, agents.clone()).await;
+    let mut lab = Lab::new(SwarmBackend::connect(support::image(), agents).await.unwrap());
+    support::cuts_are_real_packet_drops(&mut lab).await;
+    server.abort();
+}
+
+/// An agent answers only a lab with its key: a wrong key or bytes that are no handshake are
+/// refused before any request is read, and the agent goes on serving the lab that has the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refuses_a_lab_without_its_key() {
+    use tokio::io::AsyncWriteExt;
+    let _serial = support::exclusive();
+    if !support::docker("an_agent_refuses_a_lab_without_its_key") {
+        return;
+    }
+    let (address, key, server) = local_agent("refuses").await;
+    let (_, wrong, other) = local_agent("stranger").await;
+    other.abort();
+    let refused = Agent::connect(&address, &wrong).await.err().expect("a wrong key is refused");
+    assert!(format!("{refused:#}").contains("refused the lab's key"), "{refused:#}");
+    let mut garbage = tokio::net::TcpStream::connect(&address).await.unwrap();
+    garbage.write_all(&[0, 48, 1, 2, 3].repeat(100)).await.unwrap();
+    let lab = Agent::connect(&address, &key).await.expect("the key opens the agent");
+    let answer = lab.call(Call::Pause { container: "no-such-container".into() }).await;
+    let error = format!("{:#}", answer.expect_err("no such container"));
+    assert!(error.contains("no-such-container"), "the engine's own error comes back: {error}");
+    assert!(!server.is_finished(), "the agent still serves");
+    server.abort();
 }

@@ -5,6 +5,7 @@
 //! builds from the peers' `--json` events (await mesh, await delivery). Scenario files
 //! ([`scenario`]) are read into steps and run by [`runner`], which also writes the report.
 
+pub mod agent;
 pub mod backend;
 pub mod chaos;
 pub mod event;

@@ -1,15 +1,18 @@
 //! `lab`: run scenario files against real peers. Exit status: 0 when every check passes, 1 when
 //! one fails, 2 for a bad scenario file or command line, 130 when interrupted.
 
+use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use meshlab_lab::agent::Key;
 use meshlab_lab::backend::Backend;
 use meshlab_lab::backend::docker::{DEFAULT_IMAGE, DockerBackend};
+use meshlab_lab::backend::engine::CutMethod;
 use meshlab_lab::backend::process::ProcessBackend;
-use meshlab_lab::backend::swarm::SwarmBackend;
+use meshlab_lab::backend::swarm::{Agents, SwarmBackend};
 use meshlab_lab::lab::NoNetem;
 use meshlab_lab::progress::{Mode, print_line};
 use meshlab_lab::runner::{self, RunOptions};
@@ -55,6 +58,17 @@ enum Command {
         /// A report directory.
         dir: PathBuf,
     },
+    /// Serve this node's peers to a lab on a swarm's manager (docs/swarm.md): run it as root on
+    /// every node of the swarm but the lab's own.
+    Agent {
+        /// Where to listen.
+        #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], meshlab_lab::agent::DEFAULT_PORT)))]
+        listen: SocketAddr,
+        /// The key shared with the lab (64 hex digits); made here, readable by root only, if
+        /// missing: copy it to the lab's host.
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+    },
     /// List the scenarios in a directory.
     List {
         #[arg(default_value_os_t = default_scenarios())]
@@ -82,6 +96,24 @@ struct Common {
     /// The peer image for the docker and swarm backends (build it with scripts/build-image).
     #[arg(long, default_value = DEFAULT_IMAGE)]
     image: String,
+    /// Swarm: the key shared with the `lab agent` of every other node. Without it, every task
+    /// runs on the lab's own node.
+    #[arg(long, env = "MESHLAB_AGENT_KEY_FILE", value_name = "FILE")]
+    agent_key: Option<PathBuf>,
+    /// Swarm: where a node's agent listens, when not at the node's swarm address on port 4747
+    /// (NODE is a node id or hostname); repeat for more nodes.
+    #[arg(long = "agent", value_name = "NODE=HOST:PORT", value_parser = node_address)]
+    agents: Vec<(String, String)>,
+}
+
+fn node_address(text: &str) -> Result<(String, String), String> {
+    let (node, address) = text.split_once('=').ok_or("expected NODE=HOST:PORT")?;
+    Ok((node.to_owned(), address.to_owned()))
+}
+
+async fn swarm_backend(common: &Common) -> anyhow::Result<SwarmBackend> {
+    let key = common.agent_key.as_deref().map(Key::read).transpose()?;
+    SwarmBackend::connect(&common.image, Agents { key, at: common.agents.clone() }).await
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -122,6 +154,7 @@ async fn main() -> ExitCode {
     };
     match cli.command {
         Command::List { dir } => list(&dir),
+        Command::Agent { listen, key_file } => agent(listen, &key_file).await,
         Command::Check { dir } => check(&dir),
         Command::Demo { common } => {
             let scenario =
@@ -146,7 +179,7 @@ async fn main() -> ExitCode {
 
 async fn run_all(scenarios: Vec<Scenario>, common: Common, seed: Option<u64>, interrupt: &mut Signal) -> ExitCode {
     let options = RunOptions { progress: Mode::for_stdout(), seed, history: None };
-    let peer = peer_bin(common.peer_bin);
+    let peer = peer_bin(common.peer_bin.clone());
     let several = scenarios.len() > 1;
     let mut reports = Vec::new();
     for (index, scenario) in scenarios.iter().enumerate() {
@@ -171,7 +204,7 @@ async fn run_all(scenarios: Vec<Scenario>, common: Common, seed: Option<u64>, in
                     return ExitCode::from(2);
                 }
             },
-            BackendKind::Swarm => match SwarmBackend::connect(&common.image).await {
+            BackendKind::Swarm => match swarm_backend(&common).await {
                 Ok(backend) => run_one(scenario, backend, &options, report_dir.as_deref(), interrupt).await,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -313,6 +346,38 @@ fn list(dir: &Path) -> ExitCode {
         }
     }
     if bad { ExitCode::from(2) } else { ExitCode::SUCCESS }
+}
+
+/// Serves this node's containers to labs until killed. Exit 2 when it cannot: no root or tools
+/// for packet rules, no Docker engine, an unreadable key, a taken address.
+async fn agent(listen: SocketAddr, key_file: &Path) -> ExitCode {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(tracing::Level::INFO).init();
+    let ready = async {
+        if let CutMethod::Hook(why) = CutMethod::probe() {
+            anyhow::bail!("the agent makes packet rules in containers' namespaces, and cannot here: {why}");
+        }
+        let key = Key::read_or_make(key_file)?;
+        let docker = bollard::Docker::connect_with_local_defaults().context("cannot reach a Docker engine")?;
+        let docker = docker.negotiate_version().await.context("cannot reach a Docker engine")?;
+        let listener =
+            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+        print_line(&format!("agent listening on {}", listener.local_addr()?));
+        anyhow::Ok((listener, key, docker))
+    };
+    let (listener, key, docker) = match ready.await {
+        Ok(ready) => ready,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match meshlab_lab::agent::serve(listener, key, docker).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]

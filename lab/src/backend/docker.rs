@@ -29,7 +29,7 @@ use bollard::query_parameters::{
 };
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::engine::{Containers, LABEL, PORT, STATE_MOUNT, docker_command, env, labels, owner_alive};
+use super::engine::{Containers, Engine, LABEL, PORT, STATE_MOUNT, docker_command, env, labels, owner_alive};
 use super::{Backend, Links, PeerSpec, StateDirs, Stop, ensure_neighbour_room};
 use crate::world::Observed;
 
@@ -105,11 +105,7 @@ impl DockerBackend {
     }
 
     async fn remove(&mut self, id: &str) {
-        // A paused container is thawed first: the engine may refuse to kill a frozen one.
-        let docker = &self.containers.docker;
-        let _ = docker.unpause_container(id).await;
-        let force = RemoveContainerOptionsBuilder::new().force(true).build();
-        let _ = docker.remove_container(id, Some(force)).await;
+        Engine::Local(self.containers.docker.clone()).remove(id).await;
         self.created.retain(|c| c != id);
     }
 }
@@ -180,13 +176,16 @@ impl Backend for DockerBackend {
         let id =
             docker.create_container(Some(options), body).await.with_context(|| format!("cannot create {name}"))?.id;
         self.created.push(id.clone());
-        let attached = self.containers.attach(&id, true).await.with_context(|| format!("cannot attach to {name}"))?;
+        let engine = Engine::Local(docker.clone());
+        let attached = engine.attach(&id).await.with_context(|| format!("cannot attach to {name}"))?;
         docker
             .start_container(&id, None::<bollard::query_parameters::StartContainerOptions>)
             .await
             .with_context(|| format!("cannot start {name}"))?;
+        let (pid, _) = engine.inspect(&id, &self.network).await?;
         let (subnet, hosts) = (self.subnet, &self.hosts);
-        self.containers.adopt(&spec, &id, attached, instance, events, |n| Ok(address(subnet, hosts, n))).await?;
+        let known = |n: &str| Ok(address(subnet, hosts, n));
+        self.containers.adopt(&spec, engine, &id, pid, attached, instance, events, known).await?;
         if first_start {
             // Cuts made before it ever ran could name no address for it.
             self.containers.readdress(&spec.name, |n| Ok(address(subnet, hosts, n))).await?;

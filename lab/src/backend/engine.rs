@@ -6,21 +6,27 @@
 //! impossible, the peer's lab hook.
 
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::pin::Pin;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bollard::Docker;
-use bollard::container::{AttachContainerResults, LogOutput};
-use bollard::models::ContainerInspectResponse;
-use bollard::query_parameters::{AttachContainerOptionsBuilder, KillContainerOptionsBuilder};
-use futures_util::StreamExt;
+use bollard::container::LogOutput;
+use bollard::query_parameters::{
+    AttachContainerOptionsBuilder, KillContainerOptionsBuilder, RemoveContainerOptionsBuilder,
+};
+use futures_util::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
-use super::{AddressOf, Links, PeerSpec, Stop, apply_links, hook_commands, hook_flags, reapply_links, stop_within};
+use super::{
+    AddressOf, Links, Namespace, PeerSpec, Stop, apply_links, hook_commands, hook_flags, reapply_links, stop_within,
+};
+use crate::agent::{Agent, Answer, Call};
 use crate::world::{Observation, Observed};
 
 /// The label on everything a lab creates in an engine.
@@ -71,12 +77,192 @@ impl CutMethod {
     }
 }
 
+/// A tool the lab feeds input to in a container's network namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Tool {
+    IptablesRestore,
+    TcBatch,
+}
+
+impl Tool {
+    pub fn command(self) -> &'static [&'static str] {
+        match self {
+            Tool::IptablesRestore => &["iptables-restore"],
+            Tool::TcBatch => &["tc", "-batch", "-"],
+        }
+    }
+}
+
+/// A piece of a container's output, or its end with its exit status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Chunk {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Ended(String),
+}
+
+impl Chunk {
+    /// The chunk as pieces of at most `max` bytes.
+    pub fn split(self, max: usize) -> Vec<Chunk> {
+        match self {
+            Chunk::Stdout(b) => b.chunks(max).map(|c| Chunk::Stdout(c.to_vec())).collect(),
+            Chunk::Stderr(b) => b.chunks(max).map(|c| Chunk::Stderr(c.to_vec())).collect(),
+            ended => vec![ended],
+        }
+    }
+}
+
+/// A container's output, ending with [`Chunk::Ended`].
+pub type Output = Pin<Box<dyn Stream<Item = Chunk> + Send>>;
+/// A container's stdin.
+pub type Input = Pin<Box<dyn AsyncWrite + Send>>;
+
+/// The engine a container runs on: the lab's own, or another node's through its agent.
+#[derive(Clone)]
+pub enum Engine {
+    Local(Docker),
+    Agent(Agent),
+}
+
+impl Engine {
+    /// Attaches to a container's stdin and output (replaying what it printed so far).
+    pub async fn attach(&self, id: &str) -> anyhow::Result<(Input, Output)> {
+        match self {
+            Engine::Local(docker) => {
+                let options =
+                    AttachContainerOptionsBuilder::new().stdin(true).stdout(true).stderr(true).stream(true).logs(true);
+                let attached = docker.attach_container(id, Some(options.build())).await?;
+                let chunks = attached.output.take_while(|o| std::future::ready(o.is_ok())).filter_map(|o| async move {
+                    match o.ok()? {
+                        LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                            Some(Chunk::Stdout(message.to_vec()))
+                        }
+                        LogOutput::StdErr { message } => Some(Chunk::Stderr(message.to_vec())),
+                        LogOutput::StdIn { .. } => None,
+                    }
+                });
+                let end = futures_util::stream::once(exit_status(docker.clone(), id.to_owned())).map(Chunk::Ended);
+                Ok((attached.input, Box::pin(chunks.chain(end))))
+            }
+            Engine::Agent(agent) => {
+                let (input, rx) = agent.attach(id).await?;
+                let chunks = futures_util::stream::unfold(rx, |mut rx| async move { Some((rx.recv().await?, rx)) });
+                Ok((input, Box::pin(chunks)))
+            }
+        }
+    }
+
+    /// A container's host pid, and its address on `network` (if it is on it).
+    pub async fn inspect(&self, id: &str, network: &str) -> anyhow::Result<(u32, Option<Ipv4Addr>)> {
+        match self {
+            Engine::Local(docker) => {
+                let inspected =
+                    docker.inspect_container(id, None::<bollard::query_parameters::InspectContainerOptions>).await?;
+                let pid =
+                    inspected.state.and_then(|s| s.pid).filter(|p| *p > 0).context("the container has no process")?;
+                let ip = inspected
+                    .network_settings
+                    .and_then(|s| s.networks?.remove(network)?.ip_address)
+                    .and_then(|ip| ip.parse().ok());
+                Ok((pid as u32, ip))
+            }
+            Engine::Agent(agent) => {
+                match agent.call(Call::Inspect { container: id.into(), network: network.into() }).await? {
+                    Answer::Inspected { pid, ip } => Ok((pid, ip)),
+                    Answer::Done => anyhow::bail!("the agent at {} did not say where {id} is", agent.address()),
+                }
+            }
+        }
+    }
+
+    pub async fn signal(&self, id: &str, signal: &str) -> anyhow::Result<()> {
+        match self {
+            Engine::Local(docker) => {
+                let kill = KillContainerOptionsBuilder::new().signal(signal).build();
+                Ok(docker.kill_container(id, Some(kill)).await?)
+            }
+            Engine::Agent(agent) => {
+                agent.call(Call::Signal { container: id.into(), signal: signal.into() }).await.map(drop)
+            }
+        }
+    }
+
+    pub async fn pause(&self, id: &str) -> anyhow::Result<()> {
+        match self {
+            Engine::Local(docker) => Ok(docker.pause_container(id).await?),
+            Engine::Agent(agent) => agent.call(Call::Pause { container: id.into() }).await.map(drop),
+        }
+    }
+
+    pub async fn unpause(&self, id: &str) -> anyhow::Result<()> {
+        match self {
+            Engine::Local(docker) => Ok(docker.unpause_container(id).await?),
+            Engine::Agent(agent) => agent.call(Call::Unpause { container: id.into() }).await.map(drop),
+        }
+    }
+
+    /// Removes a container now, thawing it first: the engine may refuse to kill a frozen one.
+    pub async fn remove(&self, id: &str) {
+        match self {
+            Engine::Local(docker) => {
+                let _ = docker.unpause_container(id).await;
+                let force = RemoveContainerOptionsBuilder::new().force(true).build();
+                let _ = docker.remove_container(id, Some(force)).await;
+            }
+            Engine::Agent(agent) => {
+                let _ = agent.call(Call::Remove { container: id.into() }).await;
+            }
+        }
+    }
+
+    /// Feeds `input` to `tool` in the network namespace of container `id` (host pid `pid`).
+    pub async fn feed(&self, id: &str, pid: u32, tool: Tool, input: &str) -> anyhow::Result<()> {
+        match self {
+            Engine::Local(_) => {
+                let pid = pid.to_string();
+                let command: Vec<String> =
+                    ["nsenter", "-t", &pid, "-n"].iter().chain(tool.command()).map(|s| s.to_string()).collect();
+                super::feed(&command, input).await
+            }
+            Engine::Agent(agent) => {
+                let call = Call::Feed { container: id.into(), tool, input: input.into() };
+                agent.call(call).await.map(drop)
+            }
+        }
+    }
+}
+
+/// A container's exit status, once it has exited.
+async fn exit_status(docker: Docker, id: String) -> String {
+    let mut wait = docker.wait_container(&id, None::<bollard::query_parameters::WaitContainerOptions>);
+    match wait.next().await {
+        Some(Ok(r)) => format!("exit status: {}", r.status_code),
+        Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => format!("exit status: {code}"),
+        _ => "exited".to_string(),
+    }
+}
+
+/// A container's network namespace, through its engine.
+struct InContainer<'a> {
+    engine: &'a Engine,
+    id: &'a str,
+    pid: u32,
+}
+
+impl Namespace for InContainer<'_> {
+    async fn feed(&self, tool: Tool, input: &str) -> anyhow::Result<()> {
+        self.engine.feed(self.id, self.pid, tool, input).await
+    }
+}
+
 /// A running peer's container.
 pub struct Container {
     pub id: String,
-    /// Its process on the host, whose network namespace holds its links.
+    /// The engine it runs on.
+    pub engine: Engine,
+    /// Its process on its host, whose network namespace holds its links.
     pub pid: u32,
-    input: Pin<Box<dyn AsyncWrite + Send>>,
+    input: Input,
     exited: watch::Receiver<bool>,
     /// Cuts and conditions in force in it.
     links: Links,
@@ -121,38 +307,29 @@ impl Containers {
         args
     }
 
-    /// Attaches to a container's stdin, stdout and stderr; `logs` also replays what it printed
-    /// before (for a container that already runs).
-    pub async fn attach(&self, id: &str, logs: bool) -> anyhow::Result<AttachContainerResults> {
-        let attach =
-            AttachContainerOptionsBuilder::new().stdin(true).stdout(true).stderr(true).stream(true).logs(logs).build();
-        Ok(self.docker.attach_container(id, Some(attach)).await?)
-    }
-
-    /// Takes a started container on as peer `spec.name`: its output becomes observations and
-    /// the links `spec` starts with are applied. Returns what the engine says of it.
+    /// Takes a started container on as peer `spec.name`, given what `engine` attached to and
+    /// what it said of it: its output becomes observations and the links `spec` starts with are
+    /// applied.
+    #[allow(clippy::too_many_arguments)]
     pub async fn adopt(
         &mut self,
         spec: &PeerSpec,
+        engine: Engine,
         id: &str,
-        attached: AttachContainerResults,
+        pid: u32,
+        (input, output): (Input, Output),
         instance: u32,
         events: UnboundedSender<Observed>,
         address_of: impl AddressOf,
-    ) -> anyhow::Result<ContainerInspectResponse> {
-        let inspected =
-            self.docker.inspect_container(id, None::<bollard::query_parameters::InspectContainerOptions>).await?;
-        let pid =
-            inspected.state.as_ref().and_then(|s| s.pid).filter(|p| *p > 0).context("the container has no process")?;
-        let exited = watch_output(self.docker.clone(), id.to_owned(), attached.output, &spec.name, instance, events);
-        let container =
-            Container { id: id.to_owned(), pid: pid as u32, input: attached.input, exited, links: Links::default() };
+    ) -> anyhow::Result<()> {
+        let exited = watch_output(output, &spec.name, instance, events);
+        let container = Container { id: id.to_owned(), engine, pid, input, exited, links: Links::default() };
         self.peers.insert(spec.name.clone(), container);
         if self.method == CutMethod::PacketFilter {
             self.set_links(&spec.name, &spec.links, address_of).await?;
         }
         self.peers.get_mut(&spec.name).expect("inserted above").links = spec.links.clone();
-        Ok(inspected)
+        Ok(())
     }
 
     /// Forgets a peer that exited on its own; returns its container.
@@ -181,11 +358,10 @@ impl Containers {
         grace: Duration,
     ) -> anyhow::Result<(Container, anyhow::Result<()>)> {
         let mut c = self.peers.remove(name).with_context(|| format!("{name} is not running"))?;
-        let (docker, id) = (&self.docker, &c.id);
+        let (engine, id) = (&c.engine, &c.id);
         let signal = |how| async move {
             let signal = if how == Stop::Kill { "SIGKILL" } else { "SIGTERM" };
-            let kill = KillContainerOptionsBuilder::new().signal(signal).build();
-            docker.kill_container(id, Some(kill)).await.with_context(|| format!("cannot signal {name}"))
+            engine.signal(id, signal).await.with_context(|| format!("cannot signal {name}"))
         };
         let result = stop_within(name, how, grace, &mut c.exited, signal).await;
         Ok((c, result))
@@ -193,12 +369,12 @@ impl Containers {
 
     pub async fn pause(&mut self, name: &str) -> anyhow::Result<()> {
         let c = self.peers.get(name).with_context(|| format!("{name} is not running"))?;
-        self.docker.pause_container(&c.id).await.with_context(|| format!("cannot pause {name}"))
+        c.engine.pause(&c.id).await.with_context(|| format!("cannot pause {name}"))
     }
 
     pub async fn resume(&mut self, name: &str) -> anyhow::Result<()> {
         let c = self.peers.get(name).with_context(|| format!("{name} is not running"))?;
-        self.docker.unpause_container(&c.id).await.with_context(|| format!("cannot resume {name}"))
+        c.engine.unpause(&c.id).await.with_context(|| format!("cannot resume {name}"))
     }
 
     /// Makes `name` treat each peer `links` lists as cut or conditioned.
@@ -209,8 +385,8 @@ impl Containers {
         }
         match self.method {
             CutMethod::PacketFilter => {
-                let pid = c.pid.to_string();
-                apply_links(&["nsenter", "-t", &pid, "-n"], DEV, &c.links, links, address_of)
+                let namespace = InContainer { engine: &c.engine, id: &c.id, pid: c.pid };
+                apply_links(&namespace, DEV, &c.links, links, address_of)
                     .await
                     .with_context(|| format!("cannot apply {name}'s cuts and conditions in its network namespace"))?;
             }
@@ -232,8 +408,8 @@ impl Containers {
         for (name, c) in &self.peers {
             let names = c.links.cuts.iter().map(|c| &c.0).chain(c.links.conditions.iter().map(|c| &c.0));
             if names.into_iter().any(|n| n == moved) {
-                let pid = c.pid.to_string();
-                reapply_links(&["nsenter", "-t", &pid, "-n"], DEV, &c.links, &mut address_of)
+                let namespace = InContainer { engine: &c.engine, id: &c.id, pid: c.pid };
+                reapply_links(&namespace, DEV, &c.links, &mut address_of)
                     .await
                     .with_context(|| format!("cannot redo {name}'s rules for {moved}'s new address"))?;
             }
@@ -291,12 +467,8 @@ impl Lines {
     }
 }
 
-type Output = Pin<Box<dyn futures_util::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>;
-
 /// Reads a container's output into observations until it ends, then reports its exit.
 fn watch_output(
-    docker: Docker,
-    id: String,
     mut output: Output,
     name: &str,
     instance: u32,
@@ -307,27 +479,25 @@ fn watch_output(
     tokio::spawn(async move {
         let observe = |what| Observed { peer: name.clone(), instance, at: Instant::now(), what };
         let (mut out, mut err) = (Lines::default(), Lines::default());
-        while let Some(Ok(chunk)) = output.next().await {
+        let mut status = "exited".to_string();
+        while let Some(chunk) = output.next().await {
             match chunk {
-                LogOutput::StdOut { message } | LogOutput::Console { message } => {
-                    for line in out.push(&message) {
+                Chunk::Stdout(bytes) => {
+                    for line in out.push(&bytes) {
                         let _ = events.send(observe(Observation::from_stdout(&line)));
                     }
                 }
-                LogOutput::StdErr { message } => {
-                    for line in err.push(&message) {
+                Chunk::Stderr(bytes) => {
+                    for line in err.push(&bytes) {
                         let _ = events.send(observe(Observation::Stderr(line)));
                     }
                 }
-                LogOutput::StdIn { .. } => {}
+                Chunk::Ended(how) => {
+                    status = how;
+                    break;
+                }
             }
         }
-        let mut wait = docker.wait_container(&id, None::<bollard::query_parameters::WaitContainerOptions>);
-        let status = match wait.next().await {
-            Some(Ok(r)) => format!("exit status: {}", r.status_code),
-            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => format!("exit status: {code}"),
-            _ => "exited".to_string(),
-        };
         let _ = events.send(observe(Observation::Exited(status)));
         let _ = exited_tx.send(true);
     });

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::link::{Condition, shaping_commands};
 use crate::world::Observed;
+use engine::Tool;
 
 /// A cut as the lab asks for it: (the other peer's name, drop inbound, drop outbound).
 pub type Cut = (String, bool, bool);
@@ -274,7 +275,7 @@ pub fn filter_rules(links: &Links, mut address_of: impl AddressOf) -> anyhow::Re
 /// `enter` is the command prefix that enters it (nsenter …), `dev` its interface. Only what
 /// changed is redone.
 pub async fn apply_links(
-    enter: &[&str],
+    namespace: &impl Namespace,
     dev: &str,
     old: &Links,
     new: &Links,
@@ -283,10 +284,10 @@ pub async fn apply_links(
     let loss =
         |l: &Links| -> Vec<(String, Option<f64>)> { l.conditions.iter().map(|c| (c.0.clone(), c.1.loss)).collect() };
     if old.cuts != new.cuts || loss(old) != loss(new) {
-        apply_filter(enter, new, &mut address_of).await?;
+        apply_filter(namespace, new, &mut address_of).await?;
     }
     if shaped(old) != shaped(new) {
-        apply_shaping(enter, dev, old, new, &mut address_of).await?;
+        apply_shaping(namespace, dev, old, new, &mut address_of).await?;
     }
     Ok(())
 }
@@ -294,14 +295,14 @@ pub async fn apply_links(
 /// Makes a namespace's rules again for links already in force, after a peer they name came back
 /// at another address.
 pub async fn reapply_links(
-    enter: &[&str],
+    namespace: &impl Namespace,
     dev: &str,
     links: &Links,
     mut address_of: impl AddressOf,
 ) -> anyhow::Result<()> {
-    apply_filter(enter, links, &mut address_of).await?;
+    apply_filter(namespace, links, &mut address_of).await?;
     if links.shapes() {
-        apply_shaping(enter, dev, links, links, &mut address_of).await?;
+        apply_shaping(namespace, dev, links, links, &mut address_of).await?;
     }
     Ok(())
 }
@@ -310,20 +311,32 @@ fn shaped(links: &Links) -> Vec<(String, Condition)> {
     links.conditions.iter().filter(|(_, c)| c.shapes()).cloned().collect()
 }
 
-fn entered(enter: &[&str], tail: &[&str]) -> Vec<String> {
-    enter.iter().chain(tail).map(|s| s.to_string()).collect()
+/// A network namespace the lab feeds iptables-restore and tc input into.
+#[allow(async_fn_in_trait)]
+pub trait Namespace {
+    async fn feed(&self, tool: Tool, input: &str) -> anyhow::Result<()>;
+}
+
+/// A namespace of this host, entered with a command prefix (`nsenter …`).
+pub struct Entered<'a>(pub &'a [&'a str]);
+
+impl Namespace for Entered<'_> {
+    async fn feed(&self, tool: Tool, input: &str) -> anyhow::Result<()> {
+        let command: Vec<String> = self.0.iter().chain(tool.command()).map(|s| s.to_string()).collect();
+        feed(&command, input).await
+    }
 }
 
 /// Replaces the namespace's packet filter with the one `links` make (iptables-restore replaces
 /// the table at once, so no packet passes between the old rules and the new).
-async fn apply_filter(enter: &[&str], links: &Links, address_of: impl AddressOf) -> anyhow::Result<()> {
+async fn apply_filter(namespace: &impl Namespace, links: &Links, address_of: impl AddressOf) -> anyhow::Result<()> {
     let rules = filter_rules(links, address_of)?;
-    feed(&entered(enter, &["iptables-restore"]), &rules).await.context("iptables-restore failed")
+    namespace.feed(Tool::IptablesRestore, &rules).await.context("iptables-restore failed")
 }
 
 /// Replaces the queues `old` made on `dev` with those `new` needs.
 async fn apply_shaping(
-    enter: &[&str],
+    namespace: &impl Namespace,
     dev: &str,
     old: &Links,
     new: &Links,
@@ -343,7 +356,7 @@ async fn apply_shaping(
     if commands.is_empty() {
         return Ok(());
     }
-    feed(&entered(enter, &["tc", "-batch", "-"]), &(commands.join("\n") + "\n")).await.context("tc failed")
+    namespace.feed(Tool::TcBatch, &(commands.join("\n") + "\n")).await.context("tc failed")
 }
 
 /// Feeds `input` to `command` (an iptables-restore or a tc -batch entered into a peer's

@@ -23,7 +23,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
-use super::{Links, apply_links};
+use super::{Entered, Links, apply_links};
 
 /// Where `ip netns` keeps its namespaces.
 const NETNS_DIR: &str = "/run/netns";
@@ -182,7 +182,7 @@ impl Namespaces {
             return Ok(());
         }
         let enter = format!("--net={NETNS_DIR}/{}", host.ns);
-        apply_links(&["nsenter", &enter], "eth0", &host.links, links, |other| Ok(Some(self.host(other)?.ip)))
+        apply_links(&Entered(&["nsenter", &enter]), "eth0", &host.links, links, |other| Ok(Some(self.host(other)?.ip)))
             .await
             .with_context(|| format!("cannot apply {name}'s cuts and conditions in its network namespace"))?;
         self.hosts.get_mut(name).expect("found above").links = links.clone();

@@ -22,7 +22,7 @@ use bollard::Docker;
 use bollard::models::{
     EndpointSpec, EndpointSpecModeEnum, LocalNodeState, Mount, MountTypeEnum, NetworkAttachmentConfig,
     NetworkCreateRequest, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, Task, TaskSpec,
-    TaskSpecContainerSpec, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
+    TaskSpecContainerSpec, TaskSpecPlacement, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 use bollard::query_parameters::{
     ListContainersOptionsBuilder, ListNetworksOptionsBuilder, ListServicesOptionsBuilder, ListTasksOptionsBuilder,
@@ -30,8 +30,11 @@ use bollard::query_parameters::{
 };
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::engine::{Containers, CutMethod, LABEL, OWNER, PORT, STATE_MOUNT, docker_command, env, labels, owner_alive};
+use super::engine::{
+    Container, Containers, CutMethod, Engine, LABEL, OWNER, PORT, STATE_MOUNT, docker_command, env, labels, owner_alive,
+};
 use super::{AddressOf, Backend, Links, PeerSpec, StateDirs, Stop, ensure_neighbour_room};
+use crate::agent::{Agent, DEFAULT_PORT, Key};
 use crate::world::Observed;
 
 /// Tasks are scheduled, then started as containers: slower than the docker backend's.
@@ -45,8 +48,22 @@ const NETWORK_DEADLINE: Duration = Duration::from_secs(20);
 /// How often a network being removed is looked for.
 const NETWORK_POLL: Duration = Duration::from_millis(100);
 
+/// How the lab reaches the agents of the swarm's other nodes (docs/swarm.md).
+#[derive(Clone, Default)]
+pub struct Agents {
+    /// The key the lab shares with them. Without it, every task runs on the lab's own node.
+    pub key: Option<Key>,
+    /// Where an agent listens, by node id or hostname, where not at the node's swarm address on
+    /// the default port. A node listed here is reached through its agent even when it is the
+    /// lab's own.
+    pub at: Vec<(String, String)>,
+}
+
 pub struct SwarmBackend {
     containers: Containers,
+    agents: Agents,
+    /// Agents connected so far, by node id.
+    connected: HashMap<String, Agent>,
     image: String,
     network: String,
     /// The id of the node this lab's engine is.
@@ -64,7 +81,7 @@ pub struct SwarmBackend {
 impl SwarmBackend {
     /// Connects to the local engine, which must be a manager of an active swarm; checks the
     /// image, removes leftovers of dead labs and creates this run's overlay network.
-    pub async fn connect(image: &str) -> anyhow::Result<SwarmBackend> {
+    pub async fn connect(image: &str, agents: Agents) -> anyhow::Result<SwarmBackend> {
         let docker = Docker::connect_with_local_defaults().context("cannot reach a Docker engine")?;
         let docker = docker.negotiate_version().await.context("cannot reach a Docker engine")?;
         let swarm = docker.info().await.context("the Docker engine does not answer")?.swarm.unwrap_or_default();
@@ -94,6 +111,8 @@ impl SwarmBackend {
         docker.create_network(request).await.context("cannot create the lab's overlay network")?;
         Ok(SwarmBackend {
             containers: Containers::new(docker),
+            agents,
+            connected: HashMap::new(),
             image: image.to_owned(),
             network,
             node,
@@ -145,6 +164,10 @@ impl SwarmBackend {
                     condition: Some(TaskSpecRestartPolicyConditionEnum::NONE),
                     ..Default::default()
                 }),
+                placement: self.agents.key.is_none().then(|| TaskSpecPlacement {
+                    constraints: Some(vec![format!("node.id=={}", self.node)]),
+                    ..Default::default()
+                }),
                 networks: Some(vec![NetworkAttachmentConfig {
                     target: Some(self.network.clone()),
                     aliases: Some(vec![spec.name.clone()]),
@@ -161,8 +184,8 @@ impl SwarmBackend {
         })
     }
 
-    /// Waits for the service's task to run; returns its container's id.
-    async fn running_task(&self, service: &str, name: &str) -> anyhow::Result<String> {
+    /// Waits for the service's task to run; returns its container's id and its node's.
+    async fn running_task(&self, service: &str, name: &str) -> anyhow::Result<(String, String)> {
         let deadline = Instant::now() + TASK_DEADLINE;
         let filters = HashMap::from([("service", vec![service])]);
         loop {
@@ -179,8 +202,9 @@ impl SwarmBackend {
         }
     }
 
-    /// A task's container once it runs, an error once it cannot, nothing while it starts.
-    fn container_of(&self, task: &Task, name: &str) -> anyhow::Result<Option<String>> {
+    /// A task's container and node once it runs, an error once it cannot, nothing while it
+    /// starts.
+    fn container_of(&self, task: &Task, name: &str) -> anyhow::Result<Option<(String, String)>> {
         let status = task.status.clone().unwrap_or_default();
         match status.state {
             Some(TaskState::RUNNING) => {}
@@ -190,15 +214,41 @@ impl SwarmBackend {
             }
             _ => return Ok(None),
         }
-        let node = task.node_id.as_deref().unwrap_or_default();
-        if node != self.node {
-            bail!(
-                "{name}'s task runs on node {node}, and this lab drives the tasks of its own node only \
-                 (docs/swarm.md: reaching other nodes)"
-            );
-        }
+        let node = task.node_id.clone().with_context(|| format!("{name}'s task runs on no node"))?;
         let container = status.container_status.and_then(|c| c.container_id);
-        container.map(Some).with_context(|| format!("{name}'s task runs without a container"))
+        let container = container.with_context(|| format!("{name}'s task runs without a container"))?;
+        Ok(Some((container, node)))
+    }
+}
+
+impl SwarmBackend {
+    /// The engine that runs a node's containers: the lab's own, or the node's agent.
+    async fn engine_for(&mut self, node: &str) -> anyhow::Result<Engine> {
+        if let Some(agent) = self.connected.get(node) {
+            return Ok(Engine::Agent(agent.clone()));
+        }
+        let described =
+            self.containers.docker.inspect_node(node).await.with_context(|| format!("cannot read node {node}"))?;
+        let hostname = described.description.and_then(|d| d.hostname).unwrap_or_default();
+        let listed = self.agents.at.iter().find(|(n, _)| n == node || *n == hostname).map(|(_, at)| at.clone());
+        if listed.is_none() && node == self.node {
+            return Ok(Engine::Local(self.containers.docker.clone()));
+        }
+        let key = self.agents.key.as_ref().with_context(|| {
+            format!("a task runs on node {hostname} ({node}), which the lab reaches only through its agent: give --agent-key (docs/swarm.md)")
+        })?;
+        let address = match listed {
+            Some(at) => at,
+            None => {
+                let addr =
+                    described.status.and_then(|s| s.addr).with_context(|| format!("node {hostname} has no address"))?;
+                format!("{addr}:{DEFAULT_PORT}")
+            }
+        };
+        let agent =
+            Agent::connect(&address, key).await.with_context(|| format!("cannot reach node {hostname}'s agent"))?;
+        self.connected.insert(node.to_owned(), agent.clone());
+        Ok(Engine::Agent(agent))
     }
 }
 
@@ -208,8 +258,13 @@ impl Backend for SwarmBackend {
     }
 
     fn describe(&self) -> String {
+        let reach = match (&self.agents.key, self.agents.at.is_empty()) {
+            (None, _) => "every task on this node",
+            (Some(_), true) => "tasks spread over the nodes, reached through their agents",
+            (Some(_), false) => "tasks spread over the nodes, reached through their agents (some given by --agent)",
+        };
         format!(
-            "swarm backend: services of {} on overlay network {} (endpoint_mode dnsrr), {}",
+            "swarm backend: services of {} on overlay network {} (endpoint_mode dnsrr), {reach}; {}",
             self.image,
             self.network,
             self.containers.method.describe()
@@ -235,15 +290,13 @@ impl Backend for SwarmBackend {
         let service = service.with_context(|| format!("the swarm gave {}'s service no id", spec.name))?;
         self.created.push(service.clone());
         self.services.insert(spec.name.clone(), service.clone());
-        let id = self.running_task(&service, &spec.name).await?;
-        let attached =
-            self.containers.attach(&id, true).await.with_context(|| format!("cannot attach to {}", spec.name))?;
-        let inspected = self.containers.adopt(&spec, &id, attached, instance, events, known(&self.addresses)).await?;
-        let ip = inspected
-            .network_settings
-            .and_then(|s| s.networks?.remove(&self.network)?.ip_address)
-            .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
-            .with_context(|| format!("{}'s task has no address on {}", spec.name, self.network))?;
+        let (id, node) = self.running_task(&service, &spec.name).await?;
+        let engine = self.engine_for(&node).await?;
+        let (pid, ip) = engine.inspect(&id, &self.network).await?;
+        let ip = ip.with_context(|| format!("{}'s task has no address on {}", spec.name, self.network))?;
+        let attached = engine.attach(&id).await.with_context(|| format!("cannot attach to {}", spec.name))?;
+        let known_now = known(&self.addresses);
+        self.containers.adopt(&spec, engine, &id, pid, attached, instance, events, known_now).await?;
         if self.addresses.insert(spec.name.clone(), ip) != Some(ip) {
             self.containers.readdress(&spec.name, known(&self.addresses)).await?;
         }
@@ -259,7 +312,7 @@ impl Backend for SwarmBackend {
         if let Some(service) = self.services.remove(name) {
             self.created.retain(|s| *s != service);
             let docker = self.containers.docker.clone();
-            tokio::spawn(async move { remove_peer(&docker, &service, container.map(|c| c.id).as_deref()).await });
+            tokio::spawn(async move { remove_peer(&docker, &service, container).await });
         }
     }
 
@@ -271,7 +324,7 @@ impl Backend for SwarmBackend {
         let (container, result) = self.containers.stop(name, how, grace).await?;
         if let Some(service) = self.services.remove(name) {
             self.created.retain(|s| *s != service);
-            remove_peer(&self.containers.docker, &service, Some(&container.id)).await;
+            remove_peer(&self.containers.docker, &service, Some(container)).await;
         }
         result
     }
@@ -346,11 +399,10 @@ fn known(addresses: &HashMap<String, Ipv4Addr>) -> impl AddressOf + '_ {
 
 /// Deletes a peer's service and removes its task's container now, rather than when the swarm
 /// gets to it.
-async fn remove_peer(docker: &Docker, service: &str, container: Option<&str>) {
+async fn remove_peer(docker: &Docker, service: &str, container: Option<Container>) {
     let _ = docker.delete_service(service).await;
-    if let Some(id) = container {
-        let force = RemoveContainerOptionsBuilder::new().force(true).build();
-        let _ = docker.remove_container(id, Some(force)).await;
+    if let Some(c) = container {
+        c.engine.remove(&c.id).await;
     }
 }
 
