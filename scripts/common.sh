@@ -11,3 +11,15 @@ compose() {
     docker-compose -f "$ROOT/docker-compose.yml" "$@"
   fi
 }
+
+# The running container of a service of the demo: the compose project's, else the task of the
+# stack `${MESHLAB_STACK:-meshlab}` (docker stack deploy -c docker-compose.yml meshlab) that runs
+# on this node. Prints nothing when there is neither.
+container_of() {
+  local id
+  id=$(compose ps -q "$1" 2>/dev/null || true)
+  if [ -z "$id" ]; then
+    id=$(docker ps --quiet --filter "label=com.docker.swarm.service.name=${MESHLAB_STACK:-meshlab}_$1" | head -1)
+  fi
+  printf '%s' "$id"
+}

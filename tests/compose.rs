@@ -50,6 +50,16 @@ impl Deployment {
         }
     }
 
+    /// scripts/mesh-wait, pointed at this deployment as a user would point it at theirs.
+    fn mesh_wait(&self) -> Output {
+        let (variable, name) = match self {
+            Deployment::Compose(name) => ("COMPOSE_PROJECT_NAME", name),
+            Deployment::Stack(name) => ("MESHLAB_STACK", name),
+        };
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/mesh-wait");
+        run(Command::new(script).env(variable, name))
+    }
+
     /// The running container of a service (a stack's task starts a moment after the deploy).
     fn container(&self, service: &str) -> String {
         let find = || match self {
@@ -173,6 +183,9 @@ fn a_six_peer_mesh_to_chat_in(deployment: Deployment) {
         let log = logs(id);
         assert!(!log.contains(" left") && !log.contains(" disconnected"), "no one left: {log}");
     }
+    // The repository's script finds the same containers and sees the same mesh.
+    let waited = String::from_utf8_lossy(&deployment.mesh_wait().stdout).into_owned();
+    assert!(waited.starts_with("full mesh: "), "{waited}");
 
     // Chat in peer3 through `docker attach`, as a person would.
     let peer3 = &ids[2];

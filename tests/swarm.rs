@@ -227,7 +227,8 @@ async fn through_an_agent_the_lab_drives_peers_and_cuts_in_their_kernel() {
 }
 
 /// An agent answers only a lab with its key: a wrong key or bytes that are no handshake are
-/// refused before any request is read, and the agent goes on serving the lab that has the key.
+/// refused before any request is read, and the agent goes on serving the lab that has the key,
+/// on the lab's containers only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_refuses_a_lab_without_its_key() {
     use tokio::io::AsyncWriteExt;
@@ -246,6 +247,19 @@ async fn an_agent_refuses_a_lab_without_its_key() {
     let answer = lab.call(Call::Pause { container: "no-such-container".into() }).await;
     let error = format!("{:#}", answer.expect_err("no such container"));
     assert!(error.contains("no-such-container"), "the engine's own error comes back: {error}");
+    // A container that is not the lab's is not the agent's to touch, even for the key's holder.
+    let other = support::docker_text(&[
+        "create",
+        "--name",
+        &format!("meshlab-not-a-lab-{}", std::process::id()),
+        support::image(),
+    ]);
+    let refused = lab.call(Call::Remove { container: other.clone() }).await.expect_err("not a lab's container");
+    let still_there =
+        support::docker_text(&["ps", "--all", "--quiet", "--no-trunc", "--filter", &format!("id={other}")]);
+    support::docker_text(&["rm", "--force", &other]);
+    assert!(format!("{refused:#}").contains("not a lab's container"), "{refused:#}");
+    assert_eq!(still_there, other, "the agent left it alone");
     assert!(!server.is_finished(), "the agent still serves");
     server.abort();
 }

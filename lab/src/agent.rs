@@ -6,7 +6,8 @@
 //! asks it for exactly what it does itself on its own node: attach to a container (its stdin
 //! and stdout, the peer's public contract), signal, pause, thaw or remove it, read its address,
 //! and feed iptables-restore or tc input into its network namespace. Nothing else: the agent
-//! runs no command of the lab's choosing and starts no container.
+//! runs no command of the lab's choosing, starts no container, and touches only containers that
+//! carry the lab's label (the swarm puts it on every task of the lab's services).
 //!
 //! The agent listens on TCP. Every connection is a Noise `NNpsk0` session (snow) keyed by a
 //! 32-byte secret shared by the lab and its agents (a key file): a client without the key fails
@@ -24,6 +25,7 @@ use std::task::{Context as TaskContext, Poll};
 
 use anyhow::{Context, bail};
 use bollard::Docker;
+use bollard::query_parameters::InspectContainerOptions;
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use snow::TransportState;
@@ -33,7 +35,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
-use crate::backend::engine::{Chunk, Engine, Tool};
+use crate::backend::engine::{Chunk, Engine, LABEL, Tool};
 
 /// The port agents listen on unless told otherwise.
 pub const DEFAULT_PORT: u16 = 4747;
@@ -227,7 +229,7 @@ pub async fn serve(listener: TcpListener, key: Key, docker: Docker) -> anyhow::R
                 Ok(Err(e)) => tracing::warn!("refused {from}: {e:#}"),
                 Ok(Ok((sending, receiving))) => {
                     tracing::info!("a lab at {from} connected");
-                    if let Err(e) = serve_lab(sending, receiving, Engine::Local(docker)).await {
+                    if let Err(e) = serve_lab(sending, receiving, docker).await {
                         tracing::warn!("the lab at {from}: {e:#}");
                     }
                     tracing::info!("the lab at {from} left");
@@ -238,7 +240,7 @@ pub async fn serve(listener: TcpListener, key: Key, docker: Docker) -> anyhow::R
 }
 
 /// Answers one lab's requests in order, and streams the output of what it attached to.
-async fn serve_lab(mut sending: Sending, mut receiving: Receiving, engine: Engine) -> anyhow::Result<()> {
+async fn serve_lab(mut sending: Sending, mut receiving: Receiving, docker: Docker) -> anyhow::Result<()> {
     let (out, mut outgoing) = mpsc::unbounded_channel::<Message>();
     let writer = tokio::spawn(async move {
         while let Some(message) = outgoing.recv().await {
@@ -257,7 +259,7 @@ async fn serve_lab(mut sending: Sending, mut receiving: Receiving, engine: Engin
                 }
             }
             Request::Call { id, call } => {
-                let outcome = answer(&engine, call, &mut inputs, &out).await.map_err(|e| format!("{e:#}"));
+                let outcome = answer(&docker, call, &mut inputs, &out).await.map_err(|e| format!("{e:#}"));
                 let _ = out.send(Message::Reply { id, outcome });
             }
         }
@@ -267,11 +269,25 @@ async fn serve_lab(mut sending: Sending, mut receiving: Receiving, engine: Engin
 }
 
 async fn answer(
-    engine: &Engine,
+    docker: &Docker,
     call: Call,
     inputs: &mut HashMap<String, Pin<Box<dyn AsyncWrite + Send>>>,
     out: &mpsc::UnboundedSender<Message>,
 ) -> anyhow::Result<Answer> {
+    let container = match &call {
+        Call::Attach { container }
+        | Call::Inspect { container, .. }
+        | Call::Signal { container, .. }
+        | Call::Pause { container }
+        | Call::Unpause { container }
+        | Call::Remove { container }
+        | Call::Feed { container, .. } => container,
+    };
+    let inspected = docker.inspect_container(container, None::<InspectContainerOptions>).await?;
+    if !inspected.config.and_then(|c| c.labels).is_some_and(|l| l.contains_key(LABEL)) {
+        bail!("{container} is not a lab's container: the agent touches only those labelled {LABEL}");
+    }
+    let engine = Engine::Local(docker.clone());
     match call {
         Call::Attach { container } => {
             let (input, mut output) = engine.attach(&container).await?;

@@ -19,17 +19,16 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bollard::Docker;
-use bollard::models::{
-    ContainerCreateBody, EndpointIpamConfig, EndpointSettings, HostConfig, Ipam, IpamConfig, NetworkCreateRequest,
-    NetworkingConfig,
-};
+use bollard::models::{ContainerCreateBody, EndpointIpamConfig, EndpointSettings, HostConfig, NetworkingConfig};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder,
     RemoveContainerOptionsBuilder,
 };
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::engine::{Containers, Engine, LABEL, PORT, STATE_MOUNT, docker_command, env, labels, owner_alive};
+use super::engine::{
+    Containers, Engine, LABEL, NetworkKind, PORT, STATE_MOUNT, create_network, docker_command, env, labels, owner_alive,
+};
 use super::{Backend, Links, PeerSpec, StateDirs, Stop, ensure_neighbour_room};
 use crate::world::Observed;
 
@@ -66,7 +65,8 @@ impl DockerBackend {
             .with_context(|| format!("image {image} not found: build it with scripts/build-image"))?;
         remove_leftovers(&docker).await;
         let run = format!("{:08x}", rand::random::<u32>());
-        let (network, subnet) = create_network(&docker, &run).await?;
+        let network = format!("meshlab-lab-{run}");
+        let subnet = create_network(&docker, &network, NetworkKind::Bridge).await?;
         Ok(DockerBackend {
             containers: Containers::new(docker),
             image: image.to_owned(),
@@ -290,33 +290,4 @@ async fn remove_leftovers(docker: &Docker) {
             let _ = docker.remove_network(&id).await;
         }
     }
-}
-
-/// Creates the run's network on a free 10.x.y.0/24 subnet.
-async fn create_network(docker: &Docker, run: &str) -> anyhow::Result<(String, [u8; 3])> {
-    let name = format!("meshlab-lab-{run}");
-    let mut last = None;
-    for _ in 0..20 {
-        let [b, c] = rand::random::<[u8; 2]>();
-        let subnet = [10, b.clamp(1, 254), c];
-        let request = NetworkCreateRequest {
-            name: name.clone(),
-            driver: Some("bridge".into()),
-            labels: Some(labels()),
-            ipam: Some(Ipam {
-                config: Some(vec![IpamConfig {
-                    subnet: Some(format!("10.{}.{}.0/24", subnet[1], subnet[2])),
-                    gateway: Some(format!("10.{}.{}.1", subnet[1], subnet[2])),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        match docker.create_network(request).await {
-            Ok(_) => return Ok((name, subnet)),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(anyhow::anyhow!("cannot create a network for the lab: {}", last.map(|e| e.to_string()).unwrap_or_default()))
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bollard::Docker;
 use bollard::container::LogOutput;
+use bollard::models::{Ipam, IpamConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, KillContainerOptionsBuilder, RemoveContainerOptionsBuilder,
 };
@@ -447,6 +448,51 @@ pub fn owner_alive(labels: Option<&HashMap<String, String>>) -> bool {
 /// on (a drop after a panic or an early return).
 pub fn docker_command(args: &[&str]) {
     let _ = std::process::Command::new("docker").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
+}
+
+/// The network a run's peers share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkKind {
+    /// A bridge on a /24 whose addresses the lab gives out (253 peers).
+    Bridge,
+    /// An attachable swarm overlay on a /22 (1,021 tasks), whose addresses the swarm gives out.
+    Overlay,
+}
+
+/// Creates a network named `name` on a free subnet of 10.0.0.0/8 and returns its first three
+/// octets.
+pub async fn create_network(docker: &Docker, name: &str, kind: NetworkKind) -> anyhow::Result<[u8; 3]> {
+    let mut last = None;
+    for _ in 0..20 {
+        let [b, c] = rand::random::<[u8; 2]>();
+        let (subnet, prefix) = match kind {
+            NetworkKind::Bridge => ([10, b.clamp(1, 254), c], 24),
+            NetworkKind::Overlay => ([10, b.clamp(1, 254), c & !3], 22),
+        };
+        let [a, b, c] = subnet;
+        let config = IpamConfig {
+            subnet: Some(format!("{a}.{b}.{c}.0/{prefix}")),
+            gateway: (kind == NetworkKind::Bridge).then(|| format!("{a}.{b}.{c}.1")),
+            ..Default::default()
+        };
+        let request = NetworkCreateRequest {
+            name: name.to_owned(),
+            driver: Some(match kind {
+                NetworkKind::Bridge => "bridge".into(),
+                NetworkKind::Overlay => "overlay".into(),
+            }),
+            attachable: Some(kind == NetworkKind::Overlay),
+            labels: Some(labels()),
+            ipam: Some(Ipam { config: Some(vec![config]), ..Default::default() }),
+            ..Default::default()
+        };
+        match docker.create_network(request).await {
+            Ok(_) => return Ok(subnet),
+            Err(e) => last = Some(e),
+        }
+    }
+    let why = last.map(|e| e.to_string()).unwrap_or_default();
+    Err(anyhow::anyhow!("cannot create a network for the lab: {why}"))
 }
 
 /// Cuts a byte stream (the attach stream's chunks) into lines.

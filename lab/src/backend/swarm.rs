@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bollard::Docker;
 use bollard::models::{
-    EndpointSpec, EndpointSpecModeEnum, LocalNodeState, Mount, MountTypeEnum, NetworkAttachmentConfig,
-    NetworkCreateRequest, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, Task, TaskSpec,
-    TaskSpecContainerSpec, TaskSpecPlacement, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
+    EndpointSpec, EndpointSpecModeEnum, LocalNodeState, Mount, MountTypeEnum, NetworkAttachmentConfig, ServiceSpec,
+    ServiceSpecMode, ServiceSpecModeReplicated, Task, TaskSpec, TaskSpecContainerSpec, TaskSpecPlacement,
+    TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 use bollard::query_parameters::{
     ListContainersOptionsBuilder, ListNetworksOptionsBuilder, ListServicesOptionsBuilder, ListTasksOptionsBuilder,
@@ -31,7 +31,8 @@ use bollard::query_parameters::{
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::engine::{
-    Container, Containers, CutMethod, Engine, LABEL, OWNER, PORT, STATE_MOUNT, docker_command, env, labels, owner_alive,
+    Container, Containers, CutMethod, Engine, LABEL, NetworkKind, OWNER, PORT, STATE_MOUNT, create_network,
+    docker_command, env, labels, owner_alive,
 };
 use super::{AddressOf, Backend, Links, PeerSpec, StateDirs, Stop, ensure_neighbour_room};
 use crate::agent::{Agent, DEFAULT_PORT, Key};
@@ -101,14 +102,7 @@ impl SwarmBackend {
             .with_context(|| format!("image {image} not found: build it with scripts/build-image"))?;
         remove_leftovers(&docker).await;
         let network = format!("meshlab-lab-{:08x}", rand::random::<u32>());
-        let request = NetworkCreateRequest {
-            name: network.clone(),
-            driver: Some("overlay".into()),
-            attachable: Some(true),
-            labels: Some(labels()),
-            ..Default::default()
-        };
-        docker.create_network(request).await.context("cannot create the lab's overlay network")?;
+        create_network(&docker, &network, NetworkKind::Overlay).await?;
         Ok(SwarmBackend {
             containers: Containers::new(docker),
             agents,
