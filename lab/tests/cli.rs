@@ -532,3 +532,58 @@ fn junit_summarises_runs_for_ci() {
         "{xml}"
     );
 }
+
+/// `lab agent` makes its key (readable by its owner only) where there is none and listens; without
+/// root it cannot enter namespaces, and says so with exit 2.
+#[test]
+fn lab_agent_makes_its_key_listens_and_needs_root() {
+    if !netns("lab_agent_makes_its_key_listens_and_needs_root") {
+        return;
+    }
+    let dir = temp_dir("agent");
+    let key = dir.join("agent.key");
+    let _ = std::fs::remove_file(&key);
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_lab"))
+        .args(["agent", "--listen", "127.0.0.1:0", "--key-file"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("the lab does not run as root"), "{stderr}");
+    assert!(!key.exists(), "nothing made without root");
+
+    let mut child = lab()
+        .args(["agent", "--listen", "127.0.0.1:0", "--key-file"])
+        .arg(&key)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let engine = Command::new("docker").arg("info").output().is_ok_and(|o| o.status.success());
+    if !engine {
+        let status = child.wait().unwrap();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("cannot reach a Docker engine"), "{stderr}");
+        return;
+    }
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the agent says where it listens");
+    signal(child.id(), libc::SIGKILL);
+    child.wait().unwrap();
+    assert!(line.starts_with("agent listening on 127.0.0.1:"), "{line}");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the key is its owner's only");
+    let text = std::fs::read_to_string(&key).unwrap();
+    assert!(text.trim().len() == 64 && text.trim().chars().all(|c| c.is_ascii_hexdigit()), "{text}");
+}
