@@ -606,7 +606,8 @@ pub fn is_unsafe(c: char) -> bool {
 
 /// HH:MM:SS in the local time zone of a Unix time in milliseconds.
 fn local_clock(ms: u64) -> String {
-    let t = (ms / 1000) as libc::time_t;
+    // The seconds' type is libc's time_t, inferred from localtime_r (musl deprecates naming it).
+    let Ok(t) = (ms / 1000).try_into() else { return clock(ms) };
     // SAFETY: localtime_r writes into the zeroed struct we pass and reads the time we pass.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
     if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
