@@ -129,7 +129,7 @@ impl Backend for DockerBackend {
     }
 
     fn cuts_acknowledged_by_events(&self) -> bool {
-        matches!(self.containers.method, CutMethod::Hook(_))
+        self.containers.method.through_hook()
     }
 
     async fn start(&mut self, spec: PeerSpec, instance: u32, events: UnboundedSender<Observed>) -> anyhow::Result<()> {
@@ -232,10 +232,7 @@ impl Backend for DockerBackend {
     }
 
     fn can_delay(&self) -> bool {
-        match self.containers.method {
-            CutMethod::PacketFilter => super::kernel_has_netem(),
-            CutMethod::Hook(_) => true,
-        }
+        self.containers.method.can_delay()
     }
 
     async fn shutdown(&mut self) {

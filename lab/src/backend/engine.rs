@@ -67,6 +67,19 @@ impl CutMethod {
         CutMethod::PacketFilter
     }
 
+    /// Whether cuts and conditions go through the peers' hook, acknowledged by their events.
+    pub fn through_hook(&self) -> bool {
+        matches!(self, CutMethod::Hook(_))
+    }
+
+    /// Whether delays can be made: by netem in the kernel, or by the peers themselves.
+    pub fn can_delay(&self) -> bool {
+        match self {
+            CutMethod::PacketFilter => super::kernel_has_netem(),
+            CutMethod::Hook(_) => true,
+        }
+    }
+
     /// The end of a backend's description: how cuts are made.
     pub fn describe(&self) -> String {
         match self {

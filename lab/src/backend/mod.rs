@@ -271,9 +271,8 @@ pub fn filter_rules(links: &Links, mut address_of: impl AddressOf) -> anyhow::Re
     Ok(rules)
 }
 
-/// Makes a network namespace's packet filter and queues what `new` says, coming from `old`:
-/// `enter` is the command prefix that enters it (nsenter …), `dev` its interface. Only what
-/// changed is redone.
+/// Makes a network namespace's packet filter and queues what `new` says, coming from `old`
+/// (`dev` is its interface). Only what changed is redone.
 pub async fn apply_links(
     namespace: &impl Namespace,
     dev: &str,

@@ -270,7 +270,7 @@ impl Backend for SwarmBackend {
     }
 
     fn cuts_acknowledged_by_events(&self) -> bool {
-        matches!(self.containers.method, CutMethod::Hook(_))
+        self.containers.method.through_hook()
     }
 
     async fn start(&mut self, spec: PeerSpec, instance: u32, events: UnboundedSender<Observed>) -> anyhow::Result<()> {
@@ -336,10 +336,7 @@ impl Backend for SwarmBackend {
     }
 
     fn can_delay(&self) -> bool {
-        match self.containers.method {
-            CutMethod::PacketFilter => super::kernel_has_netem(),
-            CutMethod::Hook(_) => true,
-        }
+        self.containers.method.can_delay()
     }
 
     async fn shutdown(&mut self) {
