@@ -306,9 +306,11 @@ pub async fn run(stream: TcpStream, role: Role, hello: Hello, conn: ConnId, ctx:
         Role::Dialer { .. } => Side::Dialer,
         Role::Acceptor(_) => Side::Acceptor,
     };
-    let mut established = match handshake(&mut reader, &mut writer, side, &hello, &ctx).await {
+    // Boxed: a connection's task lives as long as the link, and an inline handshake would keep
+    // its state (the largest part of the task) allocated all that time, 255 times over.
+    let mut established = match Box::pin(handshake(&mut reader, &mut writer, side, &hello, &ctx)).await {
         Ok(done) => done,
-        Err(e) => return handshake_failed(e, role, observed, &ctx).await,
+        Err(e) => return Box::pin(handshake_failed(e, role, observed, &ctx)).await,
     };
     if let Some(t) = established.transport.take() {
         reader.open = Some(t.open);
