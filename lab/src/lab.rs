@@ -533,7 +533,7 @@ impl<B: Backend> Lab<B> {
     }
 
     async fn launch(&mut self, names: &[&str]) -> Result<(), LabError> {
-        self.backend.prepare(names).await?;
+        let mut starts = Vec::new();
         for name in names {
             let config = self.configs[*name].clone();
             let bootstrap = config.via.iter().map(|v| self.address(v)).collect::<Result<Vec<_>, _>>()?;
@@ -548,7 +548,11 @@ impl<B: Backend> Lab<B> {
             let keep_state = self.keeps_state.contains(*name);
             let mesh_key = self.mesh_key.clone();
             let spec = PeerSpec { name: name.to_string(), bootstrap, flags, links, keep_state, mesh_key };
-            self.backend.start(spec, self.instances, self.events_tx.clone()).await?;
+            starts.push((spec, self.instances));
+        }
+        self.backend.prepare(&starts).await?;
+        for (spec, instance) in starts {
+            self.backend.start(spec, instance, self.events_tx.clone()).await?;
         }
         let deadline = Instant::now() + self.scaled(PROCESS_DEADLINE);
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();

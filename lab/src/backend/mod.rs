@@ -416,10 +416,11 @@ pub trait Backend {
         true
     }
 
-    /// Told the names about to start together, before the first starts: a backend can make
-    /// their hosts all at once (the netns backend's namespaces) rather than one per start
-    /// while the peers already started compete for the CPU.
-    async fn prepare(&mut self, _names: &[&str]) -> anyhow::Result<()> {
+    /// Told the peers about to start together (each with its instance), before the first
+    /// starts: a backend can make their hosts all at once (the netns backend's namespaces, the
+    /// swarm backend's services) rather than one per start while the peers already started
+    /// compete for the CPU.
+    async fn prepare(&mut self, _starts: &[(PeerSpec, u32)]) -> anyhow::Result<()> {
         Ok(())
     }
 

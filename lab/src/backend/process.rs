@@ -207,10 +207,10 @@ impl Backend for ProcessBackend {
         matches!(self.network, Network::Loopback(_))
     }
 
-    async fn prepare(&mut self, names: &[&str]) -> anyhow::Result<()> {
+    async fn prepare(&mut self, starts: &[(PeerSpec, u32)]) -> anyhow::Result<()> {
         let mut hosts = Vec::new();
-        for name in names {
-            hosts.push((*name, self.address(name)?));
+        for (spec, _) in starts {
+            hosts.push((spec.name.as_str(), self.address(&spec.name)?));
         }
         match &mut self.network {
             Network::Namespaces(net) => net.make(&hosts),

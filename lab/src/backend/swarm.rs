@@ -40,8 +40,11 @@ use crate::world::Observed;
 
 /// Tasks are scheduled, then started as containers: slower than the docker backend's.
 pub const TIME_SCALE: f64 = 4.0;
-/// How long a task may take from its service's creation to running.
+/// How long a task may take from its service's creation to running...
 const TASK_DEADLINE: Duration = Duration::from_secs(60);
+/// ...and more for each service created with it and still waiting (a swarm node starts about
+/// two tasks a second).
+const TASK_EACH: Duration = Duration::from_millis(500);
 /// How often a starting task's state is read.
 const TASK_POLL: Duration = Duration::from_millis(50);
 /// How long the swarm may take to let go of a removed network's endpoints.
@@ -71,6 +74,9 @@ pub struct SwarmBackend {
     node: String,
     /// The service of each running peer, by name.
     services: HashMap<String, String>,
+    /// Services created ahead of their peer's start (a batch starting together), by name and
+    /// instance.
+    prepared: HashMap<(String, u32), String>,
     /// Every service this backend created and has not removed.
     created: Vec<String>,
     /// Each name's address at its last start.
@@ -111,6 +117,7 @@ impl SwarmBackend {
             network,
             node,
             services: HashMap::new(),
+            prepared: HashMap::new(),
             created: Vec::new(),
             addresses: HashMap::new(),
             states: StateDirs::new(),
@@ -178,9 +185,18 @@ impl SwarmBackend {
         })
     }
 
+    /// Creates the service that runs one start of a peer; returns its id.
+    async fn create_service(&self, spec: &PeerSpec, instance: u32) -> anyhow::Result<String> {
+        let service_spec = self.service_spec(spec, instance)?;
+        let created = self.containers.docker.create_service(service_spec, None).await;
+        let service = created.with_context(|| format!("cannot create {}'s service", spec.name))?.id;
+        service.with_context(|| format!("the swarm gave {}'s service no id", spec.name))
+    }
+
     /// Waits for the service's task to run; returns its container's id and its node's.
     async fn running_task(&self, service: &str, name: &str) -> anyhow::Result<(String, String)> {
-        let deadline = Instant::now() + TASK_DEADLINE;
+        let patience = TASK_DEADLINE + TASK_EACH * self.prepared.len() as u32;
+        let deadline = Instant::now() + patience;
         let filters = HashMap::from([("service", vec![service])]);
         loop {
             let tasks =
@@ -190,7 +206,7 @@ impl SwarmBackend {
                 return container;
             }
             if Instant::now() > deadline {
-                bail!("{name}'s task did not start within {TASK_DEADLINE:?}");
+                bail!("{name}'s task did not start within {patience:?}");
             }
             tokio::time::sleep(TASK_POLL).await;
         }
@@ -269,6 +285,26 @@ impl Backend for SwarmBackend {
         TIME_SCALE
     }
 
+    /// Creates the services of a batch together, so that the swarm schedules and starts their
+    /// tasks side by side rather than one after another.
+    async fn prepare(&mut self, starts: &[(PeerSpec, u32)]) -> anyhow::Result<()> {
+        let this = &*self;
+        let creating = starts.iter().map(|(spec, instance)| async move {
+            (spec.name.clone(), *instance, this.create_service(spec, *instance).await)
+        });
+        let mut failed = None;
+        for (name, instance, created) in futures_util::future::join_all(creating).await {
+            match created {
+                Ok(service) => {
+                    self.created.push(service.clone());
+                    self.prepared.insert((name, instance), service);
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
     fn cuts_acknowledged_by_events(&self) -> bool {
         self.containers.method.through_hook()
     }
@@ -278,11 +314,14 @@ impl Backend for SwarmBackend {
             bail!("{} is already running", spec.name);
         }
         ensure_neighbour_room(self.addresses.len() + 1)?;
-        let service_spec = self.service_spec(&spec, instance)?;
-        let created = self.containers.docker.create_service(service_spec, None).await;
-        let service = created.with_context(|| format!("cannot create {}'s service", spec.name))?.id;
-        let service = service.with_context(|| format!("the swarm gave {}'s service no id", spec.name))?;
-        self.created.push(service.clone());
+        let service = match self.prepared.remove(&(spec.name.clone(), instance)) {
+            Some(service) => service,
+            None => {
+                let service = self.create_service(&spec, instance).await?;
+                self.created.push(service.clone());
+                service
+            }
+        };
         self.services.insert(spec.name.clone(), service.clone());
         let (id, node) = self.running_task(&service, &spec.name).await?;
         let engine = self.engine_for(&node).await?;
