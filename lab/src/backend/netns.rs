@@ -86,7 +86,7 @@ impl Namespaces {
         run("iptables", &insert).context("cannot let the lab's packets through the host's FORWARD chain")?;
         Ok(Namespaces {
             stem,
-            subnet: rand::random::<u8>().clamp(1, 254),
+            subnet: free_subnet()?,
             hosts: HashMap::new(),
             made: Vec::new(),
             forward_rule,
@@ -205,6 +205,38 @@ impl Drop for Namespaces {
     }
 }
 
+/// A random `s` whose 10.s.0.0/16 holds no route or address of this host: not another network
+/// of the host's, nor another lab's (also one whose namespaces the kernel is still tearing
+/// down, which keeps their routes for a while; a clash makes `route add` fail).
+fn free_subnet() -> anyhow::Result<u8> {
+    let mut taken = Vec::new();
+    for args in [&["-o", "-4", "route", "show", "table", "all"][..], &["-o", "-4", "addr", "show"]] {
+        let out = Command::new("ip").args(args).output().context("cannot run ip (iproute2)")?;
+        anyhow::ensure!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        taken.extend(String::from_utf8_lossy(&out.stdout).lines().filter_map(prefix_in));
+    }
+    let mut candidates: Vec<u8> = (1..=254).collect();
+    rand::seq::SliceRandom::shuffle(&mut candidates[..], &mut rand::rng());
+    candidates
+        .into_iter()
+        .find(|&s| subnet_is_free(s, &taken))
+        .context("every 10.s.0.0/16 of this host holds a route or an address: the netns backend has no subnet left")
+}
+
+/// The first IPv4 prefix a line of `ip -o -4 route` or `ip -o -4 addr` names (not `default`).
+fn prefix_in(line: &str) -> Option<(Ipv4Addr, u8)> {
+    line.split_whitespace().find_map(|word| {
+        let (ip, len) = word.split_once('/').map_or((word, "32"), |(ip, len)| (ip, len));
+        Some((ip.parse().ok()?, len.parse().ok().filter(|len| (1..=32).contains(len))?))
+    })
+}
+
+/// Whether no prefix in `taken` lies in 10.s.0.0/16. A wider one (a VPN's 10.0.0.0/8) is no
+/// clash: the run's host routes are more specific.
+fn subnet_is_free(s: u8, taken: &[(Ipv4Addr, u8)]) -> bool {
+    !taken.iter().any(|&(ip, len)| len >= 16 && ip.octets()[..2] == [10, s])
+}
+
 /// Runs `ip -batch -` with `commands`, one per line, in namespace `ns` or the host's,
 /// stopping at the first that fails.
 fn ip_batch(ns: Option<&str>, commands: &[String]) -> anyhow::Result<()> {
@@ -312,4 +344,25 @@ pub fn enter(handle: &OwnedFd) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_subnet_holding_a_route_or_an_address_is_not_free() {
+        let lines = [
+            "default via 192.0.2.1 dev eth0",
+            "10.7.0.2 dev mlvab12cd2 scope link",
+            "local 10.9.255.254 dev mlvab12cd2 table local proto kernel scope host src 10.9.255.254",
+            "2: eth0    inet 10.12.3.4/24 brd 10.12.3.255 scope global eth0",
+            "10.0.0.0/8 via 192.0.2.9 dev tun0",
+        ];
+        let taken: Vec<_> = lines.iter().filter_map(|l| prefix_in(l)).collect();
+        for s in [7, 9, 12] {
+            assert!(!subnet_is_free(s, &taken), "10.{s}.0.0/16 is taken");
+        }
+        assert!(subnet_is_free(8, &taken), "a /8 around it is no clash");
+    }
 }
