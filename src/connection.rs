@@ -181,11 +181,13 @@ impl Reader {
     /// The next frame, whole and (when keyed) decrypted. Cancel-safe: nothing is consumed until
     /// a whole frame has arrived.
     async fn next(&mut self) -> Option<std::io::Result<Bytes>> {
+        // Here rather than after a frame is split off: by now that frame, which shares the
+        // buffer's allocation, is gone.
+        shrink_when_empty(self.frames.read_buffer_mut(), READ_BUFFER);
         let raw = match self.frames.next().await? {
             Ok(raw) => raw.freeze(),
             Err(e) => return Some(Err(e)),
         };
-        shrink_when_empty(self.frames.read_buffer_mut(), READ_BUFFER);
         Some(match &mut self.open {
             None => Ok(raw),
             Some(open) => open.open(&raw).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
@@ -227,11 +229,13 @@ impl Writer {
     }
 }
 
-/// Gives back a buffer that grew for a large frame (a catch-up batch, a list of members) once
-/// it holds nothing: otherwise each of 255 connections would keep the largest frame it ever
-/// carried, megabytes in all.
+/// Gives back a buffer that grew past `size` (for a frame larger than a line: a digest, a
+/// catch-up batch, a list of members) once it holds nothing: otherwise each of 255 connections
+/// would keep the largest frame it ever carried. (`capacity` counts only what lies past the
+/// frames already split off or written; `try_reclaim` finds whether the whole allocation is
+/// this buffer's alone and larger than `size`.)
 fn shrink_when_empty(buffer: &mut bytes::BytesMut, size: usize) {
-    if buffer.is_empty() && buffer.capacity() > 4 * size {
+    if buffer.is_empty() && buffer.try_reclaim(size + 1) {
         *buffer = bytes::BytesMut::with_capacity(size);
     }
 }
@@ -649,5 +653,24 @@ mod tests {
         drop(held);
         assert!(counts.enter(one).is_some(), "released when their handshakes end");
         assert!(counts.0.lock().unwrap().len() <= 1, "no entry left for hosts with none open");
+    }
+    #[test]
+    fn an_empty_buffer_that_grew_for_a_large_frame_is_given_back() {
+        use bytes::BufMut;
+        let mut buffer = bytes::BytesMut::with_capacity(READ_BUFFER);
+        buffer.put_bytes(7, 8 * READ_BUFFER);
+        let frame = buffer.split_to(8 * READ_BUFFER).freeze();
+        shrink_when_empty(&mut buffer, READ_BUFFER);
+        assert!(!buffer.try_reclaim(READ_BUFFER + 1), "kept while the frame shares its allocation");
+        drop(frame);
+        shrink_when_empty(&mut buffer, READ_BUFFER);
+        assert!(!buffer.try_reclaim(READ_BUFFER + 1), "the large allocation is given back");
+        assert!(buffer.capacity() >= READ_BUFFER, "for a buffer of the usual size");
+
+        buffer.put_bytes(7, 100);
+        drop(buffer.split_to(100));
+        let rest = buffer.as_ptr();
+        shrink_when_empty(&mut buffer, READ_BUFFER);
+        assert_eq!(buffer.as_ptr(), rest, "a buffer of the usual size is kept, not made anew");
     }
 }

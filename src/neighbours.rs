@@ -93,7 +93,9 @@ struct Swapping {
 
 #[derive(Default)]
 pub struct Table {
-    by_id: HashMap<PeerId, Neighbour>,
+    /// Boxed: a hash table keeps up to twice as many slots as entries, and a neighbour is
+    /// hundreds of bytes.
+    by_id: HashMap<PeerId, Box<Neighbour>>,
     by_conn: HashMap<ConnId, PeerId>,
     swapping: HashMap<PeerId, Swapping>,
 }
@@ -111,7 +113,7 @@ impl Table {
             },
         };
         self.by_conn.insert(n.conn, id);
-        self.by_id.insert(id, n);
+        self.by_id.insert(id, Box::new(n));
         admission
     }
 
@@ -124,7 +126,7 @@ impl Table {
     fn remove(&mut self, id: &PeerId) -> Neighbour {
         let n = self.by_id.remove(id).expect("callers check presence");
         self.by_conn.remove(&n.conn);
-        n
+        *n
     }
 
     /// Holds a superseded neighbour as still up until `until`, awaiting its new connection.
@@ -141,11 +143,11 @@ impl Table {
 
     pub fn by_conn_mut(&mut self, conn: ConnId) -> Option<&mut Neighbour> {
         let id = self.by_conn.get(&conn)?;
-        self.by_id.get_mut(id)
+        self.by_id.get_mut(id).map(|n| &mut **n)
     }
 
     pub fn get_mut(&mut self, id: &PeerId) -> Option<&mut Neighbour> {
-        self.by_id.get_mut(id)
+        self.by_id.get_mut(id).map(|n| &mut **n)
     }
 
     /// Connected, or mid-swap (which counts as connected).
@@ -163,11 +165,11 @@ impl Table {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Neighbour> {
-        self.by_id.values()
+        self.by_id.values().map(|n| &**n)
     }
 
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Neighbour> {
-        self.by_id.values_mut()
+        self.by_id.values_mut().map(|n| &mut **n)
     }
 
     /// Everyone this peer counts as connected, sorted by name.
@@ -182,7 +184,7 @@ impl Table {
     pub fn drain(&mut self) -> Vec<Neighbour> {
         self.by_conn.clear();
         self.swapping.clear();
-        self.by_id.drain().map(|(_, n)| n).collect()
+        self.by_id.drain().map(|(_, n)| *n).collect()
     }
 }
 

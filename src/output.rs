@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -127,8 +127,9 @@ pub const HELP: &str = "Type a line to send it to every peer. Commands:\n  \
 /// How long writing events directly waits for the ones queued before them.
 const PRINT_WAIT: Duration = Duration::from_millis(100);
 
-/// Events waiting for stdout before new ones are dropped.
-pub const OUTPUT_QUEUE: usize = 65_536;
+/// What an event queued for the stdout thread costs beyond its bytes (the queue's slot and the
+/// event's own allocation), counted against the queue's bound.
+const QUEUED_EVENT_COST: usize = 64;
 
 /// Writes events to stdout (or wherever its [`Sink`] goes) through a queue bounded in bytes: a
 /// reader that stops reading (a paused terminal, `peer | less`, a full pipe) never stalls the
@@ -372,6 +373,7 @@ async fn drain(shared: Arc<DirectShared>) {
                 front[..front.len().min(64 * 1024)].to_vec()
             };
             if chunk.is_empty() {
+                shared.waiting.lock().expect("never poisoned").shrink_to(BATCH_KEPT);
                 break;
             }
             match shared.out.write(&chunk).await {
@@ -385,9 +387,11 @@ async fn drain(shared: Arc<DirectShared>) {
     }
 }
 
-/// Stdout written by a thread of its own, through a queue bounded in events and in bytes.
+/// Stdout written by a thread of its own, through a queue bounded in bytes (each event's
+/// overhead included). The queue grows as it fills: one preallocated for as many events as it
+/// may hold would cost the peer megabytes from the start.
 pub struct Threaded {
-    queue: Option<SyncSender<Item>>,
+    queue: Option<Sender<Item>>,
     max_bytes: usize,
     /// Bytes queued and not yet written, shared with the stdout thread.
     queued_bytes: Arc<AtomicUsize>,
@@ -403,7 +407,7 @@ enum Item {
 
 impl Threaded {
     fn new(max_bytes: usize) -> Threaded {
-        let (queue, lines) = sync_channel::<Item>(OUTPUT_QUEUE);
+        let (queue, lines) = channel::<Item>();
         let (finished, done) = sync_channel(1);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let written = queued_bytes.clone();
@@ -419,18 +423,14 @@ impl Threaded {
 
     fn push(&mut self, line: Vec<u8>) -> bool {
         let Some(queue) = &self.queue else { return true };
-        let size = line.len();
-        if self.queued_bytes.load(Ordering::Acquire) + size > self.max_bytes {
+        let cost = line.len() + QUEUED_EVENT_COST;
+        if self.queued_bytes.load(Ordering::Acquire) + cost > self.max_bytes {
             return false;
         }
-        self.queued_bytes.fetch_add(size, Ordering::AcqRel);
-        match queue.try_send(Item::Line(line)) {
-            Err(TrySendError::Full(_)) => {
-                self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
-                false
-            }
-            _ => true,
-        }
+        self.queued_bytes.fetch_add(cost, Ordering::AcqRel);
+        // Fails only once the stdout thread is gone, and then nothing is written anyway.
+        let _ = queue.send(Item::Line(line));
+        true
     }
 
     fn write_now(&mut self, lines: &[u8]) -> io::Result<()> {
@@ -443,7 +443,7 @@ impl Threaded {
     fn written(&self, wait: Duration) {
         let Some(queue) = &self.queue else { return };
         let (ack, acked) = sync_channel(1);
-        if queue.try_send(Item::Barrier(ack)).is_ok() {
+        if queue.send(Item::Barrier(ack)).is_ok() {
             let _ = acked.recv_timeout(wait);
         }
     }
@@ -454,6 +454,9 @@ impl Threaded {
     }
 }
 
+/// The most the stdout thread's batch keeps allocated between batches.
+const BATCH_KEPT: usize = 64 * 1024;
+
 /// The stdout thread: writes lines as they come, flushing whenever the queue runs dry or a
 /// barrier asks.
 fn write_lines(items: Receiver<Item>, queued_bytes: &AtomicUsize) {
@@ -462,9 +465,13 @@ fn write_lines(items: Receiver<Item>, queued_bytes: &AtomicUsize) {
     let mut batch = Vec::new();
     while let Ok(item) = items.recv() {
         let mut next = Some(item);
+        let mut cost = 0;
         while let Some(item) = next {
             match item {
-                Item::Line(line) => batch.extend_from_slice(&line),
+                Item::Line(line) => {
+                    batch.extend_from_slice(&line);
+                    cost += line.len() + QUEUED_EVENT_COST;
+                }
                 Item::Barrier(ack) => barriers.push(ack),
             }
             next = items.try_recv().ok();
@@ -473,8 +480,9 @@ fn write_lines(items: Receiver<Item>, queued_bytes: &AtomicUsize) {
         let mut out = io::stdout().lock();
         let result = out.write_all(&batch).and_then(|_| out.flush());
         drop(out);
-        queued_bytes.fetch_sub(batch.len(), Ordering::AcqRel);
+        queued_bytes.fetch_sub(cost, Ordering::AcqRel);
         batch.clear();
+        batch.shrink_to(BATCH_KEPT);
         for ack in barriers.drain(..) {
             let _ = ack.send(());
         }

@@ -177,7 +177,9 @@ pub struct Said {
 pub struct Store {
     me: PeerId,
     retention: Retention,
-    origins: HashMap<PeerId, Origin>,
+    /// Boxed: a hash table keeps up to twice as many slots as entries, and an origin is
+    /// hundreds of bytes.
+    origins: HashMap<PeerId, Box<Origin>>,
     /// How many records each host introduced.
     per_host: HashMap<IpAddr, usize>,
     /// History in arrival order, for eviction; entries of forgotten origins are skipped.
@@ -774,8 +776,8 @@ impl Store {
 }
 
 impl Origin {
-    fn new(key: PublicKey, mark: u64, head: ChainHash, host: Option<IpAddr>, now: Instant) -> Origin {
-        Origin {
+    fn new(key: PublicKey, mark: u64, head: ChainHash, host: Option<IpAddr>, now: Instant) -> Box<Origin> {
+        Box::new(Origin {
             key,
             name: "?".into(),
             addr: "?".into(),
@@ -788,7 +790,7 @@ impl Origin {
             latest: mark,
             host,
             last_active: now,
-        }
+        })
     }
 }
 

@@ -332,15 +332,54 @@ fn a_bootstrap_name_that_does_not_resolve_warns_once_and_keeps_retrying() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stdout_nobody_reads_neither_stalls_the_peer_nor_grows_its_memory() {
+async fn a_stdout_pipe_nobody_reads_neither_stalls_the_peer_nor_grows_its_memory() {
     let _serial = support::shared();
     let mut peer = lone_peer(&["--json", "--bind", "127.0.0.1", "--port", "0"], "warn", Stdio::piped());
+    let stdout = peer.stdout.take().unwrap();
+    stdout_nobody_reads(peer, stdout).await;
+}
+
+/// A terminal that stops reading (Ctrl-S, a stuck `docker attach`): the peer writes it from a
+/// thread of its own, through a queue bounded in bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_nobody_reads_neither_stalls_the_peer_nor_grows_its_memory() {
+    let _serial = support::shared();
+    let (terminal, screen) = support::pty();
+    let peer = lone_peer(&["--json", "--bind", "127.0.0.1", "--port", "0"], "warn", Stdio::from(screen));
+    stdout_nobody_reads(peer, terminal).await;
+}
+
+/// A peer whose stdout is a terminal holds no more memory than one whose stdout is a pipe: its
+/// queue towards the terminal grows only as events wait (a queue made for the most events it may
+/// hold cost 2 MiB at start).
+#[test]
+fn a_peer_on_a_terminal_starts_as_small_as_on_a_pipe() {
+    let _serial = support::shared();
+    let rss_once_listening = |stdout: &mut dyn std::io::Read, peer: &support::Reaped| {
+        let mut listening = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut listening).unwrap();
+        assert!(listening.contains("listening"), "{listening}");
+        support::rss_kib(peer.id())
+    };
+    let args = ["--json", "--bind", "127.0.0.1", "--port", "0"];
+    let mut on_pipe = lone_peer(&args, "warn", Stdio::piped());
+    let mut pipe = on_pipe.stdout.take().unwrap();
+    let pipe_kib = rss_once_listening(&mut pipe, &on_pipe);
+    let (mut terminal, screen) = support::pty();
+    let on_terminal = lone_peer(&args, "warn", Stdio::from(screen));
+    let terminal_kib = rss_once_listening(&mut terminal, &on_terminal);
+    assert!(terminal_kib < pipe_kib + 1024, "{terminal_kib} KiB on a terminal, {pipe_kib} KiB on a pipe");
+}
+
+/// Reads `peer`'s first event from `stdout`, then never again, while a member floods it with
+/// lines: the peer drops events with a warning, keeps serving, and stays small.
+async fn stdout_nobody_reads(mut peer: support::Reaped, stdout: impl std::io::Read) {
     let stderr = support::TimedLines::new(peer.stderr.take().unwrap());
-    // The listening event, then stdout is never read again: the pipe fills after a few events.
-    let mut stdout = std::io::BufReader::new(peer.stdout.take().unwrap());
+    // The listening event, then stdout is never read again: it fills after a few events.
+    let mut stdout = std::io::BufReader::new(stdout);
     let mut listening = String::new();
     std::io::BufRead::read_line(&mut stdout, &mut listening).unwrap();
-    let event: serde_json::Value = serde_json::from_str(&listening).unwrap();
+    let event: serde_json::Value = serde_json::from_str(listening.trim_end()).unwrap();
     let addr = event["addr"].as_str().unwrap().to_owned();
     let (mut f, mallory) = handshaken(&addr).await;
     // 3,000 lines of control characters, 48 KB each as JSON events: 144 MB if all were queued.

@@ -280,6 +280,21 @@ pub async fn started_through_one_seed(
     (done.saturating_duration_since(t0), done.saturating_duration_since(last_listen))
 }
 
+/// A new pseudo-terminal: its master (what a terminal emulator reads) and its slave (what a
+/// program started in it writes to).
+pub fn pty() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: posix_openpt returns a new descriptor we own, or -1; grantpt, unlockpt and
+    // ptsname only act on it, and ptsname's string is copied out before any other call.
+    unsafe {
+        let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+        assert!(master >= 0 && libc::grantpt(master) == 0 && libc::unlockpt(master) == 0, "no pty");
+        let name = std::ffi::CStr::from_ptr(libc::ptsname(master)).to_str().unwrap().to_owned();
+        let slave = std::fs::OpenOptions::new().read(true).write(true).open(name).unwrap();
+        (std::fs::File::from_raw_fd(master), slave)
+    }
+}
+
 /// A process's resident memory, in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
