@@ -855,7 +855,7 @@ impl Mesh {
         self.out.emit(&Event::Hook { cuts: table, conditions });
     }
 
-    /// Probes the neighbour heard from least lately (among those quiet for `--timeout`), and
+    /// Probes the neighbour heard from least lately (among those quiet for `--timeout` plus a second), and
     /// gives up on those that left a probe unanswered for `--timeout`: a frozen peer, whose
     /// kernel still keeps its connections up, is noticed here (a cut is noticed by the kernel,
     /// see crate::connection). Each peer probes
@@ -870,11 +870,11 @@ impl Mesh {
         if !self.beats.is_multiple_of(every) {
             return;
         }
-        // Only links quiet for the timeout: the kernel watches every link for cuts (see
-        // crate::connection) and has already ended one cut that long ago, while a probe sent
-        // into a link cut moments ago would hold the kernel's verdict back until the probe
-        // itself timed out.
-        let quiet_for = self.cfg.timeout;
+        // Only links quiet for the timeout and a second more: the kernel watches every link
+        // for cuts (see crate::connection) and has already ended one cut that long ago (its
+        // timers run a little late), while a probe sent into a link cut moments ago would hold
+        // the kernel's verdict back until the probe itself timed out (twice the timeout).
+        let quiet_for = self.cfg.timeout + Duration::from_secs(1);
         let quietest = self
             .table
             .iter()
