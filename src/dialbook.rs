@@ -10,6 +10,7 @@
 //! Ids that said goodbye, or were closed for flooding, are held off for a while: gossip still in
 //! flight about them is ignored, and a flooder's connections are refused until the hold ends.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -86,7 +87,11 @@ struct Entry {
 }
 
 pub struct DialBook {
+    /// Only through `entries_mut` once built, which forgets the summary.
     entries: HashMap<String, Entry>,
+    /// What the mesh's loop asks of the book before every wait, kept between changes: with 255
+    /// members, scanning the entries for it on every event cost more than the events did.
+    summary: Cell<Option<Summary>>,
     schedule: Schedule,
     /// How many entries are learned ones (kept for the cap).
     learned: usize,
@@ -96,11 +101,35 @@ pub struct DialBook {
 
 impl DialBook {
     pub fn new(schedule: Schedule) -> DialBook {
-        DialBook { entries: HashMap::new(), schedule, learned: 0, held: HashMap::new() }
+        DialBook { entries: HashMap::new(), summary: Cell::new(None), schedule, learned: 0, held: HashMap::new() }
+    }
+
+    /// The entries, to change: the summary is worked out again when next asked for.
+    fn entries_mut(&mut self) -> &mut HashMap<String, Entry> {
+        self.summary.set(None);
+        &mut self.entries
+    }
+
+    fn summary(&self) -> Summary {
+        if let Some(summary) = self.summary.get() {
+            return summary;
+        }
+        let mut summary = Summary::default();
+        for e in self.entries.values() {
+            summary.in_flight += usize::from(e.in_flight);
+            if !e.in_flight && !e.is_self {
+                summary.next_due = earliest(summary.next_due, e.next);
+            }
+            if !e.in_flight {
+                summary.next_expiry = earliest(summary.next_expiry, e.expires);
+            }
+        }
+        self.summary.set(Some(summary));
+        summary
     }
 
     pub fn add_bootstrap(&mut self, addr: &str, now: Instant) {
-        self.entries.entry(addr.to_owned()).or_insert_with(|| Entry::new(Kind::Bootstrap, None, Some(now)));
+        self.entries_mut().entry(addr.to_owned()).or_insert_with(|| Entry::new(Kind::Bootstrap, None, Some(now)));
     }
 
     /// A member told us of `id` at `addr`. `first` is whether this side should dial first.
@@ -112,21 +141,22 @@ impl DialBook {
         let at = if first { now } else { now + self.schedule.polite };
         let learned = self.learned;
         let room = learned < MAX_LEARNED && !self.entries.contains_key(addr) && self.room_on_host(addr);
-        match self.entries.get_mut(addr) {
+        let give_up = self.schedule.give_up;
+        match self.entries_mut().get_mut(addr) {
             Some(e) => {
                 e.id = Some(*id);
                 if e.next.is_none() && !e.is_self {
                     e.next = Some(at);
                 }
                 if e.kind == Kind::Learned {
-                    e.expires = Some(now + self.schedule.give_up);
+                    e.expires = Some(now + give_up);
                 }
                 true
             }
             None if room => {
                 let mut e = Entry::new(Kind::Learned, Some(*id), Some(at));
-                e.expires = Some(now + self.schedule.give_up);
-                self.entries.insert(addr.to_owned(), e);
+                e.expires = Some(now + give_up);
+                self.entries_mut().insert(addr.to_owned(), e);
                 self.learned += 1;
                 true
             }
@@ -152,7 +182,10 @@ impl DialBook {
     /// Addresses due for a dial now, at most `limit`, skipping those whose peer is up.
     pub fn due(&mut self, now: Instant, limit: usize, is_up: impl Fn(&PeerId) -> bool) -> Vec<String> {
         let mut out = Vec::new();
-        for (addr, e) in self.entries.iter_mut() {
+        if self.next_due().is_none_or(|t| t > now) || limit == 0 {
+            return out;
+        }
+        for (addr, e) in self.entries_mut().iter_mut() {
             if out.len() >= limit {
                 break;
             }
@@ -171,16 +204,16 @@ impl DialBook {
 
     /// The earliest time something is due.
     pub fn next_due(&self) -> Option<Instant> {
-        self.entries.values().filter(|e| !e.in_flight && !e.is_self).filter_map(|e| e.next).min()
+        self.summary().next_due
     }
 
     pub fn in_flight(&self) -> usize {
-        self.entries.values().filter(|e| e.in_flight).count()
+        self.summary().in_flight
     }
 
     /// A dial to `addr` reached peer `id`.
     pub fn connected(&mut self, addr: &str, id: &PeerId) {
-        if let Some(e) = self.entries.get_mut(addr) {
+        if let Some(e) = self.entries_mut().get_mut(addr) {
             e.in_flight = false;
             e.next = None;
             e.expires = None;
@@ -190,10 +223,11 @@ impl DialBook {
 
     /// A dial to `addr` failed; returns true the first time a name fails to resolve.
     pub fn failed(&mut self, addr: &str, unresolved: bool, now: Instant) -> bool {
-        let Some(e) = self.entries.get_mut(addr) else { return false };
+        let schedule = self.schedule;
+        let Some(e) = self.entries_mut().get_mut(addr) else { return false };
         e.in_flight = false;
         e.failures = e.failures.saturating_add(1);
-        e.next = Some(now + backoff(&self.schedule, e.failures));
+        e.next = Some(now + backoff(&schedule, e.failures));
         let first_warning = unresolved && !e.warned;
         e.warned |= unresolved;
         first_warning
@@ -201,7 +235,7 @@ impl DialBook {
 
     /// Dialling `addr` reached this very peer: never dial it again.
     pub fn is_self(&mut self, addr: &str) {
-        if let Some(e) = self.entries.get_mut(addr) {
+        if let Some(e) = self.entries_mut().get_mut(addr) {
             e.in_flight = false;
             e.is_self = true;
             e.next = None;
@@ -213,15 +247,16 @@ impl DialBook {
     /// so a peer that closes every connection right after the handshake (one holding us off, say)
     /// is retried with growing backoff rather than in a tight loop.
     pub fn lost(&mut self, id: &PeerId, addr: &str, first: bool, stable: bool, now: Instant) {
-        let usual = if first { self.schedule.base } else { self.schedule.polite.max(self.schedule.base) };
+        let schedule = self.schedule;
+        let usual = if first { schedule.base } else { schedule.polite.max(schedule.base) };
         let mut found = false;
-        for e in self.entries.values_mut().filter(|e| e.id.as_ref() == Some(id)) {
+        for e in self.entries_mut().values_mut().filter(|e| e.id.as_ref() == Some(id)) {
             found = true;
             e.failures = if stable { 0 } else { e.failures.saturating_add(1) };
-            let delay = if stable { usual } else { usual.max(backoff(&self.schedule, e.failures)) };
+            let delay = if stable { usual } else { usual.max(backoff(&schedule, e.failures)) };
             e.next = Some(now + delay);
             if e.kind == Kind::Learned {
-                e.expires = Some(now + self.schedule.give_up);
+                e.expires = Some(now + schedule.give_up);
             }
         }
         if !found {
@@ -233,9 +268,9 @@ impl DialBook {
     /// entries stay, idle (they are retried only while this peer has no neighbour at all: a new
     /// process may answer there).
     pub fn left(&mut self, id: &PeerId, why: Hold, now: Instant) {
-        self.entries.retain(|_, e| e.id.as_ref() != Some(id) || e.kind == Kind::Bootstrap);
+        self.entries_mut().retain(|_, e| e.id.as_ref() != Some(id) || e.kind == Kind::Bootstrap);
         self.count_learned();
-        for e in self.entries.values_mut().filter(|e| e.id.as_ref() == Some(id)) {
+        for e in self.entries_mut().values_mut().filter(|e| e.id.as_ref() == Some(id)) {
             e.next = None;
         }
         self.held.retain(|_, (_, until)| *until > now);
@@ -260,7 +295,7 @@ impl DialBook {
 
     /// This peer has no neighbour left: retry the bootstrap list.
     pub fn isolated(&mut self, now: Instant) {
-        for e in self.entries.values_mut().filter(|e| e.kind == Kind::Bootstrap && !e.is_self) {
+        for e in self.entries_mut().values_mut().filter(|e| e.kind == Kind::Bootstrap && !e.is_self) {
             if e.next.is_none() {
                 e.next = Some(now);
             }
@@ -269,7 +304,10 @@ impl DialBook {
 
     /// Forgets learned addresses whose give-up time passed.
     pub fn expire(&mut self, now: Instant) {
-        self.entries.retain(|_, e| e.in_flight || e.expires.is_none_or(|t| t > now));
+        if self.summary().next_expiry.is_none_or(|t| t > now) {
+            return;
+        }
+        self.entries_mut().retain(|_, e| e.in_flight || e.expires.is_none_or(|t| t > now));
         self.count_learned();
     }
 
@@ -292,6 +330,24 @@ fn backoff(s: &Schedule, failures: u32) -> Duration {
     exp.min(s.cap).mul_f64(jitter)
 }
 
+/// What the mesh's loop asks of the book, all found in one pass over the entries.
+#[derive(Debug, Clone, Copy, Default)]
+struct Summary {
+    /// Dials under way.
+    in_flight: usize,
+    /// The earliest time a dial is due.
+    next_due: Option<Instant>,
+    /// The earliest time a learned address (not being dialled) may be forgotten.
+    next_expiry: Option<Instant>,
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 impl Entry {
     fn new(kind: Kind, id: Option<PeerId>, next: Option<Instant>) -> Entry {
         Entry { kind, id, next, failures: 0, expires: None, in_flight: false, is_self: false, warned: false }
@@ -311,6 +367,43 @@ mod tests {
 
     fn id(c: char) -> PeerId {
         c.to_string().repeat(64).parse().unwrap()
+    }
+
+    /// The summary as a fresh scan finds it.
+    fn scanned(b: &DialBook) -> (usize, Option<Instant>, Option<Instant>) {
+        let e = || b.entries.values();
+        (
+            e().filter(|e| e.in_flight).count(),
+            e().filter(|e| !e.in_flight && !e.is_self).filter_map(|e| e.next).min(),
+            e().filter(|e| !e.in_flight).filter_map(|e| e.expires).min(),
+        )
+    }
+
+    proptest::proptest! {
+        /// The summary the mesh's loop reads before every wait is kept between changes: after
+        /// any sequence of changes it is what a scan of the entries finds.
+        #[test]
+        fn the_kept_summary_is_what_a_scan_finds(ops in proptest::collection::vec((0u8..9, 0u8..4, 0u64..20), 1..60)) {
+            let start = Instant::now();
+            let mut b = DialBook::new(S);
+            for (op, who, at) in ops {
+                let now = start + Duration::from_millis(at * 100);
+                let (addr, peer) = (format!("h{who}:1"), id(char::from(b'a' + who)));
+                match op {
+                    0 => b.add_bootstrap(&addr, now),
+                    1 => { b.learn(&addr, &peer, who % 2 == 0, now); }
+                    2 => { b.due(now, 2, |p| *p == id('a')); }
+                    3 => b.connected(&addr, &peer),
+                    4 => { b.failed(&addr, false, now); }
+                    5 => b.lost(&peer, &addr, true, who % 2 == 1, now),
+                    6 => b.left(&peer, Hold::Left, now),
+                    7 => b.isolated(now),
+                    _ => b.expire(now + S.give_up),
+                }
+                let summary = b.summary();
+                proptest::prop_assert_eq!((summary.in_flight, summary.next_due, summary.next_expiry), scanned(&b));
+            }
+        }
     }
 
     #[test]

@@ -655,7 +655,7 @@ impl Mesh {
     /// at the next tick even if nothing changed here, or neither side would ask for it again.
     fn needs_digest_round(&mut self, conn: ConnId) {
         if let Some(n) = self.table.by_conn_mut(conn) {
-            n.lagging = true;
+            n.mark_lagging();
         }
     }
 
@@ -739,7 +739,9 @@ impl Mesh {
         for m in catch_up.messages {
             n.send(m.encode());
         }
-        n.lagging |= catch_up.truncated;
+        if catch_up.truncated {
+            n.mark_lagging();
+        }
         if catch_up.they_are_ahead {
             self.send_digest(from);
         }
@@ -864,7 +866,9 @@ impl Mesh {
     /// by someone about every beat up to 128 peers (every two at 256). Whoever finds it silent
     /// tells the others (`suspect`), who probe it at once.
     fn on_probe_tick(&mut self, now: Instant) {
-        self.drop_silent(now);
+        if self.probe_due.is_some_and(|t| t <= now) {
+            self.drop_silent(now);
+        }
         self.beats += 1;
         let every = self.table.len().div_ceil(PROBES_PER_MESH_BEAT).max(1) as u64;
         if !self.beats.is_multiple_of(every) {
@@ -1042,7 +1046,10 @@ impl Mesh {
         if self.table.is_empty() {
             self.book.isolated(now);
         }
-        let lagging: Vec<PeerId> = self.table.iter().filter(|n| n.lagging).map(|n| n.info.id).collect();
+        let lagging: Vec<PeerId> = match self.budget.take_lagging() {
+            true => self.table.iter().filter(|n| n.lagging).map(|n| n.info.id).collect(),
+            false => Vec::new(),
+        };
         for id in lagging {
             if let Some(n) = self.table.get_mut(&id) {
                 n.lagging = false;
@@ -1114,7 +1121,9 @@ impl Mesh {
                     for m in out.messages {
                         n.send(m.encode());
                     }
-                    n.lagging |= out.truncated;
+                    if out.truncated {
+                        n.mark_lagging();
+                    }
                 }
             }
         }

@@ -68,6 +68,12 @@ impl Neighbour {
             self.lagging = true;
         }
     }
+
+    /// Marks it for a digest round at the next tick.
+    pub fn mark_lagging(&mut self) {
+        self.lagging = true;
+        self.outbox.note_lagging();
+    }
 }
 
 /// What admitting a new connection did.

@@ -8,7 +8,7 @@
 //! them: past it, every queue refuses until some drain.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -23,11 +23,19 @@ pub const MAX_BYTES: usize = 4 * 1024 * 1024;
 pub struct Budget {
     queued: AtomicUsize,
     cap: usize,
+    /// Some neighbour needs a digest round (a queue refused a frame, say) since the mesh last
+    /// looked: the mesh looks for those neighbours only then, not over all 255 every tick.
+    lagging: AtomicBool,
 }
 
 impl Budget {
     pub fn new(cap: usize) -> Arc<Budget> {
-        Arc::new(Budget { queued: AtomicUsize::new(0), cap })
+        Arc::new(Budget { queued: AtomicUsize::new(0), cap, lagging: AtomicBool::new(false) })
+    }
+
+    /// Whether some neighbour was found lagging since the last call.
+    pub fn take_lagging(&self) -> bool {
+        self.lagging.swap(false, Ordering::Relaxed)
     }
 
     /// Bytes queued towards all neighbours.
@@ -63,6 +71,7 @@ impl Outbox {
     pub fn push(&self, frame: Bytes) -> Result<(), Refused> {
         let len = frame.len();
         if self.queued.load(Ordering::Relaxed) + len > MAX_BYTES || self.budget.queued() + len > self.budget.cap {
+            self.note_lagging();
             return Err(Refused::Full);
         }
         match self.tx.try_send(frame) {
@@ -71,9 +80,18 @@ impl Outbox {
                 self.budget.queued.fetch_add(len, Ordering::Relaxed);
                 Ok(())
             }
-            Err(mpsc::error::TrySendError::Full(_)) => Err(Refused::Full),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.note_lagging();
+                Err(Refused::Full)
+            }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Refused::Closed),
         }
+    }
+
+    /// Tells the mesh (through the shared budget) that this queue's neighbour needs a digest
+    /// round.
+    pub fn note_lagging(&self) {
+        self.budget.lagging.store(true, Ordering::Relaxed);
     }
 
     /// Bytes that may be queued now for catch-up: none while earlier frames still wait (catch-up
@@ -162,7 +180,10 @@ mod tests {
         let (b, mut drain_b) = outbox(shared.clone());
         assert_eq!(a.catch_up_room(), 500);
         a.push(Bytes::from(vec![0u8; 700])).unwrap();
+        assert!(!shared.take_lagging(), "no queue refused a frame yet");
         assert_eq!(b.push(Bytes::from(vec![0u8; 400])), Err(Refused::Full), "the shared budget is spent");
+        assert!(shared.take_lagging(), "a refusal is told to the mesh, once");
+        assert!(!shared.take_lagging());
         assert_eq!(b.catch_up_room(), 150);
         b.push(Bytes::from(vec![0u8; 300])).unwrap();
         drain_b.try_recv().unwrap();
@@ -177,5 +198,6 @@ mod tests {
             out.push(Bytes::from_static(b"x")).unwrap();
         }
         assert_eq!(out.push(Bytes::from_static(b"x")), Err(Refused::Full));
+        assert!(out.budget.take_lagging(), "a queue full in frames is told to the mesh too");
     }
 }

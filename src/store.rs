@@ -578,15 +578,19 @@ impl Store {
     /// Drops history, and early batches still waiting, older than the retention age.
     pub fn expire(&mut self, now: Instant) {
         let age = self.retention.age;
-        let stale: Vec<(PeerId, u64)> = self
-            .origins
-            .iter()
-            .flat_map(|(id, o)| {
-                o.pending.iter().filter(|(_, p)| now.duration_since(p.since) > age).map(move |(first, _)| (*id, *first))
-            })
-            .collect();
-        for (id, first) in stale {
-            self.unbuffer(&id, first);
+        // Nothing buffered is the usual case: then no walk over every sender.
+        if self.pending_bytes > 0 {
+            let stale: Vec<(PeerId, u64)> = self
+                .origins
+                .iter()
+                .flat_map(|(id, o)| {
+                    let stale = o.pending.iter().filter(|(_, p)| now.duration_since(p.since) > age);
+                    stale.map(move |(first, _)| (*id, *first))
+                })
+                .collect();
+            for (id, first) in stale {
+                self.unbuffer(&id, first);
+            }
         }
         while let Some((id, seq)) = self.order.front() {
             let stale = match self.origins.get(id).and_then(|o| o.lines.front()) {
