@@ -17,7 +17,15 @@ fn main() -> ExitCode {
     }
     meshlab::init_logging();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-    let result = runtime.block_on(meshlab::run(cli.config));
+    // The peer runs as a task of the runtime rather than as the future `block_on` polls: a task
+    // woken by another task on the same thread is simply queued, while waking `block_on`'s
+    // future goes through the poller (an eventfd write and one more epoll_wait per wake-up).
+    let result = runtime.block_on(async {
+        match tokio::spawn(meshlab::run(cli.config)).await {
+            Ok(result) => result,
+            Err(e) => Err(anyhow::anyhow!("the peer's task failed: {e}")),
+        }
+    });
     // Do not wait for the blocking stdin reader: it may never return.
     runtime.shutdown_background();
     match result {
