@@ -118,10 +118,10 @@ impl DialBook {
         for e in self.entries.values() {
             summary.in_flight += usize::from(e.in_flight);
             if !e.in_flight && !e.is_self {
-                summary.next_due = earliest(summary.next_due, e.next);
+                summary.next_due = summary.next_due.into_iter().chain(e.next).min();
             }
             if !e.in_flight {
-                summary.next_expiry = earliest(summary.next_expiry, e.expires);
+                summary.next_expiry = summary.next_expiry.into_iter().chain(e.expires).min();
             }
         }
         self.summary.set(Some(summary));
@@ -339,13 +339,6 @@ struct Summary {
     next_due: Option<Instant>,
     /// The earliest time a learned address (not being dialled) may be forgotten.
     next_expiry: Option<Instant>,
-}
-
-fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
 }
 
 impl Entry {

@@ -1046,9 +1046,11 @@ impl Mesh {
         if self.table.is_empty() {
             self.book.isolated(now);
         }
-        let lagging: Vec<PeerId> = match self.budget.take_lagging() {
-            true => self.table.iter().filter(|n| n.lagging).map(|n| n.info.id).collect(),
-            false => Vec::new(),
+        // Only after some neighbour was marked: no walk over 255 of them every tick.
+        let lagging: Vec<PeerId> = if self.budget.take_lagging() {
+            self.table.iter().filter(|n| n.lagging).map(|n| n.info.id).collect()
+        } else {
+            Vec::new()
         };
         for id in lagging {
             if let Some(n) = self.table.get_mut(&id) {

@@ -44,7 +44,8 @@ pub struct Neighbour {
     /// The other side said goodbye.
     pub leaving: bool,
     /// It needs a digest round to catch up: a frame to it could not be queued, or one of its
-    /// lines was turned away here, or it said (in a probe) that it has lines we lack.
+    /// lines was turned away here, or it said (in a probe) that it has lines we lack. Set through
+    /// `send` or `mark_lagging`, which also tell the mesh to look (see `Budget::take_lagging`).
     pub lagging: bool,
     /// When a frame last came from it.
     pub last_heard: Instant,
