@@ -226,7 +226,7 @@ fn free_subnet() -> anyhow::Result<u8> {
 /// The first IPv4 prefix a line of `ip -o -4 route` or `ip -o -4 addr` names (not `default`).
 fn prefix_in(line: &str) -> Option<(Ipv4Addr, u8)> {
     line.split_whitespace().find_map(|word| {
-        let (ip, len) = word.split_once('/').map_or((word, "32"), |(ip, len)| (ip, len));
+        let (ip, len) = word.split_once('/').unwrap_or((word, "32"));
         Some((ip.parse().ok()?, len.parse().ok().filter(|len| (1..=32).contains(len))?))
     })
 }
