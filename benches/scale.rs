@@ -7,12 +7,15 @@
 //! in steady chat (all peers' bytes out over lines x receivers x a line's encoded size); a
 //! 10,000-line burst from one peer, all shown once by all others, in lines a second; the whole
 //! mesh's CPU at rest (the peer processes' CPU time as the scheduler counts it over 10 s, after
-//! 5 s of quiet;
-//! and the host's busy time over the same 10 s, less its busy time over 5 s before the peers
-//! started, which counts the kernel's own work for the mesh, such as keepalive probes);
-//! resident memory per peer (median and max). Nothing is asserted: it prints the figures.
+//! 5 s of quiet, and the host's busy time over the same 10 s, less its busy time over 5 s before
+//! the peers started, which counts the kernel's own work for the mesh, such as keepalive probes);
+//! links re-formed at rest (connections admitted over the same 10 s, by all peers' `/stats`,
+//! halved: a link lost at rest is redialled at once and admitted at both ends); resident memory per peer (median and max). Nothing is asserted: it prints the figures.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+
+use meshlab_lab::event::Stats;
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -74,12 +77,16 @@ async fn row(n: usize) {
     // At rest: five seconds of quiet, then ten measured.
     let pids: Vec<u32> = names.iter().filter_map(|p| lab.backend().pid(p)).collect();
     lab.sleep(Duration::from_secs(5)).await.unwrap();
+    let admitted = |stats: BTreeMap<String, Stats>| stats.values().map(|s| s.admitted).sum::<u64>();
+    let admitted_before = admitted(lab.stats().await.unwrap());
     let before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
     let host_before = host_busy_seconds();
     let t0 = Instant::now();
     lab.sleep(Duration::from_secs(10)).await.unwrap();
     let idle = (pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - before) / t0.elapsed().as_secs_f64();
     let host = (host_busy_seconds() - host_before) / t0.elapsed().as_secs_f64() - baseline;
+    // Each link re-formed is admitted at both ends.
+    let reformed = (admitted(lab.stats().await.unwrap()) - admitted_before) as f64 / 2.0 / t0.elapsed().as_secs_f64();
     let mut rss: Vec<u64> = pids.iter().map(|p| support::rss_kib(*p)).collect();
     rss.sort();
 
@@ -114,7 +121,7 @@ async fn row(n: usize) {
     lab.shutdown().await;
 
     println!(
-        "| {n} | {} | {dials:.2} | {} / {} | {per_line:.2} | {:.0} lines/s | {:.1}% ({:.1}%) | {:.1} / {:.1} MiB |",
+        "| {n} | {} | {dials:.2} | {} / {} | {per_line:.2} | {:.0} lines/s | {:.1}% ({:.1}%) | {reformed:.1} | {:.1} / {:.1} MiB |",
         ms(after_listen),
         ms(pct(&direct, 0.5)),
         ms(pct(&direct, 0.99)),
@@ -133,9 +140,9 @@ async fn main() {
         .unwrap_or_else(|_| vec![32, 64, 128, 256]);
     println!("peer binary {}", support::bench_peer());
     println!(
-        "| peers | full mesh after the last listens | dials per pair | one line to all others, p50 / p99 | bytes on the wire per delivered line (steady chat) | 10,000-line burst to all others | whole mesh at rest, CPU of one core: the peers (the host, kernel included, less its own) | RSS per peer, median / max |"
+        "| peers | full mesh after the last listens | dials per pair | one line to all others, p50 / p99 | bytes on the wire per delivered line (steady chat) | 10,000-line burst to all others | whole mesh at rest, CPU of one core: the peers (the host, kernel included, less its own) | links re-formed at rest, a second | RSS per peer, median / max |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for n in ns {
         row(n).await;
     }

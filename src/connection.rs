@@ -25,6 +25,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use crate::frame::{self, Hello, Message};
 use crate::handshake::{Established, Handshake, HandshakeError, Local, Progress, Side};
 use crate::hook::Conditions;
+use crate::linkwatch::{self, SegmentWatch};
 use crate::neighbours::ConnId;
 use crate::noise::{Opener, Sealer};
 use crate::outbox::{Budget, Drain, Outbox, outbox};
@@ -87,6 +88,8 @@ pub struct Ready {
     pub established: Box<Established>,
     pub observed: SocketAddr,
     pub outbox: Outbox,
+    /// On an accepted link, its count of received segments (see crate::linkwatch).
+    pub watch: Option<SegmentWatch>,
 }
 
 /// How a connection ended.
@@ -302,14 +305,14 @@ pub async fn run(stream: TcpStream, role: Role, hello: Hello, conn: ConnId, ctx:
         Err(_) => return, // already gone
     };
     let _ = stream.set_nodelay(true);
-    watch_in_the_kernel(&stream, &ctx);
-    let (rd, wr) = stream.into_split();
-    let mut reader = Reader { frames: FramedRead::with_capacity(rd, frame::codec(), READ_BUFFER), open: None };
-    let mut writer = Writer { frames: FramedWrite::with_capacity(wr, frame::codec(), WRITE_BUFFER), seal: None };
     let side = match role {
         Role::Dialer { .. } => Side::Dialer,
         Role::Acceptor(_) => Side::Acceptor,
     };
+    let watch = watch_in_the_kernel(&stream, side, &ctx);
+    let (rd, wr) = stream.into_split();
+    let mut reader = Reader { frames: FramedRead::with_capacity(rd, frame::codec(), READ_BUFFER), open: None };
+    let mut writer = Writer { frames: FramedWrite::with_capacity(wr, frame::codec(), WRITE_BUFFER), seal: None };
     // Boxed: a connection's task lives as long as the link, and an inline handshake would keep
     // its state (the largest part of the task) allocated all that time, 255 times over.
     let mut established = match Box::pin(handshake(&mut reader, &mut writer, side, &hello, &ctx)).await {
@@ -325,7 +328,7 @@ pub async fn run(stream: TcpStream, role: Role, hello: Hello, conn: ConnId, ctx:
 
     let (outbox, drain) = outbox(budget);
     let established_name = established.hello.name.clone();
-    let ready = Ready { conn, role, established, observed, outbox };
+    let ready = Ready { conn, role, established, observed, outbox, watch };
     if ctx.events.send(ConnEvent::Ready(Box::new(ready))).await.is_err() {
         return;
     }
@@ -363,24 +366,32 @@ const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 1024;
 
 /// Lets the kernel watch a connection at rest, so that an idle link costs no wake-up of this
-/// process: after `--timeout` less two seconds without traffic (in whole seconds, at least one)
-/// the kernel probes the other side (TCP keepalive), once a second, and it ends the connection
-/// when `--timeout` passes without an acknowledgement, probe or data (TCP_USER_TIMEOUT); the
-/// read then fails with ETIMEDOUT. That notices a silent cut within the timeout. At least two
-/// probes go out before the timeout, so that one lost probe or answer does not end a live link:
-/// with a single probe, a 256-peer mesh at rest on one host lost about 150 links a second,
-/// each to one answer the kernel discarded as old (TcpExtPAWSOldAck), and a lossy network
-/// would lose links alike. (A frozen process, whose kernel still answers, is the mesh's probes'
-/// business.)
-fn watch_in_the_kernel(stream: &TcpStream, ctx: &Context) {
+/// process. On both sides the kernel ends the connection when what this side sent, data or
+/// probe, goes unacknowledged for `--timeout` (TCP_USER_TIMEOUT); the read then fails with
+/// ETIMEDOUT. On the dialling side it also probes the other side once the link has been quiet
+/// for [`linkwatch::keepalive_idle`], then once a second (TCP keepalive): a silent cut is
+/// noticed within the timeout. The accepting side sends no probes: it counts the segments
+/// that arrive, the dialler's probes among them ([`linkwatch`]), and returns the watch for the
+/// mesh to read. (A frozen process, whose kernel still answers, is the mesh's probes' business.)
+fn watch_in_the_kernel(stream: &TcpStream, side: Side, ctx: &Context) -> Option<SegmentWatch> {
     let socket = socket2::SockRef::from(stream);
-    // The kernel counts keepalive times in whole seconds.
-    let second = Duration::from_secs(1);
-    let quiet = Duration::from_secs(ctx.timeout.saturating_sub(2 * second).as_secs().max(1));
-    let probes = ctx.timeout.as_secs() as u32 + 1;
-    let keepalive = socket2::TcpKeepalive::new().with_time(quiet).with_interval(second).with_retries(probes);
-    if let Err(e) = socket.set_tcp_keepalive(&keepalive).and_then(|_| socket.set_tcp_user_timeout(Some(ctx.timeout))) {
-        tracing::debug!("cannot set keepalive on a connection: {e}");
+    let watched = match side {
+        Side::Dialer => {
+            let probes = ctx.timeout.as_secs() as u32 + 1;
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(linkwatch::keepalive_idle(ctx.timeout))
+                .with_interval(Duration::from_secs(1))
+                .with_retries(probes);
+            socket.set_tcp_keepalive(&keepalive).map(|_| None)
+        }
+        Side::Acceptor => SegmentWatch::new(stream, Instant::now()).map(Some),
+    };
+    match socket.set_tcp_user_timeout(Some(ctx.timeout)).and(watched) {
+        Ok(watch) => watch,
+        Err(e) => {
+            tracing::debug!("cannot have the kernel watch a connection: {e}");
+            None
+        }
     }
 }
 

@@ -18,6 +18,7 @@ pub mod hook;
 pub mod id;
 pub mod identity;
 pub mod known;
+pub mod linkwatch;
 pub mod mesh;
 pub mod neighbours;
 pub mod noise;

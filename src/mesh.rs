@@ -32,6 +32,7 @@ use crate::hook::{self, Hook};
 use crate::id::{PeerId, random_u64};
 use crate::identity::{Domain, Identity};
 use crate::known::Known;
+use crate::linkwatch;
 use crate::neighbours::{Admission, ConnId, Link, Neighbour, Table};
 use crate::outbox::Budget;
 use crate::output::{DownReason, Event, HELP, Output, Sink, msg_id};
@@ -254,6 +255,8 @@ impl Mesh {
         let mut sync = tokio::time::interval(self.cfg.sync_interval);
         let mut probe = tokio::time::interval(self.cfg.heartbeat);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watch = tokio::time::interval(linkwatch::EVERY);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.dial_due();
             let now = Instant::now();
@@ -290,6 +293,7 @@ impl Mesh {
                 accepted = self.listener.accept(), if accepting => self.on_accept(accepted),
                 _ = sync.tick() => self.on_tick(),
                 _ = probe.tick() => self.on_probe_tick(Instant::now()),
+                _ = watch.tick() => self.end_quiet_links(Instant::now()),
                 _ = sleep_until(wake) => {}
                 _ = &mut self.shutdown => break,
             }
@@ -388,6 +392,7 @@ impl Mesh {
             up_since: now,
             host: addr::host_of(r.observed.ip()),
             stranger: !self.store.knows(&h.id),
+            watch: r.watch,
         };
         let announce = match self.table.admit(neighbour) {
             Admission::Rejected(loser) => return close_as_duplicate(loser),
@@ -920,6 +925,20 @@ impl Mesh {
             }
         }
         self.probe_due = self.table.iter().filter_map(|n| n.probe).min().map(|t| t + within);
+    }
+
+    /// Ends the accepted links on which nothing arrived for the timeout (less a reading), as the
+    /// kernel ends a dialled link whose probes go unanswered: a silent cut (see crate::linkwatch).
+    fn end_quiet_links(&mut self, now: Instant) {
+        let limit = linkwatch::quiet_limit(self.cfg.timeout);
+        let quiet: Vec<ConnId> = self
+            .table
+            .iter_mut()
+            .filter_map(|n| n.watch.as_mut().is_some_and(|w| w.quiet_for(limit, now)).then_some(n.conn))
+            .collect();
+        for conn in quiet {
+            self.on_closed(conn, CloseReason::Timeout);
+        }
     }
 
     /// A neighbour found `id` silent: probe it now, unless it spoke lately. (Advice: at worst

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use crate::frame::{Nonce, PeerInfo};
 use crate::id::PeerId;
 use crate::identity::PublicKey;
+use crate::linkwatch::SegmentWatch;
 use crate::outbox::{Outbox, Refused};
 
 /// Identifies one connection task.
@@ -59,6 +60,9 @@ pub struct Neighbour {
     pub host: IpAddr,
     /// Its id was unknown when it was admitted (for the slots kept for known members).
     pub stranger: bool,
+    /// On a link it dialled (this side accepted), its count of segments received, read to
+    /// notice a silent cut (see crate::linkwatch).
+    pub watch: Option<SegmentWatch>,
 }
 
 impl Neighbour {
@@ -220,6 +224,7 @@ mod tests {
             suspected_at: None,
             up_since: Instant::now(),
             host: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            watch: None,
             stranger: false,
         }
     }

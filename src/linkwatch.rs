@@ -1,0 +1,145 @@
+//! How the accepting side of a link notices a silent cut without probing it.
+//!
+//! The kernel watches every link for cuts (see crate::connection): the dialling side's kernel
+//! probes a quiet link (TCP keepalive) and ends it when nothing answers within `--timeout`. The
+//! accepting side sends no probes of its own. Probes from both sides were two per link and second
+//! at rest: at 256 peers on one two-core host, 65,280 a second, fired by the kernel's timers in
+//! batches larger than the loopback's backlog holds, and two probes crossing each other got one
+//! of them discarded as old (PAWS). Both ended live links, about ten a second.
+//!
+//! Instead the accepting side's mesh reads, every [`EVERY`] or so, how many segments its kernel has
+//! received on each link it accepted (`TCP_INFO`'s `tcpi_segs_in`, which counts the other side's
+//! keepalive probes as they arrive, as well as its data and acknowledgements: TCP then discards a
+//! probe without noting the time, so nothing else tells that one came). A link on which nothing at all arrived for [`quiet_limit`] is
+//! ended as timed out, like a link the kernel ended. A link seen moving is not read at the next
+//! turn: at rest a probe comes about once a second, so most links are read once a second (one
+//! `getsockopt` each, about a microsecond and a half; no packet), and a cut is still noticed
+//! within a second and the limit of the last segment that crossed.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// How often the mesh reads the counts.
+pub const EVERY: Duration = Duration::from_millis(500);
+
+/// The dialling side's kernel probes a link quiet for this long (`--timeout` less two seconds, in
+/// whole seconds as the kernel counts them, at least one), then once a second: so at least two
+/// probes go out before the timeout, and one lost probe or answer does not end a live link.
+pub fn keepalive_idle(timeout: Duration) -> Duration {
+    Duration::from_secs(timeout.saturating_sub(Duration::from_secs(2)).as_secs().max(1))
+}
+
+/// How long nothing may arrive on an accepted link before it is ended: `--timeout` less one
+/// reading's interval, so that a cut is noticed within the timeout and a half of the last
+/// segment that crossed (it is seen moving up to a second late); but never less than the
+/// dialler's quiet time and one reading more, so that a link at rest, which hears a probe
+/// every [`keepalive_idle`], is never taken for cut. At the default timeout, one lost probe
+/// (two seconds between probes) does not end a link either, as it does not on the dialling side.
+pub fn quiet_limit(timeout: Duration) -> Duration {
+    timeout.saturating_sub(EVERY).max(keepalive_idle(timeout) + EVERY)
+}
+
+/// One accepted link's count of received segments, as last read.
+#[derive(Debug)]
+pub struct SegmentWatch {
+    /// A duplicate of the connection's socket (the connection's task owns the other): reading
+    /// a count never races the task, and the socket stays the same until this is dropped.
+    socket: socket2::Socket,
+    count: u32,
+    moved_at: Instant,
+    /// The count moved at the last reading: the next turn passes.
+    skip: bool,
+}
+
+impl SegmentWatch {
+    pub fn new(stream: &TcpStream, now: Instant) -> io::Result<SegmentWatch> {
+        let socket = socket2::SockRef::from(stream).try_clone()?;
+        let count = segments_in(&socket)?;
+        Ok(SegmentWatch { socket, count, moved_at: now, skip: false })
+    }
+
+    /// Reads the count, unless it moved at the last reading: whether nothing has arrived for
+    /// `limit` as of `now`. A count that cannot be read says nothing (the connection's task
+    /// reports a broken socket itself).
+    pub fn quiet_for(&mut self, limit: Duration, now: Instant) -> bool {
+        if std::mem::take(&mut self.skip) {
+            return false;
+        }
+        match segments_in(&self.socket) {
+            Ok(count) if count != self.count => {
+                self.count = count;
+                self.moved_at = now;
+                self.skip = true;
+                false
+            }
+            Ok(_) => now.saturating_duration_since(self.moved_at) >= limit,
+            Err(_) => false,
+        }
+    }
+}
+
+/// The kernel's count of segments received on `socket`, any kind (it wraps).
+fn segments_in(socket: &socket2::Socket) -> io::Result<u32> {
+    // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) on a socket we own, into a buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_segs_in)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn the_limit_leaves_a_probe_room_and_keeps_within_the_timeout() {
+        let s = Duration::from_secs;
+        // Default: probes a second apart after one second of quiet; one lost probe leaves a gap
+        // of two seconds, which must not end the link.
+        assert_eq!(keepalive_idle(s(3)), s(1));
+        assert_eq!(quiet_limit(s(3)), Duration::from_millis(2500));
+        assert_eq!(keepalive_idle(s(10)), s(8));
+        assert_eq!(quiet_limit(s(10)), Duration::from_millis(9500));
+        // Short timeouts (the lab's 2 s, and less): the dialler probes a second apart anyway.
+        assert_eq!(quiet_limit(s(2)), Duration::from_millis(1500));
+        assert_eq!(quiet_limit(Duration::from_millis(500)), Duration::from_millis(1500));
+    }
+
+    #[tokio::test]
+    async fn a_link_is_quiet_until_a_segment_arrives() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut dialer = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        let t0 = Instant::now();
+        let mut watch = SegmentWatch::new(&accepted, t0).unwrap();
+        let limit = Duration::from_secs(2);
+        assert!(!watch.quiet_for(limit, t0 + Duration::from_secs(1)), "quiet, but not for long enough");
+        assert!(watch.quiet_for(limit, t0 + limit), "nothing arrived for the limit");
+
+        dialer.write_all(b"x").await.unwrap();
+        let mut byte = [0u8; 1];
+        accepted.read_exact(&mut byte).await.unwrap();
+        let t1 = t0 + Duration::from_secs(5);
+        assert!(!watch.quiet_for(limit, t1), "a segment arrived: the clock starts again");
+        assert!(!watch.quiet_for(limit, t1 + limit), "the turn after a move is passed");
+        assert!(!watch.quiet_for(limit, t1 + Duration::from_secs(1)));
+        assert!(watch.quiet_for(limit, t1 + limit));
+    }
+}
