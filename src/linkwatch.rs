@@ -7,14 +7,14 @@
 //! batches larger than the loopback's backlog holds, and two probes crossing each other got one
 //! of them discarded as old (PAWS). Both ended live links, about ten a second.
 //!
-//! Instead the accepting side's mesh reads, every [`EVERY`] or so, how many segments its kernel has
+//! Instead the accepting side's mesh reads, every [`EVERY`], how many segments its kernel has
 //! received on each link it accepted (`TCP_INFO`'s `tcpi_segs_in`, which counts the other side's
 //! keepalive probes as they arrive, as well as its data and acknowledgements: TCP then discards a
-//! probe without noting the time, so nothing else tells that one came). A link on which nothing at all arrived for [`quiet_limit`] is
-//! ended as timed out, like a link the kernel ended. A link seen moving is not read at the next
-//! turn: at rest a probe comes about once a second, so most links are read once a second (one
-//! `getsockopt` each, about a microsecond and a half; no packet), and a cut is still noticed
-//! within a second and the limit of the last segment that crossed.
+//! probe without noting the time, so nothing else tells that one came). A link on which nothing
+//! at all arrived for [`quiet_limit`] is ended as timed out, like a link the kernel ended. A link
+//! seen moving is not read at the next turn: at rest a probe comes about once a second, so most
+//! links are read once a second (one `getsockopt` each, about 1.3 µs; no packet), and a cut is
+//! still noticed within the timeout plus half a second of the last segment that crossed.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -34,7 +34,7 @@ pub fn keepalive_idle(timeout: Duration) -> Duration {
 }
 
 /// How long nothing may arrive on an accepted link before it is ended: `--timeout` less one
-/// reading's interval, so that a cut is noticed within the timeout and a half of the last
+/// reading's interval, so that a cut is noticed within the timeout plus half a second of the last
 /// segment that crossed (it is seen moving up to a second late); but never less than the
 /// dialler's quiet time and one reading more, so that a link at rest, which hears a probe
 /// every [`keepalive_idle`], is never taken for cut. At the default timeout, one lost probe
