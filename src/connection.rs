@@ -25,7 +25,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use crate::frame::{self, Hello, Message};
 use crate::handshake::{Established, Handshake, HandshakeError, Local, Progress, Side};
 use crate::hook::Conditions;
-use crate::linkwatch::{self, SegmentWatch};
+use crate::linkwatch::{self, AcceptedLinks, SegmentWatch};
 use crate::neighbours::ConnId;
 use crate::noise::{Opener, Sealer};
 use crate::outbox::{Budget, Drain, Outbox, outbox};
@@ -136,6 +136,8 @@ pub struct Context {
     /// Bytes and frames that crossed this peer's connections, both ways.
     pub traffic: Arc<Traffic>,
     pub timeout: Duration,
+    /// How accepted links are watched for cuts (see crate::linkwatch).
+    pub accepted_links: AcceptedLinks,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
     /// The lab hook's link conditions (with `--lab` only).
@@ -368,31 +370,33 @@ const WRITE_BUFFER: usize = 1024;
 /// Lets the kernel watch a connection at rest, so that an idle link costs no wake-up of this
 /// process. On both sides the kernel ends the connection when what this side sent, data or
 /// probe, goes unacknowledged for `--timeout` (TCP_USER_TIMEOUT); the read then fails with
-/// ETIMEDOUT. On the dialling side it also probes the other side once the link has been quiet
-/// for [`linkwatch::keepalive_idle`], then once a second (TCP keepalive): a silent cut is
-/// noticed within the timeout. The accepting side sends no probes: it counts the segments
-/// that arrive, the dialler's probes among them ([`linkwatch`]), and returns the watch for the
-/// mesh to read. (A frozen process, whose kernel still answers, is the mesh's probes' business.)
+/// ETIMEDOUT. The dialling side's kernel also probes the other side once the link has been
+/// quiet for [`linkwatch::keepalive_idle`], then once a second (TCP keepalive): a silent cut
+/// is noticed within the timeout. The accepting side, when its links are
+/// [`AcceptedLinks::Counted`], sends no probes: it counts the segments that arrive, the
+/// dialler's probes among them, and returns the count for the mesh to read ([`linkwatch`]);
+/// otherwise, or if the count cannot be read, its kernel probes as the dialler's does. (A
+/// frozen process, whose kernel still answers, is the mesh's probes' business.)
 fn watch_in_the_kernel(stream: &TcpStream, side: Side, ctx: &Context) -> Option<SegmentWatch> {
     let socket = socket2::SockRef::from(stream);
-    let watched = match side {
-        Side::Dialer => {
-            let probes = ctx.timeout.as_secs() as u32 + 1;
-            let keepalive = socket2::TcpKeepalive::new()
-                .with_time(linkwatch::keepalive_idle(ctx.timeout))
-                .with_interval(Duration::from_secs(1))
-                .with_retries(probes);
-            socket.set_tcp_keepalive(&keepalive).map(|_| None)
-        }
-        Side::Acceptor => SegmentWatch::new(stream, Instant::now()).map(Some),
-    };
-    match socket.set_tcp_user_timeout(Some(ctx.timeout)).and(watched) {
-        Ok(watch) => watch,
-        Err(e) => {
-            tracing::debug!("cannot have the kernel watch a connection: {e}");
-            None
+    if let Err(e) = socket.set_tcp_user_timeout(Some(ctx.timeout)) {
+        tracing::debug!("cannot set a user timeout on a connection: {e}");
+    }
+    if side == Side::Acceptor && ctx.accepted_links == AcceptedLinks::Counted {
+        match SegmentWatch::new(stream, Instant::now()) {
+            Ok(watch) => return Some(watch),
+            Err(e) => tracing::debug!("cannot count a connection's segments; its kernel probes it instead: {e}"),
         }
     }
+    let probes = ctx.timeout.as_secs() as u32 + 1;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(linkwatch::keepalive_idle(ctx.timeout))
+        .with_interval(Duration::from_secs(1))
+        .with_retries(probes);
+    if let Err(e) = socket.set_tcp_keepalive(&keepalive) {
+        tracing::debug!("cannot set keepalive on a connection: {e}");
+    }
+    None
 }
 
 /// Drives the handshake state machine over the connection, under its deadline.

@@ -26,6 +26,52 @@ use tokio::time::Instant;
 /// How often the mesh reads the counts.
 pub const EVERY: Duration = Duration::from_millis(500);
 
+/// How the accepting side of a link watches it for cuts, chosen once per peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptedLinks {
+    /// Its mesh reads the count of segments received (see the module's doc).
+    Counted,
+    /// Its kernel probes too, as the dialling side's does: with a `--timeout` under two seconds,
+    /// which readings cannot keep while the dialler's probes come a second apart, or when the
+    /// open-file limit cannot hold a second descriptor for every link.
+    Probed,
+}
+
+impl AcceptedLinks {
+    pub fn choose(timeout: Duration, max_conns: u32, open_file_limit: u64) -> AcceptedLinks {
+        let descriptors = 2 * u64::from(max_conns) + 64;
+        if timeout >= Duration::from_secs(2) && open_file_limit >= descriptors {
+            AcceptedLinks::Counted
+        } else {
+            AcceptedLinks::Probed
+        }
+    }
+}
+
+/// This process's limit on open files (its soft limit).
+pub fn open_file_limit() -> u64 {
+    // SAFETY: getrlimit(2) writes into the struct we pass.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 0;
+    }
+    limit.rlim_cur
+}
+
+/// Raises this process's limit on open files to the most it may have (its hard limit): a peer
+/// with 512 links, counting the segments of those it accepted, needs over a thousand
+/// descriptors, and the usual soft limit is 1,024.
+pub fn raise_open_file_limit() {
+    // SAFETY: getrlimit(2) and setrlimit(2) on a struct we own.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 /// The dialling side's kernel probes a link quiet for this long (`--timeout` less two seconds, in
 /// whole seconds as the kernel counts them, at least one), then once a second: so at least two
 /// probes go out before the timeout, and one lost probe or answer does not end a live link.
@@ -100,6 +146,10 @@ fn segments_in(socket: &socket2::Socket) -> io::Result<u32> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    // Kernels before 4.2 do not fill it in.
+    if (len as usize) < std::mem::offset_of!(libc::tcp_info, tcpi_segs_in) + 4 {
+        return Err(io::Error::new(io::ErrorKind::Unsupported, "this kernel does not count segments received"));
+    }
     Ok(info.tcpi_segs_in)
 }
 
@@ -117,9 +167,19 @@ mod tests {
         assert_eq!(quiet_limit(s(3)), Duration::from_millis(2500));
         assert_eq!(keepalive_idle(s(10)), s(8));
         assert_eq!(quiet_limit(s(10)), Duration::from_millis(9500));
-        // Short timeouts (the lab's 2 s, and less): the dialler probes a second apart anyway.
+        // The lab's 2 s, the shortest counted (see AcceptedLinks): the dialler probes a second
+        // apart anyway.
         assert_eq!(quiet_limit(s(2)), Duration::from_millis(1500));
-        assert_eq!(quiet_limit(Duration::from_millis(500)), Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn accepted_links_are_counted_unless_the_timeout_or_the_descriptors_are_too_short() {
+        let s = Duration::from_secs;
+        assert_eq!(AcceptedLinks::choose(s(3), 512, 20_000), AcceptedLinks::Counted);
+        assert_eq!(AcceptedLinks::choose(s(2), 512, 20_000), AcceptedLinks::Counted);
+        assert_eq!(AcceptedLinks::choose(Duration::from_millis(1500), 512, 20_000), AcceptedLinks::Probed);
+        assert_eq!(AcceptedLinks::choose(s(3), 512, 1024), AcceptedLinks::Probed);
+        assert_eq!(AcceptedLinks::choose(s(3), 256, 1024), AcceptedLinks::Counted);
     }
 
     #[tokio::test]

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         Cli::command().error(clap::error::ErrorKind::InvalidValue, format!("{why:#}")).exit();
     }
     meshlab::init_logging();
+    meshlab::linkwatch::raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     // The peer runs as a task of the runtime rather than as the future `block_on` polls: a task
     // woken by another task on the same thread is simply queued, while waking `block_on`'s

@@ -32,7 +32,7 @@ use crate::hook::{self, Hook};
 use crate::id::{PeerId, random_u64};
 use crate::identity::{Domain, Identity};
 use crate::known::Known;
-use crate::linkwatch;
+use crate::linkwatch::{self, AcceptedLinks};
 use crate::neighbours::{Admission, ConnId, Link, Neighbour, Table};
 use crate::outbox::Budget;
 use crate::output::{DownReason, Event, HELP, Output, Sink, msg_id};
@@ -184,6 +184,7 @@ impl Mesh {
             half_open: Default::default(),
             traffic: Default::default(),
             timeout: cfg.timeout,
+            accepted_links: AcceptedLinks::choose(cfg.timeout, cfg.max_conns, linkwatch::open_file_limit()),
             handshake_timeout: cfg.handshake_timeout,
             connect_timeout: cfg.connect_timeout,
             conditions: hook.as_ref().map(Hook::conditions),
@@ -293,7 +294,9 @@ impl Mesh {
                 accepted = self.listener.accept(), if accepting => self.on_accept(accepted),
                 _ = sync.tick() => self.on_tick(),
                 _ = probe.tick() => self.on_probe_tick(Instant::now()),
-                _ = watch.tick() => self.end_quiet_links(Instant::now()),
+                // The tick's own time, not the handler's: readings then lie exactly half a
+                // second apart, and a limit of whole readings is not missed by a microsecond.
+                at = watch.tick() => self.end_quiet_links(at),
                 _ = sleep_until(wake) => {}
                 _ = &mut self.shutdown => break,
             }
@@ -879,10 +882,11 @@ impl Mesh {
         if !self.beats.is_multiple_of(every) {
             return;
         }
-        // Only links quiet for the timeout and a second more: the kernel watches every link
-        // for cuts (see crate::connection) and has already ended one cut that long ago (its
-        // timers run a little late), while a probe sent into a link cut moments ago would hold
-        // the kernel's verdict back until the probe itself timed out (twice the timeout).
+        // Only links quiet for the timeout and a second more: every link is watched for cuts
+        // (the kernel's probes, or on an accepted link its count of segments, see
+        // crate::linkwatch), which has ended one cut that long ago, while a probe sent into a
+        // link cut moments ago would hold that verdict back until the probe itself timed out
+        // (twice the timeout).
         let quiet_for = self.cfg.timeout + Duration::from_secs(1);
         let quietest = self
             .table
