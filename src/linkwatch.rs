@@ -48,27 +48,26 @@ impl AcceptedLinks {
     }
 }
 
-/// This process's limit on open files (its soft limit).
-pub fn open_file_limit() -> u64 {
+/// This process's limits on open files (soft and hard), if they can be read.
+fn open_files() -> Option<libc::rlimit> {
     // SAFETY: getrlimit(2) writes into the struct we pass.
     let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return 0;
-    }
-    limit.rlim_cur
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit)
+}
+
+/// This process's limit on open files (its soft limit).
+pub fn open_file_limit() -> u64 {
+    open_files().map_or(0, |limit| limit.rlim_cur)
 }
 
 /// Raises this process's limit on open files to the most it may have (its hard limit): a peer
 /// with 512 links, counting the segments of those it accepted, needs over a thousand
 /// descriptors, and the usual soft limit is 1,024.
 pub fn raise_open_file_limit() {
-    // SAFETY: getrlimit(2) and setrlimit(2) on a struct we own.
-    unsafe {
-        let mut limit: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
+    if let Some(mut limit) = open_files().filter(|l| l.rlim_cur < l.rlim_max) {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit(2) with a struct we own.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
     }
 }
 
