@@ -1,6 +1,7 @@
 //! The scale benchmark: `cargo bench --bench scale` (or scripts/bench-scale), one row for each
 //! of N = 32, 64, 128 and 256 peers (MESHLAB_SCALE_NS="32 64" picks others), each peer on its
-//! own loopback address with the peer's default flags, all started together through one seed.
+//! own loopback address with the peer's default flags (MESHLAB_BENCH_TIMING="--timeout 10s"
+//! changes timings), all started together through one seed.
 //!
 //! Columns: full mesh after the last peer listens; dials per pair (all peers' `/stats`); one line
 //! at a time to all others, p50 and p99 over every showing; bytes on the wire per delivered line
@@ -139,6 +140,9 @@ async fn main() {
         .map(|v| v.split_whitespace().filter_map(|n| n.parse().ok()).collect())
         .unwrap_or_else(|_| vec![32, 64, 128, 256]);
     println!("peer binary {}", support::bench_peer());
+    if let Ok(timing) = std::env::var("MESHLAB_BENCH_TIMING") {
+        println!("peer timing flags {timing}");
+    }
     println!(
         "| peers | full mesh after the last listens | dials per pair | one line to all others, p50 / p99 | bytes on the wire per delivered line (steady chat) | 10,000-line burst to all others | whole mesh at rest, CPU of one core: the peers (the host, kernel included, less its own) | links re-formed at rest, a second | RSS per peer, median / max |"
     );

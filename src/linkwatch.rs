@@ -7,14 +7,19 @@
 //! batches larger than the loopback's backlog holds, and two probes crossing each other got one
 //! of them discarded as old (PAWS). Both ended live links, about ten a second.
 //!
-//! Instead the accepting side's mesh reads, every [`EVERY`], how many segments its kernel has
+//! Instead the accepting side's mesh reads, every turn, how many segments its kernel has
 //! received on each link it accepted (`TCP_INFO`'s `tcpi_segs_in`, which counts the other side's
 //! keepalive probes as they arrive, as well as its data and acknowledgements: TCP then discards a
 //! probe without noting the time, so nothing else tells that one came). A link on which nothing
-//! at all arrived for [`quiet_limit`] is ended as timed out, like a link the kernel ended. A link
-//! seen moving is not read at the next turn: at rest a probe comes about once a second, so most
-//! links are read once a second (one `getsockopt` each, about 1.3 µs; no packet), and a cut is
-//! still noticed within the timeout plus half a second of the last segment that crossed.
+//! at all arrived for the quiet limit is ended as timed out, like a link the kernel ended. A link
+//! seen moving is not read at the next turn. One reading is one `getsockopt`, about 1.3 µs and
+//! no packet.
+//!
+//! Both the dialler's probes and the readings are spaced by `--timeout` (see [`Cadence`]): at the
+//! default 3 s a probe comes about once a second and most links are read once a second; a longer
+//! timeout makes both rarer, so a mesh at rest costs less. Either way a cut is noticed within the
+//! timeout plus half a second of the last segment that crossed, and one lost probe does not end a
+//! live link.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -23,8 +28,14 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// How often the mesh reads the counts.
-pub const EVERY: Duration = Duration::from_millis(500);
+/// The readings' turn is a whole number of these.
+const HALF_SECOND: Duration = Duration::from_millis(500);
+
+/// Reading a link more seldom than this saves nothing worth having.
+const LONGEST_TURN: Duration = Duration::from_secs(30);
+
+/// Room left for the dialler's timers, which fire late by up to tens of milliseconds.
+const LATE_TIMERS: Duration = Duration::from_millis(250);
 
 /// How the accepting side of a link watches it for cuts, chosen once per peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,21 +82,43 @@ pub fn raise_open_file_limit() {
     }
 }
 
-/// The dialling side's kernel probes a link quiet for this long (`--timeout` less two seconds, in
-/// whole seconds as the kernel counts them, at least one), then once a second: so at least two
-/// probes go out before the timeout, and one lost probe or answer does not end a live link.
+/// The dialling side's kernel probes a link quiet for this long, then once a second until it
+/// hears back: `--timeout` less two seconds, but at most half of it, in whole seconds as the
+/// kernel counts them, at least one. So at least two probes go out before the timeout when it is
+/// 3 s or more, and one lost probe or answer does not end a live link.
 pub fn keepalive_idle(timeout: Duration) -> Duration {
-    Duration::from_secs(timeout.saturating_sub(Duration::from_secs(2)).as_secs().max(1))
+    let quiet = timeout.saturating_sub(Duration::from_secs(2)).min(timeout / 2);
+    Duration::from_secs(quiet.as_secs().max(1))
 }
 
-/// How long nothing may arrive on an accepted link before it is ended: `--timeout` less one
-/// reading's interval, so that a cut is noticed within the timeout plus half a second of the last
-/// segment that crossed (it is seen moving up to a second late); but never less than the
-/// dialler's quiet time and one reading more, so that a link at rest, which hears a probe
-/// every [`keepalive_idle`], is never taken for cut. At the default timeout, one lost probe
-/// (two seconds between probes) does not end a link either, as it does not on the dialling side.
-pub fn quiet_limit(timeout: Duration) -> Duration {
-    timeout.saturating_sub(EVERY).max(keepalive_idle(timeout) + EVERY)
+/// How often the accepting side reads its links' counts, and how long nothing may arrive on one
+/// before it is ended, for a given `--timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cadence {
+    pub turn: Duration,
+    pub quiet_limit: Duration,
+}
+
+impl Cadence {
+    /// The longest turn, in half seconds, with a quiet limit that is a whole number of turns and
+    /// - outlasts one lost probe: the dialler's [`keepalive_idle`], a second until its next probe,
+    ///   and room for late timers;
+    /// - still ends a cut link within the timeout plus half a second of the last segment that
+    ///   crossed, which is seen up to two turns late (the turn after a move is passed).
+    ///
+    /// Under 3 s of timeout no limit does both: the turn is half a second and the limit keeps
+    /// the second (a probe lost then ends the link, as it does on the dialling side).
+    pub fn of(timeout: Duration) -> Cadence {
+        let outlast = keepalive_idle(timeout) + Duration::from_secs(1) + LATE_TIMERS;
+        let within = timeout + HALF_SECOND;
+        let with_turn = |halves: u32| {
+            let turn = HALF_SECOND * halves;
+            let room = within.saturating_sub(2 * turn);
+            Cadence { turn, quiet_limit: turn * (room.as_nanos() / turn.as_nanos()) as u32 }
+        };
+        let most = (within.min(LONGEST_TURN * 3).as_millis() / (3 * HALF_SECOND.as_millis())) as u32;
+        (1..=most).rev().map(with_turn).find(|c| c.quiet_limit >= outlast).unwrap_or_else(|| with_turn(1))
+    }
 }
 
 /// One accepted link's count of received segments, as last read.
@@ -158,17 +191,52 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
-    fn the_limit_leaves_a_probe_room_and_keeps_within_the_timeout() {
+    fn the_default_cadence_reads_twice_a_second_and_leaves_a_probe_room() {
         let s = Duration::from_secs;
+        let ms = Duration::from_millis;
         // Default: probes a second apart after one second of quiet; one lost probe leaves a gap
         // of two seconds, which must not end the link.
         assert_eq!(keepalive_idle(s(3)), s(1));
-        assert_eq!(quiet_limit(s(3)), Duration::from_millis(2500));
-        assert_eq!(keepalive_idle(s(10)), s(8));
-        assert_eq!(quiet_limit(s(10)), Duration::from_millis(9500));
+        assert_eq!(Cadence::of(s(3)), Cadence { turn: ms(500), quiet_limit: ms(2500) });
+        assert_eq!(keepalive_idle(s(4)), s(2));
+        assert_eq!(Cadence::of(s(4)), Cadence { turn: ms(500), quiet_limit: ms(3500) });
         // The lab's 2 s, the shortest counted (see AcceptedLinks): the dialler probes a second
         // apart anyway.
-        assert_eq!(quiet_limit(s(2)), Duration::from_millis(1500));
+        assert_eq!(keepalive_idle(s(2)), s(1));
+        assert_eq!(Cadence::of(s(2)), Cadence { turn: ms(500), quiet_limit: ms(1500) });
+    }
+
+    #[test]
+    fn a_longer_timeout_probes_and_reads_more_seldom() {
+        let s = Duration::from_secs;
+        assert_eq!(keepalive_idle(s(10)), s(5));
+        assert_eq!(
+            Cadence::of(s(10)),
+            Cadence { turn: Duration::from_millis(1500), quiet_limit: Duration::from_millis(7500) }
+        );
+        assert_eq!(keepalive_idle(s(3600)), s(1800));
+        assert_eq!(Cadence::of(s(3600)).turn, LONGEST_TURN);
+        // The idle time grows in whole seconds, so the turn does not grow at every step, but a
+        // timeout twice as long never reads more often.
+        for t in (30..=600).map(|tenths| Duration::from_millis(100 * tenths)) {
+            let (once, twice) = (Cadence::of(t), Cadence::of(2 * t));
+            assert!(twice.turn >= once.turn, "{t:?}: {once:?}, twice as long: {twice:?}");
+        }
+    }
+
+    #[test]
+    fn every_cadence_keeps_the_promise_and_outlasts_a_lost_probe() {
+        for t in (20..=3000).map(|tenths| Duration::from_millis(100 * tenths)) {
+            let c = Cadence::of(t);
+            assert!(c.turn >= HALF_SECOND && c.turn.as_millis().is_multiple_of(500), "{t:?}: {c:?}");
+            assert!(c.quiet_limit.as_nanos().is_multiple_of(c.turn.as_nanos()), "{t:?}: {c:?} ends between turns");
+            // The last segment that crossed is seen up to two turns late.
+            assert!(c.quiet_limit + 2 * c.turn <= t + HALF_SECOND, "{t:?}: {c:?} is too slow");
+            if t >= Duration::from_secs(3) {
+                let gap = keepalive_idle(t) + Duration::from_secs(1) + LATE_TIMERS;
+                assert!(c.quiet_limit >= gap, "{t:?}: {c:?} ends a link that lost one probe");
+            }
+        }
     }
 
     #[test]

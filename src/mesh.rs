@@ -256,7 +256,7 @@ impl Mesh {
         let mut sync = tokio::time::interval(self.cfg.sync_interval);
         let mut probe = tokio::time::interval(self.cfg.heartbeat);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut watch = tokio::time::interval(linkwatch::EVERY);
+        let mut watch = tokio::time::interval(linkwatch::Cadence::of(self.cfg.timeout).turn);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.dial_due();
@@ -934,7 +934,7 @@ impl Mesh {
     /// Ends the accepted links on which nothing arrived for the timeout (less a reading), as the
     /// kernel ends a dialled link whose probes go unanswered: a silent cut (see crate::linkwatch).
     fn end_quiet_links(&mut self, now: Instant) {
-        let limit = linkwatch::quiet_limit(self.cfg.timeout);
+        let limit = linkwatch::Cadence::of(self.cfg.timeout).quiet_limit;
         let quiet: Vec<ConnId> = self
             .table
             .iter_mut()

@@ -133,6 +133,31 @@ async fn netns_cuts_are_real_packet_drops() {
     assert_eq!(leftovers(), "");
 }
 
+/// A longer `--timeout` spaces the dialler's probes (5 s of quiet at 7 s) and the accepting
+/// side's readings (every 1.5 s, see meshlab::linkwatch::Cadence): a cut is still noticed by both
+/// sides within the timeout and a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netns_cut_at_a_long_timeout_is_noticed_within_it_and_a_second() {
+    use std::time::Duration;
+    let _serial = support::exclusive();
+    if !support::netns("netns_cut_at_a_long_timeout_is_noticed_within_it_and_a_second") {
+        return;
+    }
+    let mut lab = netns_lab(PEER);
+    lab.common_flags = vec!["--timeout".into(), "7s".into()];
+    lab.start(&["a"], &[], &[]).await.unwrap();
+    lab.start(&["b"], &["a"], &[]).await.unwrap();
+    lab.await_mesh(None, Duration::from_secs(10)).await.unwrap();
+    lab.cut("a", "b", false).await.unwrap();
+    // The timeout and a second, and a second to spare.
+    lab.await_mesh(None, Duration::from_secs(9)).await.unwrap();
+    let downs: Vec<String> =
+        lab.world().timeline.iter().filter(|m| m.kind == "down").map(|m| m.detail.clone()).collect();
+    assert!(downs.contains(&"b (timeout)".to_string()) && downs.contains(&"a (timeout)".to_string()), "{downs:?}");
+    lab.shutdown().await;
+    assert_eq!(leftovers(), "");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn netns_leaves_nothing_behind_after_a_failed_check_or_a_panic() {
     let _serial = support::exclusive();

@@ -243,10 +243,13 @@ pub fn bench_peer() -> String {
 
 /// A lab for benchmarks: the peer binary under test (`bench_peer`), run with the peer's own
 /// default timings instead of the lab's faster ones, which would flatter the figures. The
-/// defaults are read from the peer's command-line definition, so they cannot drift from it.
+/// defaults are read from the peer's command-line definition, so they cannot drift from it;
+/// MESHLAB_BENCH_TIMING overrides some of them (`--timeout 10s`, say).
 pub fn bench_lab() -> meshlab_lab::Lab<meshlab_lab::backend::process::ProcessBackend> {
     use clap::Parser;
-    let c = meshlab::config::Cli::try_parse_from(["peer"]).expect("the defaults parse").config;
+    let timing = std::env::var("MESHLAB_BENCH_TIMING").unwrap_or_default();
+    let args = std::iter::once("peer").chain(timing.split_whitespace());
+    let c = meshlab::config::Cli::try_parse_from(args).expect("MESHLAB_BENCH_TIMING holds peer timing flags").config;
     let defaults = [
         ("--heartbeat", c.heartbeat),
         ("--timeout", c.timeout),
