@@ -68,6 +68,9 @@ pub struct Config {
     pub heartbeat: Duration,
 
     /// A neighbour silent for this long is dropped.
+    ///
+    /// A silent cut is noticed within it and a second. A longer timeout probes and checks each
+    /// link less often, so that a large mesh at rest costs less.
     #[arg(help_heading = "Timing", long, default_value = "3s", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 
