@@ -329,24 +329,32 @@ impl Drop for Reaped {
     }
 }
 
+/// Peers a, b and c (b and c joined through a); the link between a and b cut by packet filters,
+/// with no word to either: both sides notice `within` (the dialling side's kernel probes, the
+/// accepting side counts what arrives, see meshlab::linkwatch) and end the link as timed out.
+pub async fn cut_is_noticed_by_both_sides<B: meshlab_lab::backend::Backend>(
+    lab: &mut meshlab_lab::Lab<B>,
+    within: std::time::Duration,
+) {
+    lab.start(&["a"], &[], &[]).await.unwrap();
+    lab.start(&["b", "c"], &["a"], &[]).await.unwrap();
+    lab.await_mesh(None, std::time::Duration::from_secs(10)).await.unwrap();
+    lab.cut("a", "b", false).await.unwrap();
+    lab.await_mesh(None, within).await.unwrap();
+    let downs: Vec<String> =
+        lab.world().timeline.iter().filter(|m| m.kind == "down").map(|m| m.detail.clone()).collect();
+    assert!(downs.contains(&"b (timeout)".to_string()) && downs.contains(&"a (timeout)".to_string()), "{downs:?}");
+    assert!(lab.world().timeline.iter().all(|m| m.kind != "hook"), "no peer was told of the cut");
+}
+
 /// On a backend whose cuts are packet filters: a cut link goes quiet and each side times it out
 /// (no peer is told of the cut, as after a pulled cable); chat goes around the cut through a
 /// third peer, and a heal brings the link back. Shuts the lab down.
 pub async fn cuts_are_real_packet_drops<B: meshlab_lab::backend::Backend>(lab: &mut meshlab_lab::Lab<B>) {
     use std::time::Duration;
-    lab.start(&["a"], &[], &[]).await.unwrap();
-    lab.start(&["b", "c"], &["a"], &[]).await.unwrap();
-    lab.await_mesh(None, Duration::from_secs(5)).await.unwrap();
-    lab.cut("a", "b", false).await.unwrap();
-    // Both sides notice within the timeout (the lab's 2 s) and a second, and a second to spare:
-    // the dialling side's kernel probes, the accepting side counts what arrives (see
-    // meshlab::linkwatch). The probes of a frozen peer would take longer (a probe after 3 s
-    // of quiet, then 2 s for its answer).
-    lab.await_mesh(None, Duration::from_secs(4)).await.unwrap();
-    let downs: Vec<String> =
-        lab.world().timeline.iter().filter(|m| m.kind == "down").map(|m| m.detail.clone()).collect();
-    assert!(downs.contains(&"b (timeout)".to_string()) && downs.contains(&"a (timeout)".to_string()), "{downs:?}");
-    assert!(lab.world().timeline.iter().all(|m| m.kind != "hook"), "no peer was told of the cut");
+    // Within the timeout (the lab's 2 s) and a second, and a second to spare. The probes of a
+    // frozen peer would take longer (a probe after 3 s of quiet, then 2 s for its answer).
+    cut_is_noticed_by_both_sides(lab, Duration::from_secs(4)).await;
     lab.say("a", "around the cut, through c").await.unwrap();
     lab.await_delivery(Duration::from_secs(5)).await.unwrap();
     lab.heal(None).await.unwrap();
