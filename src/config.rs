@@ -69,8 +69,8 @@ pub struct Config {
 
     /// A neighbour silent for this long is dropped.
     ///
-    /// A silent cut is noticed within it and a second. A longer timeout probes and checks each
-    /// link less often, so that a large mesh at rest costs less.
+    /// A silent cut is noticed within it and a second (for a timeout of whole seconds). A longer
+    /// timeout probes and checks each link less often, so that a large mesh at rest costs less.
     #[arg(help_heading = "Timing", long, default_value = "3s", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 
@@ -166,6 +166,12 @@ impl Config {
                 humantime::format_duration(self.timeout),
                 humantime::format_duration(self.heartbeat)
             ));
+        }
+        // TCP_USER_TIMEOUT is an int of milliseconds: the kernel would refuse more, and the
+        // links would fall back to its default of about 15 minutes.
+        let longest = Duration::from_secs(24 * 86_400);
+        if self.timeout > longest {
+            return Err("--timeout must be at most 24 days (the kernel's TCP_USER_TIMEOUT holds no more)".into());
         }
         let positive = [
             ("--heartbeat", self.heartbeat),

@@ -388,7 +388,9 @@ fn watch_in_the_kernel(stream: &TcpStream, side: Side, ctx: &Context) -> Option<
             Err(e) => tracing::debug!("cannot count a connection's segments; its kernel probes it instead: {e}"),
         }
     }
-    let probes = ctx.timeout.as_secs() as u32 + 1;
+    // Past the first probe TCP_USER_TIMEOUT ends the link; the count only has to be larger (the
+    // kernel takes at most 127).
+    let probes = (ctx.timeout.as_secs() + 1).min(127) as u32;
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(linkwatch::keepalive_idle(ctx.timeout))
         .with_interval(Duration::from_secs(1))

@@ -34,8 +34,12 @@ const HALF_SECOND: Duration = Duration::from_millis(500);
 /// Reading a link more seldom than this saves nothing worth having.
 const LONGEST_TURN: Duration = Duration::from_secs(30);
 
-/// Room left for the dialler's timers, which fire late by up to tens of milliseconds.
-const LATE_TIMERS: Duration = Duration::from_millis(250);
+/// The longest keepalive time the kernel takes (`TCP_KEEPIDLE`, in seconds).
+const LONGEST_KEEPALIVE_IDLE: u64 = 32_767;
+
+/// How long the accepting side's kernel may hold back its acknowledgement of a segment (its
+/// delayed ACK): the dialler's keepalive time starts when that arrives.
+const DELAYED_ACK: Duration = Duration::from_millis(200);
 
 /// How the accepting side of a link watches it for cuts, chosen once per peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,11 +88,21 @@ pub fn raise_open_file_limit() {
 
 /// The dialling side's kernel probes a link quiet for this long, then once a second until it
 /// hears back: `--timeout` less two seconds, but at most half of it, in whole seconds as the
-/// kernel counts them, at least one. So at least two probes go out before the timeout when it is
-/// 3 s or more, and one lost probe or answer does not end a live link.
+/// kernel counts them (at least one, at most the kernel's 32,767). So from a timeout of 3 s on,
+/// at least two probes go out before the timeout, and one lost probe or answer does not end a
+/// live link.
 pub fn keepalive_idle(timeout: Duration) -> Duration {
     let quiet = timeout.saturating_sub(Duration::from_secs(2)).min(timeout / 2);
-    Duration::from_secs(quiet.as_secs().max(1))
+    Duration::from_secs(quiet.as_secs().clamp(1, LONGEST_KEEPALIVE_IDLE))
+}
+
+/// The longest the accepting side may hear nothing from a live dialler at rest that lost one
+/// probe: its acknowledgement of the last segment held back ([`DELAYED_ACK`]), the dialler's
+/// keepalive time, and a second until the next probe, each wait fired up to an eighth of it late
+/// (the kernel's timer wheel rounds a timer up to its level's granularity, at most an eighth).
+fn lost_probe_gap(timeout: Duration) -> Duration {
+    let late = |wait: Duration| wait + wait / 8;
+    DELAYED_ACK + late(keepalive_idle(timeout)) + late(Duration::from_secs(1))
 }
 
 /// How often the accepting side reads its links' counts, and how long nothing may arrive on one
@@ -101,20 +115,20 @@ pub struct Cadence {
 
 impl Cadence {
     /// The longest turn, in half seconds, with a quiet limit that is a whole number of turns and
-    /// - outlasts one lost probe: the dialler's [`keepalive_idle`], a second until its next probe,
-    ///   and room for late timers;
+    /// - outlasts a dialler's probe lost at rest ([`lost_probe_gap`]);
     /// - still ends a cut link within the timeout plus half a second of the last segment that
     ///   crossed, which is seen up to two turns late (the turn after a move is passed).
     ///
-    /// Under 3 s of timeout no limit does both: the turn is half a second and the limit keeps
-    /// the second (a probe lost then ends the link, as it does on the dialling side).
+    /// Where no limit does both (under 3 s, and from 4 s to 4.5 s with timers at their
+    /// latest), the turn is half a second and the limit the longest that keeps the promise.
     pub fn of(timeout: Duration) -> Cadence {
-        let outlast = keepalive_idle(timeout) + Duration::from_secs(1) + LATE_TIMERS;
-        let within = timeout + HALF_SECOND;
+        let outlast = lost_probe_gap(timeout);
+        let within = timeout.saturating_add(HALF_SECOND);
         let with_turn = |halves: u32| {
             let turn = HALF_SECOND * halves;
             let room = within.saturating_sub(2 * turn);
-            Cadence { turn, quiet_limit: turn * (room.as_nanos() / turn.as_nanos()) as u32 }
+            let turns = (room.as_nanos() / turn.as_nanos()).min(u128::from(u32::MAX)) as u32;
+            Cadence { turn, quiet_limit: turn.saturating_mul(turns) }
         };
         let most = (within.min(LONGEST_TURN * 3).as_millis() / (3 * HALF_SECOND.as_millis())) as u32;
         (1..=most).rev().map(with_turn).find(|c| c.quiet_limit >= outlast).unwrap_or_else(|| with_turn(1))
@@ -226,17 +240,34 @@ mod tests {
 
     #[test]
     fn every_cadence_keeps_the_promise_and_outlasts_a_lost_probe() {
-        for t in (20..=3000).map(|tenths| Duration::from_millis(100 * tenths)) {
+        let ms = Duration::from_millis;
+        // The kernel, written out apart from the code: a wait fires up to an eighth of it late,
+        // the last segment's acknowledgement may be held 200 ms, and after a lost probe the
+        // next one comes a second later.
+        let gap = |t: Duration| {
+            let idle = keepalive_idle(t).as_secs_f64();
+            Duration::from_secs_f64(0.2 + idle * 1.125 + 1.125)
+        };
+        for t in (20..=3000).map(|tenths| ms(100 * tenths)) {
             let c = Cadence::of(t);
             assert!(c.turn >= HALF_SECOND && c.turn.as_millis().is_multiple_of(500), "{t:?}: {c:?}");
             assert!(c.quiet_limit.as_nanos().is_multiple_of(c.turn.as_nanos()), "{t:?}: {c:?} ends between turns");
+            assert!(c.quiet_limit >= 2 * c.turn, "{t:?}: {c:?}");
             // The last segment that crossed is seen up to two turns late.
             assert!(c.quiet_limit + 2 * c.turn <= t + HALF_SECOND, "{t:?}: {c:?} is too slow");
-            if t >= Duration::from_secs(3) {
-                let gap = keepalive_idle(t) + Duration::from_secs(1) + LATE_TIMERS;
-                assert!(c.quiet_limit >= gap, "{t:?}: {c:?} ends a link that lost one probe");
-            }
+            let no_room = t < ms(3000) || (ms(4000)..ms(4500)).contains(&t);
+            assert!(no_room || c.quiet_limit >= gap(t), "{t:?}: {c:?} ends a link that lost one probe");
         }
+        // A probe lost after 6 s of quiet comes again 8.1 s after the last segment at worst.
+        assert!(Cadence::of(Duration::from_secs(12)).quiet_limit >= ms(8100));
+    }
+
+    #[test]
+    fn absurd_timeouts_neither_panic_nor_wrap() {
+        assert_eq!(keepalive_idle(Duration::MAX), Duration::from_secs(32_767));
+        let c = Cadence::of(Duration::MAX);
+        assert_eq!(c.turn, LONGEST_TURN);
+        assert!(c.quiet_limit > Duration::from_secs(100 * 365 * 86_400), "longer than a century: {c:?}");
     }
 
     #[test]

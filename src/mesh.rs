@@ -294,8 +294,8 @@ impl Mesh {
                 accepted = self.listener.accept(), if accepting => self.on_accept(accepted),
                 _ = sync.tick() => self.on_tick(),
                 _ = probe.tick() => self.on_probe_tick(Instant::now()),
-                // The tick's own time, not the handler's: readings then lie exactly half a
-                // second apart, and a limit of whole readings is not missed by a microsecond.
+                // The tick's own time, not the handler's: readings then lie exactly a turn
+                // apart, and a limit of whole turns is not missed by a microsecond.
                 at = watch.tick() => self.end_quiet_links(at),
                 _ = sleep_until(wake) => {}
                 _ = &mut self.shutdown => break,
@@ -931,8 +931,8 @@ impl Mesh {
         self.probe_due = self.table.iter().filter_map(|n| n.probe).min().map(|t| t + within);
     }
 
-    /// Ends the accepted links on which nothing arrived for the timeout (less a reading), as the
-    /// kernel ends a dialled link whose probes go unanswered: a silent cut (see crate::linkwatch).
+    /// Ends the accepted links on which nothing arrived for their quiet limit, as the kernel ends
+    /// a dialled link whose probes go unanswered: a silent cut (see crate::linkwatch::Cadence).
     fn end_quiet_links(&mut self, now: Instant) {
         let limit = linkwatch::Cadence::of(self.cfg.timeout).quiet_limit;
         let quiet: Vec<ConnId> = self

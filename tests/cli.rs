@@ -98,6 +98,7 @@ fn bad_arguments_exit_2_with_a_clear_message() {
         (&["no-port-here"], "expected host:port"),
         (&["host:0"], "bad port"),
         (&["--heartbeat", "2s", "--timeout", "1s"], "--timeout (1s) must be longer than --heartbeat (2s)"),
+        (&["--timeout", "25days"], "--timeout must be at most 24 days"),
         (&["--lab-cut", "x"], "--lab"),
         (&["--lab", "--lab-cut", "x:sideways"], "sideways"),
         (&["--history-bytes", "100"], "--history-bytes must be at least 8192"),

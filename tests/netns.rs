@@ -133,9 +133,10 @@ async fn netns_cuts_are_real_packet_drops() {
     assert_eq!(leftovers(), "");
 }
 
-/// A longer `--timeout` spaces the dialler's probes (5 s of quiet at 7 s) and the accepting
-/// side's readings (every 1.5 s, see meshlab::linkwatch::Cadence): a cut is still noticed by both
-/// sides within the timeout and a second.
+/// A longer `--timeout` spaces the dialler's probes (after 3 s of quiet at 7 s) and the accepting
+/// side's readings (every second, see meshlab::linkwatch::Cadence): a cut is still noticed by
+/// both sides within the timeout and a second, and a live link at rest, probed every 3 s, is
+/// not taken for cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn netns_cut_at_a_long_timeout_is_noticed_within_it_and_a_second() {
     use std::time::Duration;
@@ -145,8 +146,8 @@ async fn netns_cut_at_a_long_timeout_is_noticed_within_it_and_a_second() {
     }
     let mut lab = netns_lab(PEER);
     lab.common_flags = vec!["--timeout".into(), "7s".into()];
-    // The timeout and a second, and a second to spare.
-    support::cut_is_noticed_by_both_sides(&mut lab, Duration::from_secs(9)).await;
+    // At rest for three probes; then the timeout and a second, and a second to spare.
+    support::cut_is_noticed_by_both_sides(&mut lab, Duration::from_secs(10), Duration::from_secs(9)).await;
     lab.shutdown().await;
     assert_eq!(leftovers(), "");
 }

@@ -329,16 +329,23 @@ impl Drop for Reaped {
     }
 }
 
-/// Peers a, b and c (b and c joined through a); the link between a and b cut by packet filters,
-/// with no word to either: both sides notice `within` (the dialling side's kernel probes, the
-/// accepting side counts what arrives, see meshlab::linkwatch) and end the link as timed out.
+/// Peers a, b and c (b and c joined through a), at rest for `rest` with no link lost; then the
+/// link between a and b cut by packet filters, with no word to either: both sides notice
+/// `within` (the dialling side's kernel probes, the accepting side counts what arrives, see
+/// meshlab::linkwatch) and end the link as timed out.
 pub async fn cut_is_noticed_by_both_sides<B: meshlab_lab::backend::Backend>(
     lab: &mut meshlab_lab::Lab<B>,
+    rest: std::time::Duration,
     within: std::time::Duration,
 ) {
     lab.start(&["a"], &[], &[]).await.unwrap();
     lab.start(&["b", "c"], &["a"], &[]).await.unwrap();
     lab.await_mesh(None, std::time::Duration::from_secs(10)).await.unwrap();
+    if !rest.is_zero() {
+        lab.sleep(rest).await.unwrap();
+        let lost: Vec<_> = lab.world().timeline.iter().filter(|m| m.kind == "down").collect();
+        assert!(lost.is_empty(), "links lost at rest: {lost:?}");
+    }
     lab.cut("a", "b", false).await.unwrap();
     lab.await_mesh(None, within).await.unwrap();
     let downs: Vec<String> =
@@ -354,7 +361,7 @@ pub async fn cuts_are_real_packet_drops<B: meshlab_lab::backend::Backend>(lab: &
     use std::time::Duration;
     // Within the timeout (the lab's 2 s) and a second, and a second to spare. The probes of a
     // frozen peer would take longer (a probe after 3 s of quiet, then 2 s for its answer).
-    cut_is_noticed_by_both_sides(lab, Duration::from_secs(4)).await;
+    cut_is_noticed_by_both_sides(lab, Duration::ZERO, Duration::from_secs(4)).await;
     lab.say("a", "around the cut, through c").await.unwrap();
     lab.await_delivery(Duration::from_secs(5)).await.unwrap();
     lab.heal(None).await.unwrap();
