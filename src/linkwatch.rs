@@ -18,8 +18,8 @@
 //! Both the dialler's probes and the readings are spaced by `--timeout` (see [`Cadence`]): at the
 //! default 3 s a probe comes about once a second and most links are read once a second; a longer
 //! timeout makes both rarer, so a mesh at rest costs less. Either way a cut is noticed within the
-//! timeout plus half a second of the last segment that crossed, and one lost probe does not end a
-//! live link.
+//! timeout plus half a second of the last segment that crossed, and from 3 s on one lost probe
+//! does not end a live link (but for the few timeouts [`Cadence::of`] names).
 
 use std::io;
 use std::os::fd::AsRawFd;
