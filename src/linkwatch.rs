@@ -115,7 +115,7 @@ pub struct Cadence {
 
 impl Cadence {
     /// The longest turn, in half seconds, with a quiet limit that is a whole number of turns and
-    /// - outlasts a dialler's probe lost at rest ([`lost_probe_gap`]);
+    /// - outlasts a dialler's probe lost at rest (see `lost_probe_gap`);
     /// - still ends a cut link within the timeout plus half a second of the last segment that
     ///   crossed, which is seen up to two turns late (the turn after a move is passed).
     ///
