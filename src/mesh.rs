@@ -130,6 +130,9 @@ struct Mesh {
     rota: usize,
     /// Probe ticks so far (the probe rota's pace, see `on_probe_tick`).
     beats: u64,
+    /// How often accepted links' counts are read, and how long one may stay quiet; none when
+    /// their kernels probe them instead (see crate::linkwatch).
+    link_cadence: Option<linkwatch::Cadence>,
     stats: Stats,
     /// Bytes of catch-up this peer may still make, for all neighbours together: neighbours that
     /// ask for everything and never read cannot keep its one thread encoding.
@@ -176,6 +179,7 @@ impl Mesh {
             }
             hook
         });
+        let accepted_links = AcceptedLinks::choose(cfg.timeout, cfg.max_conns, linkwatch::open_file_limit());
         let ctx = Arc::new(Context {
             events: events_tx,
             source: Some(cfg.bind).filter(|ip| !ip.is_unspecified()),
@@ -184,7 +188,7 @@ impl Mesh {
             half_open: Default::default(),
             traffic: Default::default(),
             timeout: cfg.timeout,
-            accepted_links: AcceptedLinks::choose(cfg.timeout, cfg.max_conns, linkwatch::open_file_limit()),
+            accepted_links,
             handshake_timeout: cfg.handshake_timeout,
             connect_timeout: cfg.connect_timeout,
             conditions: hook.as_ref().map(Hook::conditions),
@@ -216,6 +220,7 @@ impl Mesh {
             followers: HashMap::new(),
             rota: 0,
             beats: 0,
+            link_cadence: (accepted_links == AcceptedLinks::Counted).then(|| linkwatch::Cadence::of(cfg.timeout)),
             stats: Stats::default(),
             catch_up: Bucket::new(limits.catch_up_rate as f64, limits.catch_up_rate as f64, now),
             tasks: TaskTracker::new(),
@@ -256,7 +261,9 @@ impl Mesh {
         let mut sync = tokio::time::interval(self.cfg.sync_interval);
         let mut probe = tokio::time::interval(self.cfg.heartbeat);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut watch = tokio::time::interval(linkwatch::Cadence::of(self.cfg.timeout).turn);
+        // Polled only when accepted links are counted: with their kernels probing them there is
+        // nothing to read, and no wake-up.
+        let mut watch = tokio::time::interval(self.link_cadence.map_or(Duration::from_secs(1), |c| c.turn));
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.dial_due();
@@ -296,7 +303,7 @@ impl Mesh {
                 _ = probe.tick() => self.on_probe_tick(Instant::now()),
                 // The tick's own time, not the handler's: readings then lie exactly a turn
                 // apart, and a limit of whole turns is not missed by a microsecond.
-                at = watch.tick() => self.end_quiet_links(at),
+                at = watch.tick(), if self.link_cadence.is_some() => self.end_quiet_links(at),
                 _ = sleep_until(wake) => {}
                 _ = &mut self.shutdown => break,
             }
@@ -934,7 +941,7 @@ impl Mesh {
     /// Ends the accepted links on which nothing arrived for their quiet limit, as the kernel ends
     /// a dialled link whose probes go unanswered: a silent cut (see crate::linkwatch::Cadence).
     fn end_quiet_links(&mut self, now: Instant) {
-        let limit = linkwatch::Cadence::of(self.cfg.timeout).quiet_limit;
+        let Some(limit) = self.link_cadence.map(|c| c.quiet_limit) else { return };
         let quiet: Vec<ConnId> = self
             .table
             .iter_mut()
